@@ -1,0 +1,14 @@
+"""Error types. A `SafronInputError` is the user's mistake (bad file, bad option): the CLI prints its
+message as one line and exits 2. Anything else is our bug and exits 1."""
+
+
+class SafronInputError(ValueError):
+    """Bad input or usage: the message is one line that names the offending file, value or option."""
+
+
+class MaskError(SafronInputError):
+    """A mask that cannot be read or does not follow the colour/label conventions."""
+
+
+class ModelError(SafronInputError):
+    """A model file that is missing, unreadable, or does not meet the model contract."""
