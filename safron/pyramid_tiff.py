@@ -1,0 +1,516 @@
+"""Streaming writer of pyramidal, tiled BigTIFF files that OpenSlide, QuPath and ASAP open.
+
+The render engine produces the output image as full-width horizontal stripes, top to bottom, over
+minutes to hours. `PyramidTiffWriter` encodes level-0 tiles while the stripes arrive and builds the
+reduced levels on the side, so memory stays at a few tile rows whatever the image size:
+
+* Incoming rows are gathered into bands one tile high (``tile`` rows x full width). A background
+  thread pulls completed bands from a bounded queue (the caller blocks when encoding falls behind),
+  cuts them into tiles for tifffile's ``TiffWriter.write`` (which compresses them on ``workers``
+  threads), and appends the band's 2x2 reduction to a raw file next to the output.
+* After level 0, level k is streamed from its raw file band by band with plain file reads, not a
+  memory map: pages touched through a map count towards the process's resident memory, while a
+  band read into its own buffer is freed once encoded. Level k+1 is built the same way, and
+  level k's raw file is deleted as soon as it has been encoded.
+
+File layout (what OpenSlide's generic-TIFF reader expects):
+
+* BigTIFF, tiles ``tile`` x ``tile`` (256 by default), RGB, 8 bits per sample.
+* One top-level IFD per level: level 0 first, then each reduced level with NewSubfileType = 1.
+  Reduced levels are not SubIFDs because OpenSlide ignores SubIFDs.
+* Reduced levels halve the previous level until it fits in one tile. Each output pixel is the mean
+  of the 2x2 block it covers, rounded to nearest with halves rounded up; for an odd height or
+  width the last row/column of the reduced level averages only the 2 (or, in the corner, 1) pixels
+  that exist, so a level of h x w pixels gives ceil(h/2) x ceil(w/2).
+* JPEG tiles are written with photometric RGB input that tifffile stores as YCbCr with 2x2 chroma
+  subsampling (PhotometricInterpretation = YCbCr, as Aperio and libtiff do), one complete JPEG
+  stream per tile.
+* Partial edge tiles are padded by repeating the last row/column: zero padding would put a hard
+  edge inside the last JPEG blocks and ring into the real pixels next to it.
+* With ``mpp``, XResolution/YResolution are pixels per centimetre (ResolutionUnit = 3) at each
+  level's nominal scale ``mpp * 2**k``, so OpenSlide reports ``openslide.mpp-x == mpp``. Without
+  it, tifffile writes the baseline-required X/YResolution = 1 with ResolutionUnit = 1 (no absolute
+  unit), which readers treat as "resolution unknown".
+
+The TIFF is written to ``<out_path>.partial`` and renamed onto ``out_path`` only once complete and
+synced, so a failed or interrupted render never leaves a file that looks finished; the raw level
+files are ``<out_path>.level<k>.raw``. Every temporary file is removed on close, abort or failure.
+Output bytes depend only on the pixels, the options and the tifffile/imagecodecs versions (not on
+stripe heights or worker count).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import shutil
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import tifffile
+
+from safron.errors import SafronInputError
+
+# Our names for the codecs -> tifffile's names. WebP is deliberately absent: OpenSlide cannot
+# decode WebP tiles, so such a slide would open nowhere that matters to our users.
+_TIFFFILE_COMPRESSION = {"jpeg": "jpeg", "zstd": "zstd", "deflate": "zlib", "none": None}
+COMPRESSIONS = tuple(_TIFFFILE_COMPRESSION)
+
+_SAMPLES = 3
+_CENTIMETRE_IN_MICRONS = 1e4
+# Columns processed per step of the 2x2 reduction: bounds its uint16 temporaries to a few MB
+# however wide the image is. Even, so chunks never split a 2x2 block.
+_HALVING_CHUNK_COLUMNS = 4096
+# Tiles per encoding worker that tifffile gathers before handing a batch to its thread pool;
+# enough to keep every worker busy across a batch, small enough to stay a few MB per worker.
+_TILES_BUFFERED_PER_WORKER = 16
+
+
+class _Aborted(Exception):
+    """Raised inside the writer thread to unwind tifffile when the caller aborts."""
+
+
+def pyramid_shapes(height: int, width: int, tile: int = 256) -> list[tuple[int, int]]:
+    """(height, width) of every pyramid level: level 0, then halved (rounding up) until the level
+    fits in one tile."""
+    shapes = [(height, width)]
+    while height > tile or width > tile:
+        height, width = -(-height // 2), -(-width // 2)
+        shapes.append((height, width))
+    return shapes
+
+
+def halve(band: np.ndarray) -> np.ndarray:
+    """2x2 mean of a uint8 (h, w, 3) band, rounded to nearest (halves up), ceil(h/2) x ceil(w/2).
+
+    Repeating the last row/column of an odd-sized band before taking 2x2 means gives exactly the
+    mean over the pixels that exist (e.g. (2a + 2b + 2) >> 2 == (a + b + 1) >> 1), so edges need
+    no separate formula.
+    """
+    height, width = band.shape[:2]
+    top_rows = band[0::2]
+    bottom_rows = band[1::2]
+    if height % 2:
+        bottom_rows = np.concatenate((bottom_rows, band[-1:]))
+    reduced = np.empty((top_rows.shape[0], (width + 1) // 2, _SAMPLES), np.uint8)
+    for x0 in range(0, width, _HALVING_CHUNK_COLUMNS):
+        x1 = min(x0 + _HALVING_CHUNK_COLUMNS, width)
+        column_pairs = top_rows[:, x0:x1].astype(np.uint16)
+        column_pairs += bottom_rows[:, x0:x1]
+        left = column_pairs[:, 0::2]
+        right = column_pairs[:, 1::2]
+        if (x1 - x0) % 2:
+            right = np.concatenate((right, column_pairs[:, -1:]), axis=1)
+        block_sums = left + right
+        block_sums += 2
+        block_sums >>= 2
+        reduced[:, x0 // 2 : (x1 + 1) // 2] = block_sums
+    return reduced
+
+
+def _full_tile(block: np.ndarray, tile: int) -> np.ndarray:
+    """A tile x tile x 3 array from a block at most that size, padded by edge repetition.
+
+    Always a copy, so the band it came from can be freed while tifffile still queues the tile.
+    """
+    missing_rows, missing_columns = tile - block.shape[0], tile - block.shape[1]
+    if missing_rows or missing_columns:
+        return np.pad(block, ((0, missing_rows), (0, missing_columns), (0, 0)), mode="edge")
+    return block.copy()
+
+
+class _ReducedLevelFile:
+    """Raw uint8 file that receives the 2x2 reduction of a level, band after band."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close(), used across bands
+
+    def append_reduction_of(self, band: np.ndarray) -> None:
+        self._file.write(memoryview(halve(band)))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class PyramidTiffWriter:
+    """Writes a pyramidal tiled BigTIFF from full-width row stripes that arrive top to bottom.
+
+    Use as a context manager: leaving the block normally finishes the file, leaving it by an
+    exception removes every temporary file and leaves `out_path` as it was::
+
+        with PyramidTiffWriter("slide.tif", height, width, mpp=0.5) as writer:
+            for y0, stripe in stripes:
+                writer.write_rows(y0, stripe)
+
+    `compression` is one of "jpeg" (lossy, `quality` 1..100), "zstd" or "deflate" (lossless, with
+    the horizontal predictor) or "none"; `quality` is ignored by the lossless ones. `mpp` is the
+    level-0 pixel size in micrometres, one number or (mpp_x, mpp_y). `workers` is the number of
+    tile-compression threads (None: tifffile's default, half the CPU cores up to 32).
+    `description` (7-bit ASCII) becomes level 0's ImageDescription (OpenSlide's
+    "openslide.comment").
+
+    Memory: about four bands of `tile` rows x `width` x 3 bytes (the one being filled, one queued,
+    one being tiled, its reduction) plus 16 tiles per worker buffered by tifffile.
+    Errors: a path that cannot be written or a disk that cannot hold the temporary files raises
+    `SafronInputError` here. Any failure of the background thread is raised by the next
+    `write_rows` or `close`, after the temporary files have been removed; an I/O error there (the
+    disk filling up) becomes a one-line `SafronInputError`. Calls out of order or with malformed
+    rows raise `ValueError` and change nothing.
+    """
+
+    def __init__(
+        self,
+        out_path: str | os.PathLike[str],
+        height: int,
+        width: int,
+        *,
+        compression: str = "jpeg",
+        quality: int = 90,
+        mpp: float | tuple[float, float] | None = None,
+        tile: int = 256,
+        workers: int | None = None,
+        description: str | None = None,
+    ) -> None:
+        self.out_path = Path(out_path)
+        self.height = _positive_int(height, "height")
+        self.width = _positive_int(width, "width")
+        self._tile = _positive_int(tile, "tile")
+        if self._tile % 16:
+            raise ValueError(f"tile must be a multiple of 16 (TIFF tiles), got {tile}")
+        self._compression = self._check_compression(compression)
+        self._quality = self._check_quality(quality)
+        self._mpp = self._check_mpp(mpp)
+        self._workers = None if workers is None else _positive_int(workers, "workers")
+        if description is not None and not description.isascii():
+            raise ValueError("description must be 7-bit ASCII (TIFF ASCII tag)")
+        self._description = description
+
+        self.level_shapes = pyramid_shapes(self.height, self.width, self._tile)
+        self._partial_path = self.out_path.with_name(self.out_path.name + ".partial")
+        self._level_paths = {
+            level: self.out_path.with_name(f"{self.out_path.name}.level{level}.raw")
+            for level in range(1, len(self.level_shapes))
+        }
+        self._tiff_file = self._open_partial_file()
+
+        self._rows_written = 0
+        self._band = self._new_band()
+        self._band_rows_filled = 0
+        # maxsize 1: the caller may run at most one band ahead of the encoder before blocking.
+        self._bands: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=1)
+        self._abort_requested = threading.Event()
+        self._failure: BaseException | None = None
+        self._state = "open"
+        self._thread = threading.Thread(
+            target=self._write_pyramid, name=f"PyramidTiffWriter({self.out_path.name})", daemon=True
+        )
+        self._thread.start()
+
+    # ----------------------------------------------------------------------------- public API
+
+    def write_rows(self, y0: int, rows: np.ndarray) -> None:
+        """Append rows y0 .. y0+h-1: uint8 (h, width, 3), h >= 1, y0 == rows written so far.
+
+        The rows are copied, so `rows` may be a view into a memory-mapped canvas. Blocks while the
+        encoder is a band behind.
+        """
+        self._require_open()
+        self._raise_if_writer_failed()
+        y0 = _index(y0, "y0")
+        if y0 != self._rows_written:
+            raise ValueError(
+                f"{self.out_path}: rows must arrive in order: expected y0={self._rows_written}, got {y0}"
+            )
+        if not isinstance(rows, np.ndarray) or rows.dtype != np.uint8:
+            raise ValueError(f"rows must be a uint8 numpy array, got {getattr(rows, 'dtype', type(rows))}")
+        if rows.ndim != 3 or rows.shape[1:] != (self.width, _SAMPLES) or rows.shape[0] < 1:
+            raise ValueError(f"rows must have shape (h >= 1, {self.width}, 3), got {rows.shape}")
+        if y0 + rows.shape[0] > self.height:
+            raise ValueError(
+                f"rows {y0}..{y0 + rows.shape[0] - 1} run past the image height {self.height}"
+            )
+        consumed = 0
+        while consumed < rows.shape[0]:
+            count = min(rows.shape[0] - consumed, self._band.shape[0] - self._band_rows_filled)
+            self._band[self._band_rows_filled : self._band_rows_filled + count] = rows[
+                consumed : consumed + count
+            ]
+            self._band_rows_filled += count
+            consumed += count
+            self._rows_written += count
+            if self._band_rows_filled == self._band.shape[0]:
+                self._hand_over(self._band)
+                self._band = self._new_band() if self._rows_written < self.height else None
+                self._band_rows_filled = 0
+
+    def close(self) -> None:
+        """Finish the file: wait for every level, then rename the temporary TIFF onto out_path."""
+        if self._state == "closed":
+            return
+        self._require_open()
+        self._raise_if_writer_failed()
+        if self._rows_written != self.height:
+            self.abort()
+            raise ValueError(
+                f"{self.out_path}: closed after {self._rows_written} of {self.height} rows; "
+                "nothing was written"
+            )
+        self._thread.join()
+        self._raise_if_writer_failed()
+        self._tiff_file.close()
+        try:
+            os.replace(self._partial_path, self.out_path)
+        except OSError as error:
+            self._partial_path.unlink(missing_ok=True)
+            self._state = "failed"
+            raise SafronInputError(
+                f"{self.out_path}: cannot move the finished TIFF into place: {error.strerror}"
+            ) from error
+        self._state = "closed"
+
+    def abort(self) -> None:
+        """Stop writing and remove every temporary file; out_path is left as it was."""
+        if self._state != "open":
+            return
+        self._discard()
+        self._state = "aborted"
+
+    def __enter__(self) -> PyramidTiffWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._state == "open":
+            self.close()
+
+    # ------------------------------------------------------------------------- caller side
+
+    def _check_compression(self, compression: str) -> str:
+        if compression not in _TIFFFILE_COMPRESSION:
+            reason = " (OpenSlide cannot read WebP tiles)" if str(compression).lower() == "webp" else ""
+            raise SafronInputError(
+                f"{self.out_path}: compression {compression!r} is not supported{reason}; "
+                f"valid: {', '.join(COMPRESSIONS)}"
+            )
+        return compression
+
+    def _check_quality(self, quality: int) -> int:
+        if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not (
+            1 <= quality <= 100
+        ):
+            raise SafronInputError(f"{self.out_path}: JPEG quality must be an integer 1..100, got {quality!r}")
+        return int(quality)
+
+    def _check_mpp(self, mpp) -> tuple[float, float] | None:
+        if mpp is None:
+            return None
+        mpp_xy = (mpp, mpp) if np.isscalar(mpp) else tuple(mpp)
+        try:
+            mpp_xy = tuple(float(value) for value in mpp_xy)
+        except (TypeError, ValueError):
+            mpp_xy = ()
+        if len(mpp_xy) != 2 or not all(math.isfinite(v) and v > 0 for v in mpp_xy):
+            raise SafronInputError(
+                f"{self.out_path}: mpp must be a positive number or (mpp_x, mpp_y), got {mpp!r}"
+            )
+        return mpp_xy
+
+    def _open_partial_file(self) -> BinaryIO:
+        if self.out_path.is_dir():
+            raise SafronInputError(f"{self.out_path}: is a directory, not an output file path")
+        directory = self.out_path.parent
+        if not directory.is_dir():
+            raise SafronInputError(f"{self.out_path}: output directory {directory} does not exist")
+        needed = self._disk_space_needed()
+        free = shutil.disk_usage(directory).free
+        if free < needed:
+            raise SafronInputError(
+                f"{self.out_path}: not enough free disk space in {directory}: "
+                f"{free / 1e9:.2f} GB free, at least {needed / 1e9:.2f} GB needed"
+            )
+        try:
+            return open(self._partial_path, "wb")  # noqa: SIM115 - owned until close/abort
+        except OSError as error:
+            raise SafronInputError(
+                f"{self.out_path}: cannot create {self._partial_path.name}: {error.strerror}"
+            ) from error
+
+    def _disk_space_needed(self) -> int:
+        """Bytes known in advance: the two raw level files that coexist while a level is encoded,
+        plus, uncompressed, the TIFF itself. Compressed sizes are unknowable up front; running
+        out later is reported when it happens."""
+        raw_sizes = [h * w * _SAMPLES for h, w in self.level_shapes[1:]]
+        temporaries = max(
+            (size + next_size for size, next_size in zip(raw_sizes, raw_sizes[1:] + [0])), default=0
+        )
+        if self._compression != "none":
+            return temporaries
+        tile_bytes = self._tile * self._tile * _SAMPLES
+        tiff_size = sum(
+            math.ceil(h / self._tile) * math.ceil(w / self._tile) * tile_bytes
+            for h, w in self.level_shapes
+        )
+        return temporaries + tiff_size
+
+    def _new_band(self) -> np.ndarray:
+        return np.empty((min(self._tile, self.height - self._rows_written), self.width, _SAMPLES), np.uint8)
+
+    def _hand_over(self, band: np.ndarray) -> None:
+        # Poll instead of blocking forever: if the writer thread dies while the queue is full,
+        # nobody would ever take this band.
+        while True:
+            try:
+                self._bands.put(band, timeout=0.2)
+                return
+            except queue.Full:
+                if not self._thread.is_alive():
+                    self._raise_if_writer_failed()
+                    raise RuntimeError(f"{self.out_path}: the TIFF writer thread stopped unexpectedly")
+
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise ValueError(f"{self.out_path}: the writer is {self._state}")
+
+    def _raise_if_writer_failed(self) -> None:
+        failure = self._failure
+        if failure is None:
+            return
+        self._discard()
+        self._state = "failed"
+        if isinstance(failure, OSError):
+            # numpy's tofile reports a full disk as a short write without errno.
+            reason = os.strerror(failure.errno) if failure.errno else f"{failure} (disk full?)"
+            raise SafronInputError(
+                f"{self.out_path}: cannot write the TIFF or its temporary files: {reason}"
+            ) from failure
+        raise failure
+
+    def _discard(self) -> None:
+        """Stop the writer thread and delete the partial TIFF and the raw level files."""
+        self._abort_requested.set()
+        # Only this thread puts into the queue, so after draining it the wake-up always fits.
+        try:
+            while True:
+                self._bands.get_nowait()
+        except queue.Empty:
+            pass
+        self._bands.put_nowait(None)
+        self._thread.join()
+        self._tiff_file.close()
+        for path in (self._partial_path, *self._level_paths.values()):
+            path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------------- writer thread
+
+    def _write_pyramid(self) -> None:
+        try:
+            # Not closed on failure: closing would append pending IFDs to a file that is about to
+            # be deleted, and could raise over the error that matters.
+            tiff = tifffile.TiffWriter(self._tiff_file, bigtiff=True, imagej=False, ome=False, shaped=False)
+            self._write_levels(tiff)
+            tiff.close()
+            self._tiff_file.flush()
+            # Durable before the rename: after a crash out_path must not name a half-flushed file.
+            os.fsync(self._tiff_file.fileno())
+        except _Aborted:
+            pass
+        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+            self._failure = error
+
+    def _write_levels(self, tiff: tifffile.TiffWriter) -> None:
+        for level, (height, width) in enumerate(self.level_shapes):
+            bands = self._incoming_bands() if level == 0 else self._bands_from_file(level, width)
+            reduced = None
+            if level + 1 < len(self.level_shapes):
+                reduced = _ReducedLevelFile(self._level_paths[level + 1])
+            try:
+                tiff.write(
+                    self._tiles(bands, reduced, width),
+                    shape=(height, width, _SAMPLES),
+                    dtype=np.uint8,
+                    **self._write_options(level),
+                )
+            finally:
+                if reduced is not None:
+                    reduced.close()
+            if level > 0:
+                self._level_paths[level].unlink()
+
+    def _write_options(self, level: int) -> dict:
+        options = dict(
+            tile=(self._tile, self._tile),
+            photometric="rgb",
+            planarconfig="contig",
+            compression=_TIFFFILE_COMPRESSION[self._compression],
+            subfiletype=1 if level > 0 else 0,
+            metadata=None,
+            software="safron",
+            maxworkers=self._workers,
+        )
+        workers = self._workers or tifffile.TIFF.MAXWORKERS
+        options["buffersize"] = _TILES_BUFFERED_PER_WORKER * workers * self._tile**2 * _SAMPLES
+        if self._compression == "jpeg":
+            options["compressionargs"] = {"level": self._quality}
+        elif self._compression in ("zstd", "deflate"):
+            options["predictor"] = "horizontal"
+        if self._mpp is not None:
+            scale = 2**level
+            options["resolution"] = tuple(_CENTIMETRE_IN_MICRONS / (m * scale) for m in self._mpp)
+            options["resolutionunit"] = "CENTIMETER"
+        if level == 0 and self._description is not None:
+            options["description"] = self._description
+        return options
+
+    def _tiles(
+        self, bands: Iterable[np.ndarray], reduced: _ReducedLevelFile | None, width: int
+    ) -> Iterator[np.ndarray]:
+        for band in bands:
+            # Reduce before yielding: tifffile stops pulling after the last tile, so work placed
+            # after the final yield would never run.
+            if reduced is not None:
+                reduced.append_reduction_of(band)
+            for x0 in range(0, width, self._tile):
+                yield _full_tile(band[:, x0 : x0 + self._tile], self._tile)
+
+    def _incoming_bands(self) -> Iterator[np.ndarray]:
+        for _ in range(math.ceil(self.height / self._tile)):
+            band = self._bands.get()
+            if band is None:
+                raise _Aborted
+            yield band
+
+    def _bands_from_file(self, level: int, width: int) -> Iterator[np.ndarray]:
+        height = self.level_shapes[level][0]
+        row_bytes = width * _SAMPLES
+        with open(self._level_paths[level], "rb") as raw:
+            for y0 in range(0, height, self._tile):
+                if self._abort_requested.is_set():
+                    raise _Aborted
+                band = np.empty((min(self._tile, height - y0), width, _SAMPLES), np.uint8)
+                raw.seek(y0 * row_bytes)
+                # A buffered readinto keeps reading until the band is full or the file ends.
+                if raw.readinto(memoryview(band).cast("B")) != band.nbytes:
+                    raise RuntimeError(f"{self._level_paths[level]}: raw level file is truncated")
+                yield band
+
+
+def _positive_int(value, name: str) -> int:
+    value = _index(value, name)
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _index(value, name: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        return int(value.__index__())
+    except AttributeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
