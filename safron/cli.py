@@ -1,0 +1,116 @@
+"""Command-line entry points. Exit codes: 0 success, 1 internal error, 2 bad input or usage, 130 interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+
+from .errors import SafronInputError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one line (plus a pointer to --help), exit 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _quality(text):
+    value = _positive_int(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"expected 1..100, got {text!r}")
+    return value
+
+
+def render_parser() -> argparse.ArgumentParser:
+    from .backends import BACKEND_NAMES
+    from .engine import BLENDS
+    from .pyramid_tiff import COMPRESSIONS
+
+    p = _Parser(
+        prog="safron-render",
+        description=(
+            "Render a tissue component mask (gland green, stroma red, background blue; or labels 0 background, "
+            "1 stroma, 2 gland) into a synthetic H&E image, written as a pyramidal tiled BigTIFF that OpenSlide, "
+            "QuPath and ASAP open. Masks may be PNG, JPEG, TIFF (tiled or stripped, pyramidal) or any format "
+            "OpenSlide reads, of any size."
+        ),
+        epilog=(
+            "An interrupted render keeps OUT.safron-canvas and OUT.safron-journal next to OUT; run the same "
+            "command with --resume to continue it. Exit status: 0 done, 2 bad input or usage, 1 internal error."
+        ),
+    )
+    p.add_argument("mask", metavar="MASK", help="tissue component mask to render")
+    p.add_argument("out", metavar="OUT", help="output pyramidal BigTIFF (written under a temporary name, renamed when complete)")
+    p.add_argument("--model", metavar="ONNX", help="generator meeting the model contract (default: the embedded model)")
+    p.add_argument("--backend", choices=BACKEND_NAMES, default="auto", help="inference backend (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, metavar="N", help="patches per inference call (default: backend's choice)")
+    p.add_argument("--blend", choices=BLENDS, default="uniform",
+                   help="weights for overlapping patches: uniform = the paper's average; linear/cosine ramp across the overlap (default: %(default)s)")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="jpeg", help="tile compression (default: %(default)s)")
+    p.add_argument("--quality", type=_quality, default=90, metavar="Q", help="JPEG quality 1..100 (default: %(default)s)")
+    p.add_argument("--mpp", type=_positive_float, metavar="UM", help="microns per pixel to record (default: taken from the mask)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted render of OUT")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    return p
+
+
+def render_main(argv=None) -> int:
+    args = render_parser().parse_args(argv)
+    try:
+        from .engine import render
+
+        start = time.perf_counter()
+        result = render(
+            args.mask, args.out, model=args.model, backend=args.backend, batch_size=args.batch_size,
+            blend=args.blend, compression=args.compression, quality=args.quality, mpp=args.mpp,
+            resume=args.resume, progress=not args.quiet, threads=args.threads,
+        )
+        if not args.quiet:
+            seconds = time.perf_counter() - start
+            megapixels = result.height * result.width / 1e6
+            print(
+                f"wrote {result.out_path} ({result.width} x {result.height} px, {result.patches} patches, "
+                f"{seconds:.1f} s, {megapixels / seconds:.2f} MP/s, backend {result.backend})",
+                file=sys.stderr,
+            )
+        return EXIT_OK
+    except SafronInputError as exc:
+        print(f"safron-render: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"safron-render: interrupted; run the same command with --resume to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception:  # our bug, not the user's: show everything needed to report it
+        traceback.print_exc()
+        print("safron-render: internal error (please report it with the traceback above)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(render_main())

@@ -1,0 +1,334 @@
+"""render(): plan -> read mask windows -> infer -> accumulate -> write, as overlapping stages.
+
+Stages (each in its own thread, joined by small bounded queues, see `pipeline.prefetch`):
+  1. read    mask windows for one batch of patches, encoded as the model's ±1 input
+  2. infer   the generator on that batch (the backend releases the GIL)
+  3. add     patches into the rolling band accumulator (C++), in the caller's thread; when a patch row is
+             complete, the rows no later patch can touch are finalised to uint8 straight into the canvas
+  4. encode  the pyramidal TIFF writer's own thread compresses those rows while inference goes on
+
+Batches are fixed slices of the raster-order patch sequence, so a resumed render replays exactly the batches
+an uninterrupted one would have run, and gets the same numbers even from a backend whose results depend on
+batch composition. That is what makes `resume=True` byte-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from . import geometry, masks
+from .backends import create_backend
+from .canvas import Canvas, Journal, side_paths
+from .errors import ModelError, SafronInputError
+from .pipeline import prefetch
+
+BLENDS = ("uniform", "linear", "cosine")
+DEFAULT_OVERLAP = 20
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    out_path: Path | None
+    height: int
+    width: int
+    patches: int
+    mpp: float | None
+    backend: str
+
+
+def default_model_path() -> Path:
+    """The generator embedded in the package."""
+    path = Path(str(resources.files("safron") / "models" / "default.onnx"))
+    if not path.is_file():
+        raise ModelError("this build of safron has no embedded default model; pass a generator with --model MODEL.onnx")
+    return path
+
+
+def _resolve_model(model) -> Path:
+    path = default_model_path() if model is None else Path(model)
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found")
+    return path
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class _Batch:
+    indices: np.ndarray  # raster patch indices
+    ys: np.ndarray
+    xs: np.ndarray
+    rows: np.ndarray  # patch row of each index
+    inputs: np.ndarray | None = None
+    outputs: np.ndarray | None = None
+
+
+class _Renderer:
+    """One render of one mask with one backend; the sink decides where finalised rows go."""
+
+    def __init__(self, mask, backend, batch_size, blend, overlap, threads):
+        if blend not in BLENDS:
+            raise SafronInputError(f"unknown blend {blend!r} (choose from {', '.join(BLENDS)})")
+        sig = backend.signature
+        if batch_size is not None and batch_size < 1:
+            raise SafronInputError(f"batch size must be at least 1 (got {batch_size})")
+        if sig.fixed_batch is not None:
+            if batch_size not in (None, sig.fixed_batch):
+                raise SafronInputError(f"the model was exported with a fixed batch of {sig.fixed_batch}; got --batch-size {batch_size}")
+            batch_size = sig.fixed_batch
+        self.mask, self.backend = mask, backend
+        self.batch_size = batch_size or backend.default_batch_size
+        if not 0 <= overlap < sig.patch:
+            raise SafronInputError(f"overlap must be in [0, {sig.patch}) for this model (got {overlap})")
+        self.plan = geometry.plan(mask.height, mask.width, patch=sig.patch, margin=sig.margin, overlap=overlap)
+        self.accumulator = geometry.band_accumulator(self.plan, blend)
+        if threads:
+            self.accumulator.set_num_threads(threads)
+
+    # -- stage 1: read ---------------------------------------------------------------------------------------
+    def _batches(self, first_batch: int):
+        plan, count, b = self.plan, self.plan.count, self.batch_size
+        ys, xs = plan.origins()
+        for start in range(first_batch * b, count, b):
+            idx = np.arange(start, min(start + b, count))
+            yield _Batch(idx, ys[idx], xs[idx], idx // plan.cols)
+
+    def _read(self, batch: _Batch) -> _Batch:
+        plan, window, margin = self.plan, self.plan.window, self.plan.margin
+        n = self.backend.signature.fixed_batch or len(batch.indices)
+        labels = np.full((n, window, window), masks.BACKGROUND, dtype=np.uint8)
+        # One region per patch row in the batch: neighbouring windows share most of their pixels.
+        for row in np.unique(batch.rows):
+            sel = np.flatnonzero(batch.rows == row)
+            y0, x0 = int(batch.ys[sel[0]]) - margin, int(batch.xs[sel[0]]) - margin
+            x1 = int(batch.xs[sel[-1]]) + plan.patch + margin
+            region = self.mask.read_labels(y0, x0, window, x1 - x0)
+            for k in sel:
+                left = int(batch.xs[k]) - margin - x0
+                labels[k] = region[:, left:left + window]
+        batch.inputs = masks.labels_to_model_input(labels)
+        return batch
+
+    # -- stage 2: infer --------------------------------------------------------------------------------------
+    def _infer(self, batches):
+        for batch in batches:
+            batch.outputs = self.backend.run(batch.inputs)[: len(batch.indices)]
+            batch.inputs = None
+            yield batch
+
+    # -- stage 3: accumulate and finalise --------------------------------------------------------------------
+    def run(self, sink, rows_done: int = 0, progress: bool = True, desc: str = ""):
+        """Render every row >= rows_done into `sink` (rows below are already final there)."""
+        from tqdm import tqdm
+
+        plan = self.plan
+        first_row = plan.first_row_touching(rows_done) if rows_done < plan.height else plan.rows
+        first_patch = first_row * plan.cols
+        first_batch = first_patch // self.batch_size
+        # Rows are finalised (or, below rows_done, discarded) contiguously from the first row the replayed
+        # patches touch, so no band slot is left holding partial sums.
+        final_done = int(plan.ys[first_row]) if first_row < plan.rows else rows_done
+        reads = prefetch((self._read(b) for b in self._batches(first_batch)), depth=2, name="safron-read")
+        outputs = prefetch(self._infer(reads), depth=2, name="safron-infer")
+        bar = tqdm(
+            total=plan.count, initial=first_patch, unit="patch", desc=desc, disable=not progress,
+            dynamic_ncols=True, file=sys.stderr,
+        )
+        try:
+            for batch in outputs:
+                # Patches of rows already final (replayed only to keep batch composition) are not added.
+                keep = batch.rows >= first_row
+                for row in np.unique(batch.rows[keep]):
+                    sel = np.flatnonzero((batch.rows == row) & keep)
+                    self.accumulator.add(
+                        np.ascontiguousarray(batch.outputs[sel]), batch.ys[sel], batch.xs[sel], plan.height
+                    )
+                    if batch.indices[sel[-1]] % plan.cols == plan.cols - 1:  # the patch row is complete
+                        final_done = self._finalise(sink, final_done, plan.final_rows_end(int(row)), rows_done)
+                bar.update(int(keep.sum()))
+        finally:
+            bar.close()
+            outputs.close()
+        if final_done != plan.height:
+            raise RuntimeError(f"internal error: {final_done} of {plan.height} rows finalised")
+
+    def _finalise(self, sink, begin: int, end: int, rows_done: int) -> int:
+        # On resume, rows below rows_done are on disk already; their partial sums are dropped.
+        if begin < rows_done:
+            self.accumulator.discard(begin, min(end, rows_done))
+            begin = min(end, rows_done)
+        if begin < end:
+            sink.finalise(self.accumulator, begin, end)
+        return end
+
+
+class _ArraySink:
+    def __init__(self, height, width):
+        self.image = np.empty((height, width, 3), dtype=np.uint8)
+
+    def finalise(self, accumulator, y0, y1):
+        _finalise_into(accumulator, y0, y1, self.image[y0:y1])
+
+
+class _FileSink:
+    def __init__(self, canvas: Canvas, journal: Journal, writer):
+        self.canvas, self.journal, self.writer = canvas, journal, writer
+
+    def finalise(self, accumulator, y0, y1):
+        with self.canvas.rows(y0, y1) as rows:
+            _finalise_into(accumulator, y0, y1, rows)
+            self.writer.write_rows(y0, rows)
+        self.journal.record(y1)
+
+
+def _finalise_into(accumulator, y0, y1, out):
+    uncovered = accumulator.finalise(y0, y1, out)
+    if uncovered:
+        raise RuntimeError(f"internal error: {uncovered} pixels of rows {y0}..{y1} were covered by no patch")
+
+
+def _open_backend(model, backend, threads):
+    return create_backend(backend, _resolve_model(model), threads=threads)
+
+
+def render_array(
+    mask,
+    model=None,
+    backend: str = "auto",
+    batch_size: int | None = None,
+    blend: str = "uniform",
+    overlap: int = DEFAULT_OVERLAP,
+    threads: int | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Render an in-memory mask (labels HxW or colour HxWx3, uint8) to an HxWx3 uint8 RGB image."""
+    source = masks.from_array(np.asarray(mask))
+    engine = _open_backend(model, backend, threads)
+    try:
+        renderer = _Renderer(source, engine, batch_size, blend, overlap, threads)
+        sink = _ArraySink(source.height, source.width)
+        renderer.run(sink, progress=progress)
+        return sink.image
+    finally:
+        engine.close()
+
+
+def _check_paths(mask_path: Path, out_path: Path) -> None:
+    if out_path.is_dir():
+        raise SafronInputError(f"{out_path}: output path is a directory")
+    if not out_path.parent.is_dir():
+        raise SafronInputError(f"{out_path.parent}: output directory does not exist")
+    if not os.access(out_path.parent, os.W_OK):
+        raise SafronInputError(f"{out_path.parent}: output directory is not writable")
+    if out_path.exists() and mask_path.exists() and out_path.resolve() == mask_path.resolve():
+        raise SafronInputError(f"{out_path}: output would overwrite the mask")
+
+
+def _check_disk_space(out_path: Path, height: int, width: int, compression: str) -> None:
+    canvas = height * width * 3
+    # The canvas is written in full; the TIFF adds its pyramid (4/3) at the codec's ratio (JPEG ~1/8).
+    needed = canvas + canvas * 4 // 3 // (8 if compression == "jpeg" else 1)
+    free = shutil.disk_usage(out_path.parent).free
+    if needed > free:
+        raise SafronInputError(
+            f"{out_path.parent}: not enough free disk space (need about {needed / 2**30:.1f} GiB for the "
+            f"canvas and output, {free / 2**30:.1f} GiB free)"
+        )
+
+
+def render(
+    mask_path,
+    out_path,
+    model=None,
+    backend: str = "auto",
+    batch_size: int | None = None,
+    blend: str = "uniform",
+    compression: str = "jpeg",
+    quality: int = 90,
+    mpp: float | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    threads: int | None = None,
+    overlap: int = DEFAULT_OVERLAP,
+) -> RenderResult:
+    """Render the mask at `mask_path` to a pyramidal tiled BigTIFF at `out_path`.
+
+    The output replaces `out_path` only when complete. Finished rows go to a canvas file next to it with a
+    journal, so an interrupted render continues with `resume=True` and yields the same bytes.
+    """
+    from .pyramid_tiff import PyramidTiffWriter
+
+    mask_path, out_path = Path(mask_path), Path(out_path)
+    _check_paths(mask_path, out_path)
+    if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
+        raise SafronInputError(f"mpp must be a positive number of microns per pixel (got {mpp})")
+    if not 1 <= quality <= 100:
+        raise SafronInputError(f"quality must be in 1..100 (got {quality})")
+    model_path = _resolve_model(model)
+    canvas_path, journal_path = side_paths(out_path)
+    with masks.open_mask(mask_path) as source:
+        engine = create_backend(backend, model_path, threads=threads)
+        try:
+            renderer = _Renderer(source, engine, batch_size, blend, overlap, threads)
+            height, width = source.height, source.width
+            mpp = mpp if mpp is not None else source.mpp
+            stat = mask_path.stat()
+            header = {
+                "format": 1,
+                "mask": str(mask_path.resolve()),
+                "mask_bytes": stat.st_size,
+                "mask_mtime_ns": stat.st_mtime_ns,
+                "size": [height, width],
+                "model_sha256": _file_sha256(model_path),
+                "geometry": [renderer.plan.patch, renderer.plan.margin, renderer.plan.overlap],
+                "blend": blend,
+                "batch_size": renderer.batch_size,
+            }
+            if resume and not journal_path.exists():
+                raise SafronInputError(f"cannot resume: no interrupted render of {out_path} (no {journal_path.name})")
+            if not resume:
+                _check_disk_space(out_path, height, width, compression)
+            journal = Journal(journal_path, header, resume=resume)
+            canvas = Canvas(canvas_path, height, width, create=not resume)
+            writer = PyramidTiffWriter(
+                out_path, height, width, compression=compression, quality=quality, mpp=mpp, workers=threads
+            )
+            try:
+                _replay_finished_rows(canvas, writer, journal.rows_done)
+                renderer.run(_FileSink(canvas, journal, writer), journal.rows_done, progress, desc=mask_path.name)
+                writer.close()
+            except BaseException as exc:
+                writer.abort()
+                journal.close()
+                # A user error (bad colour found mid-mask) will recur on resume: keep nothing. An interruption or
+                # an internal error keeps canvas and journal so that `resume=True` continues.
+                if isinstance(exc, SafronInputError):
+                    journal.remove()
+                    canvas.remove()
+                raise
+            journal.remove()
+            canvas.remove()
+        finally:
+            engine.close()
+    return RenderResult(out_path, height, width, renderer.plan.count, mpp, engine.name)
+
+
+def _replay_finished_rows(canvas: Canvas, writer, rows_done: int, stripe: int = 256) -> None:
+    """On resume, feed the encoder the rows already on the canvas: the TIFF is always rewritten whole."""
+    for y0 in range(0, rows_done, stripe):
+        y1 = min(y0 + stripe, rows_done)
+        writer.write_rows(y0, canvas.read_rows(y0, y1))
