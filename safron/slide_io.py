@@ -61,7 +61,7 @@ _JPEG_TIFF_COMPRESSIONS = frozenset({6, 7, 33007, 34892})
 # window by window across the width, so the tile rows shared by consecutive bands must survive a
 # whole pass across the slide. Memory therefore scales with slide width, never with its height.
 _TILE_CACHE_ROWS = 512
-_TILE_CACHE_FLOOR_BYTES = 64 << 20
+_TILE_CACHE_FLOOR_BYTES = 8 << 20
 
 # Formats read by Pillow are decoded whole, so refuse beyond this instead of exhausting memory
 # (1 Gpx is 3 GiB as RGB); tiled TIFF has no such limit.
