@@ -1,0 +1,291 @@
+"""The SAFRON generator and tile-level discriminator (PyTorch), as in the paper's official code, corrected.
+
+Generator: a learned (window - patch + 1)^2 valid convolution (41x41 for 296 -> 256) that reads the mask context
+around the patch, then the pix2pix U-Net with eight stride-2 levels down to a 1x1 bottleneck, skip connections
+between mirrored levels and a tanh output. It follows the official TensorFlow graph layer for layer, with the
+corrections DESIGN.md lists:
+
+* Normalisation is `InstanceNorm2d(affine=True, track_running_stats=False)`. The official code runs BatchNorm in
+  training mode on one patch at a time, which *is* per-patch instance normalisation; making that explicit keeps
+  its behaviour while letting patches be batched exactly, in training and in inference alike.
+* No normalisation at the 1x1 bottleneck: normalising a 1x1 map subtracts its only value, so every mask gave the
+  decoder the same bottleneck (the affine shift) in the official code. (PyTorch's InstanceNorm refuses 1x1
+  maps outright.)
+* Dropout (0.5, on the three innermost decoder levels) is `nn.Dropout`, active in `train()` only; the official
+  code also dropped units at test time.
+
+Discriminator: the PatchGAN of the official code, applied to a whole stitched tile (mask and image concatenated),
+giving a map of logits (20x20 for a 728 tile).
+
+Normalisation layers are the modules named `norm` (see `normalisation_layers`), so that an fp16 TensorRT
+build can pin them to fp32.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import SafronInputError
+
+# Eight stride-2 levels take the patch down to 1x1 at the default 256.
+U_NET_LEVELS = 8
+_PATCH_MULTIPLE = 2**U_NET_LEVELS
+# Widths of the U-Net encoder levels in units of ngf, outermost first (pix2pix's unet_256).
+_ENCODER_WIDTHS = (1, 2, 4, 8, 8, 8, 8, 8)
+# Decoder levels (counted from the bottleneck) that apply dropout in training, as in pix2pix.
+_DROPOUT_LEVELS = 3
+# Discriminator layers: (width in units of ndf, stride, normalised); a final 1-channel stride-1 conv follows.
+_DISCRIMINATOR_LAYERS = ((1, 2, False), (2, 2, True), (4, 2, True), (8, 2, True), (8, 2, True), (8, 1, True))
+_LEAK = 0.2
+# pix2pix initialisation, which the official code uses for every layer.
+_INIT_STD = 0.02
+
+GENERATOR_ARCHITECTURE = "safron.Generator"
+DISCRIMINATOR_ARCHITECTURE = "safron.Discriminator"
+
+
+def _instance_norm(channels: int) -> nn.InstanceNorm2d:
+    return nn.InstanceNorm2d(channels, affine=True, track_running_stats=False)
+
+
+def _initialise(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(module.weight, 0.0, _INIT_STD)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.InstanceNorm2d) and module.affine:
+            nn.init.normal_(module.weight, 1.0, _INIT_STD)
+            nn.init.zeros_(module.bias)
+
+
+def _stage(**layers: nn.Module | None) -> nn.Sequential:
+    """A sequential stage whose children keep their names (they become the checkpoint keys), Nones left out."""
+    return nn.Sequential(OrderedDict((name, layer) for name, layer in layers.items() if layer is not None))
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SafronInputError(message)
+
+
+def _check_config(config: dict[str, Any], architecture: str) -> dict[str, Any]:
+    """The constructor arguments in a stored config, or an error naming what is wrong with it."""
+    if not isinstance(config, dict):
+        raise SafronInputError(f"{architecture} config must be a JSON object, got {type(config).__name__}")
+    arguments = dict(config)
+    stored = arguments.pop("architecture", None)
+    if stored != architecture:
+        raise SafronInputError(f"config describes architecture {stored!r}, expected {architecture!r}")
+    return arguments
+
+
+class Generator(nn.Module):
+    """Mask window [N, in_channels, window, window] in {-1, 1} -> image patch [N, out_channels, patch, patch].
+
+    The input is the ±1 one-hot mask in (stroma, gland, background) order; the output, in [-1, 1], is the image
+    at the centre of the window (margin (window - patch) / 2 on each side). Every sample in a batch is computed
+    independently of the others, in `train()` and `eval()` mode, so batching patches changes nothing.
+    """
+
+    def __init__(
+        self,
+        ngf: int = 64,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        window: int = 296,
+        patch: int = 256,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        _require(isinstance(ngf, int) and ngf >= 1, f"generator width ngf must be a positive integer, got {ngf!r}")
+        _require(
+            isinstance(in_channels, int) and in_channels >= 1 and isinstance(out_channels, int) and out_channels >= 1,
+            f"generator channels must be positive integers, got in={in_channels!r} out={out_channels!r}",
+        )
+        _require(
+            isinstance(patch, int) and patch >= _PATCH_MULTIPLE and patch % _PATCH_MULTIPLE == 0,
+            f"generator patch must be a multiple of {_PATCH_MULTIPLE} ({U_NET_LEVELS} stride-2 levels), got {patch!r}",
+        )
+        # An odd difference would centre the patch between two pixels, which no patch grid can express.
+        _require(
+            isinstance(window, int) and window >= patch and (window - patch) % 2 == 0,
+            f"generator window must be the patch plus an even margin on each side, got window={window!r} "
+            f"patch={patch!r}",
+        )
+        _require(
+            isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0,
+            f"generator dropout must be a number in [0, 1), got {dropout!r}",
+        )
+        self.ngf, self.in_channels, self.out_channels = ngf, in_channels, out_channels
+        self.window, self.patch, self.dropout = window, patch, float(dropout)
+        self.kernel = window - patch + 1
+
+        # in_channels -> ngf, as the official code's 41x41 filter. No bias: every valid input is a ±1 one-hot
+        # whose channels sum to -1 at every pixel, so a constant added to all weights already acts as a bias
+        # (and the official code has none).
+        self.context = nn.Conv2d(in_channels, ngf, self.kernel, stride=1, padding=0, bias=False)
+
+        widths = [ngf * factor for factor in _ENCODER_WIDTHS]
+        self.encoder = nn.ModuleList()
+        for level, width in enumerate(widths):
+            outermost, bottleneck = level == 0, level == len(widths) - 1
+            previous = ngf if outermost else widths[level - 1]
+            # The context convolution's LeakyReLU already precedes the outermost level.
+            self.encoder.append(
+                _stage(
+                    act=None if outermost else nn.LeakyReLU(_LEAK),
+                    conv=nn.Conv2d(previous, width, 4, stride=2, padding=1, bias=outermost or bottleneck),
+                    norm=None if outermost or bottleneck else _instance_norm(width),
+                )
+            )
+
+        # decoder[0] mirrors the bottleneck; decoder[i > 0] reads its predecessor's output concatenated with
+        # the skip from the mirrored encoder level, hence twice the channels.
+        self.decoder = nn.ModuleList()
+        for depth in range(U_NET_LEVELS):
+            level = U_NET_LEVELS - 1 - depth
+            outermost = level == 0
+            incoming = widths[-1] if depth == 0 else 2 * widths[level]
+            outgoing = out_channels if outermost else widths[level - 1]
+            self.decoder.append(
+                _stage(
+                    act=nn.ReLU(),
+                    conv=nn.ConvTranspose2d(incoming, outgoing, 4, stride=2, padding=1, bias=outermost),
+                    norm=None if outermost else _instance_norm(outgoing),
+                    out=nn.Tanh() if outermost else None,
+                    dropout=nn.Dropout(self.dropout) if depth < _DROPOUT_LEVELS else None,
+                )
+            )
+        _initialise(self)
+
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+        expected = (self.in_channels, self.window, self.window)
+        # Skipped under the TorchScript ONNX exporter, where shapes are traced values and the check only warns.
+        if not torch.onnx.is_in_onnx_export() and (mask.dim() != 4 or tuple(mask.shape[1:]) != expected):
+            raise ValueError(f"Generator expects masks [N, {', '.join(map(str, expected))}], got {list(mask.shape)}")
+        features = nn.functional.leaky_relu(self.context(mask), _LEAK)
+        skips = []
+        for level in self.encoder:
+            features = level(features)
+            skips.append(features)
+        # Skips are taken before the next encoder level's LeakyReLU and pass through the decoder's ReLU, as in
+        # the official graph.
+        image = self.decoder[0](skips[-1])
+        for level, skip in zip(self.decoder[1:], reversed(skips[:-1])):
+            image = level(torch.cat([image, skip], dim=1))
+        return image
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-serialisable, tagged with the architecture name."""
+        return {
+            "architecture": GENERATOR_ARCHITECTURE,
+            "ngf": self.ngf,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "window": self.window,
+            "patch": self.patch,
+            "dropout": self.dropout,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Generator:
+        """A freshly initialised generator of the architecture `config()` described."""
+        arguments = _check_config(config, GENERATOR_ARCHITECTURE)
+        try:
+            return cls(**arguments)
+        except TypeError as error:
+            raise SafronInputError(f"invalid {GENERATOR_ARCHITECTURE} config {arguments}: {error}") from None
+
+
+class Discriminator(nn.Module):
+    """Tile-level PatchGAN: (mask, image), each [N, 3, H, W] in [-1, 1] -> logits [N, 1, h, w].
+
+    A 728 tile gives 20x20 logits, a 492 tile 13x13. Losses average the per-logit BCE over the map, as the
+    official code does; `score` reduces a logit map to one number per tile for monitoring.
+
+    Normalisation is InstanceNorm (affine): with one tile per step, the official code's training-mode BatchNorm
+    computed exactly these per-tile statistics, and unlike BatchNorm it keeps a tile's logits independent of
+    whatever else is in the batch and has no running statistics to drift between training and evaluation.
+    """
+
+    def __init__(self, ndf: int = 64, in_channels: int = 6) -> None:
+        super().__init__()
+        _require(isinstance(ndf, int) and ndf >= 1, f"discriminator width ndf must be a positive integer, got {ndf!r}")
+        _require(
+            isinstance(in_channels, int) and in_channels >= 2,
+            f"discriminator in_channels (mask + image) must be an integer >= 2, got {in_channels!r}",
+        )
+        self.ndf, self.in_channels = ndf, in_channels
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for factor, stride, normalised in _DISCRIMINATOR_LAYERS:
+            width = ndf * factor
+            # A bias before InstanceNorm would be subtracted away with the mean.
+            layers.append(
+                _stage(
+                    conv=nn.Conv2d(previous, width, 4, stride=stride, padding=1, bias=not normalised),
+                    norm=_instance_norm(width) if normalised else None,
+                    act=nn.LeakyReLU(_LEAK),
+                )
+            )
+            previous = width
+        layers.append(_stage(conv=nn.Conv2d(previous, 1, 4, stride=1, padding=1)))
+        self.layers = nn.Sequential(*layers)
+        _initialise(self)
+
+    def forward(self, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        if mask.dim() != 4 or image.dim() != 4 or mask.shape[0] != image.shape[0] or mask.shape[2:] != image.shape[2:]:
+            raise ValueError(
+                f"Discriminator expects mask and image [N, C, H, W] of one N, H and W, got {list(mask.shape)} "
+                f"and {list(image.shape)}"
+            )
+        pair = torch.cat([mask, image], dim=1)
+        if pair.shape[1] != self.in_channels:
+            raise ValueError(
+                f"Discriminator expects {self.in_channels} channels in all, got {mask.shape[1]} + {image.shape[1]}"
+            )
+        return self.layers(pair)
+
+    @staticmethod
+    def score(logits: torch.Tensor) -> torch.Tensor:
+        """One realism logit per tile: the mean of its logit map, [N, 1, h, w] -> [N]."""
+        return logits.mean(dim=(1, 2, 3))
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-serialisable, tagged with the architecture name."""
+        return {"architecture": DISCRIMINATOR_ARCHITECTURE, "ndf": self.ndf, "in_channels": self.in_channels}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Discriminator:
+        """A freshly initialised discriminator of the architecture `config()` described."""
+        arguments = _check_config(config, DISCRIMINATOR_ARCHITECTURE)
+        try:
+            return cls(**arguments)
+        except TypeError as error:
+            raise SafronInputError(f"invalid {DISCRIMINATOR_ARCHITECTURE} config {arguments}: {error}") from None
+
+
+_NORMALISATION_TYPES = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm,
+)
+
+
+def normalisation_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every normalisation module of `model` by qualified name (e.g. 'encoder.1.norm'), in definition order.
+
+    In this module's models they are exactly the modules named `norm`; torch.onnx names their nodes after
+    these paths (e.g. '/encoder.1/norm/InstanceNormalization'), which is how a TensorRT build finds the
+    layers to keep in fp32.
+    """
+    return {name: module for name, module in model.named_modules() if isinstance(module, _NORMALISATION_TYPES)}
+
+
+def count_parameters(model: nn.Module) -> int:
+    """The number of scalar parameters (weights, biases and norm affines) in `model`."""
+    return sum(parameter.numel() for parameter in model.parameters())
