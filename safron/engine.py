@@ -46,7 +46,7 @@ class RenderResult:
 
 def default_model_path() -> Path:
     """The generator embedded in the package."""
-    path = Path(str(resources.files("safron") / "models" / "default.onnx"))
+    path = Path(str(resources.files("safron") / "default_model" / "generator.onnx"))
     if not path.is_file():
         raise ModelError("this build of safron has no embedded default model; pass a generator with --model MODEL.onnx")
     return path

@@ -1,0 +1,30 @@
+"""Shared pytest set-up: markers that skip with their reason where the machine cannot run them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _cuda_skip_reason() -> str | None:
+    from safron import _core
+
+    if not _core.build_info()["cuda"]:
+        return "safron was built without CUDA kernels (SAFRON_CUDA=OFF or no nvcc)"
+    if _core.cuda_device_count() == 0:
+        return "no CUDA device on this machine"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda_reason = None
+    for item in items:
+        if "needs_cuda" in item.keywords:
+            cuda_reason = cuda_reason or _cuda_skip_reason()
+            if cuda_reason:
+                item.add_marker(pytest.mark.skip(reason=cuda_reason))
+        if "needs_data" in item.keywords and not SHARED_DATA.is_dir():
+            item.add_marker(pytest.mark.skip(reason=f"test data not found at {SHARED_DATA}"))
