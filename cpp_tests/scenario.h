@@ -133,6 +133,93 @@ inline std::int64_t required_capacity(const PatchPlan& plan, const std::vector<B
   return capacity;
 }
 
+// An engine that writes column blocks out early: after each batch, every block finalises the rows
+// that no later patch touches within the block's columns, so blocks progress at different paces.
+struct BlockFinalise {
+  std::int64_t row_begin;
+  std::int64_t row_end;
+  std::int64_t col_begin;
+  std::int64_t col_end;
+};
+
+struct BlockStep {
+  PatchRange batch;
+  std::vector<BlockFinalise> finalise;  // in the order to call them
+};
+
+enum class BlockOrder { Ascending, Descending, Shuffled, Merged };
+
+inline std::vector<BlockStep> block_schedule(const PatchPlan& plan,
+                                             const std::vector<PatchRange>& batches,
+                                             BlockOrder order, std::uint32_t seed) {
+  const int patch = plan.geometry().patch;
+  const std::int64_t blocks = (plan.width() + kBlockCols - 1) / kBlockCols;
+  std::vector<std::int64_t> done(static_cast<std::size_t>(blocks), 0);
+  std::mt19937 rng(seed);
+  std::vector<BlockStep> steps;
+  for (const PatchRange& batch : batches) {
+    BlockStep step{batch, {}};
+    for (std::int64_t block = 0; block < blocks; ++block) {
+      const std::int64_t col_begin = block * kBlockCols;
+      const std::int64_t col_end = std::min(col_begin + kBlockCols, plan.width());
+      // Patches come in raster order, so the first later patch over these columns is the topmost.
+      std::int64_t final_end = plan.height();
+      for (std::int64_t k = batch.end; k < plan.count(); ++k) {
+        const PatchOrigin origin = plan.origin(k);
+        if (origin.x < col_end && origin.x + patch > col_begin) {
+          final_end = origin.y;
+          break;
+        }
+      }
+      std::int64_t& block_done = done[static_cast<std::size_t>(block)];
+      if (final_end > block_done) {
+        step.finalise.push_back({block_done, final_end, col_begin, col_end});
+        block_done = final_end;
+      }
+    }
+    if (order == BlockOrder::Descending) {
+      std::reverse(step.finalise.begin(), step.finalise.end());
+    } else if (order == BlockOrder::Shuffled) {
+      std::shuffle(step.finalise.begin(), step.finalise.end(), rng);
+    } else if (order == BlockOrder::Merged) {
+      std::vector<BlockFinalise> merged;
+      for (const BlockFinalise& range : step.finalise) {
+        if (!merged.empty() && merged.back().col_end == range.col_begin &&
+            merged.back().row_begin == range.row_begin && merged.back().row_end == range.row_end) {
+          merged.back().col_end = range.col_end;
+        } else {
+          merged.push_back(range);
+        }
+      }
+      step.finalise = merged;
+    }
+    steps.push_back(step);
+  }
+  return steps;
+}
+
+// The smallest ring for a block schedule, counting from the block that lags most.
+inline std::int64_t required_capacity(const PatchPlan& plan, const std::vector<BlockStep>& steps) {
+  const std::int64_t blocks = (plan.width() + kBlockCols - 1) / kBlockCols;
+  std::vector<std::int64_t> done(static_cast<std::size_t>(blocks), 0);
+  std::int64_t capacity = plan.geometry().patch;
+  std::int64_t touched_end = 0;
+  for (const BlockStep& step : steps) {
+    for (std::int64_t k = step.batch.begin; k < step.batch.end; ++k) {
+      touched_end =
+          std::max(touched_end, std::min(plan.origin(k).y + plan.geometry().patch, plan.height()));
+    }
+    capacity = std::max(capacity, touched_end - *std::min_element(done.begin(), done.end()));
+    for (const BlockFinalise& range : step.finalise) {
+      for (std::int64_t block = range.col_begin / kBlockCols; block * kBlockCols < range.col_end;
+           ++block) {
+        done[static_cast<std::size_t>(block)] = range.row_end;
+      }
+    }
+  }
+  return capacity;
+}
+
 struct PositionLists {
   std::vector<std::int64_t> ys;
   std::vector<std::int64_t> xs;

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
@@ -143,6 +144,89 @@ TEST(Cuda, FinaliseWritesIntoPinnedHostMemory) {
   if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
   expect_cuda_matches_cpu({300, 260, PatchGeometry{64, 8, 12}, BlendMode::Linear, DType::F32},
                           true);
+}
+
+// Column blocks written out as soon as they are final, in shuffled order, on both devices.
+TEST(Cuda, FinalisesColumnBlocksLikeTheCpu) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const std::int64_t height = 300;
+  const std::int64_t width = 2500;
+  const PatchPlan plan = make_plan(height, width, PatchGeometry{64, 4, 8});
+  const testing::PatchSet patches = testing::random_patches(plan.count(), 64, DType::F16, 8);
+  const auto batches = testing::random_batches(plan.count(), plan.cols() + 3, 9);
+  const auto steps =
+      testing::block_schedule(plan, batches, testing::BlockOrder::Shuffled, 10);
+  const std::int64_t capacity = testing::required_capacity(plan, steps);
+
+  const std::size_t patch_bytes = static_cast<std::size_t>(patches.patch_elements()) * 2;
+  DeviceBuffer<unsigned char> device_patches(patch_bytes * static_cast<std::size_t>(plan.count()));
+  ASSERT_NE(device_patches.data, nullptr);
+  ASSERT_CUDA(cudaMemcpy(device_patches.data, patches.input_of(0),
+                         patch_bytes * static_cast<std::size_t>(plan.count()),
+                         cudaMemcpyHostToDevice));
+  const std::size_t image_bytes = static_cast<std::size_t>(height * width * 3);
+  DeviceBuffer<std::uint8_t> device_image(image_bytes);
+  ASSERT_NE(device_image.data, nullptr);
+
+  BandAccumulator cpu(width, capacity, 64, 8, BlendMode::Cosine);
+  CudaBandAccumulator gpu(width, capacity, 64, 8, BlendMode::Cosine);
+  std::vector<std::uint8_t> cpu_image(image_bytes);
+  for (const testing::BlockStep& step : steps) {
+    const testing::PositionLists positions = testing::positions_of(plan, step.batch);
+    const std::int64_t n = step.batch.end - step.batch.begin;
+    cpu.add(patches.input_of(step.batch.begin), DType::F16, n, positions.ys.data(),
+            positions.xs.data(), height);
+    gpu.add(device_patches.data + patch_bytes * static_cast<std::size_t>(step.batch.begin),
+            DType::F16, n, positions.ys.data(), positions.xs.data(), height, nullptr);
+    for (const testing::BlockFinalise& range : step.finalise) {
+      const std::int64_t offset = (range.row_begin * width + range.col_begin) * 3;
+      EXPECT_EQ(cpu.finalise(range.row_begin, range.row_end, range.col_begin, range.col_end,
+                             cpu_image.data() + offset, width * 3),
+                0);
+      EXPECT_EQ(gpu.finalise(range.row_begin, range.row_end, range.col_begin, range.col_end,
+                             device_image.data + offset, width * 3, nullptr),
+                0);
+    }
+  }
+  std::vector<std::uint8_t> gpu_image(image_bytes);
+  ASSERT_CUDA(cudaMemcpy(gpu_image.data(), device_image.data, image_bytes, cudaMemcpyDeviceToHost));
+  for (std::size_t i = 0; i < image_bytes; ++i) {
+    ASSERT_LE(std::abs(int{gpu_image[i]} - int{cpu_image[i]}), 1) << "byte " << i;
+  }
+  // Every block was written and zeroed: the band reads back empty.
+  std::vector<float> sums(static_cast<std::size_t>(capacity * width * 3), 1.0f);
+  std::vector<float> weights(static_cast<std::size_t>(capacity * width), 1.0f);
+  gpu.read_rows(height, height + capacity, sums.data(), weights.data(), nullptr);
+  EXPECT_TRUE(std::all_of(sums.begin(), sums.end(), [](float v) { return v == 0.0f; }));
+  EXPECT_TRUE(std::all_of(weights.begin(), weights.end(), [](float v) { return v == 0.0f; }));
+}
+
+TEST(Cuda, DiscardsOneColumnBlockAndTracksItsSlot) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const std::int64_t width = 2500;
+  CudaBandAccumulator gpu(width, 4, 4, 0, BlendMode::Uniform);
+  const std::vector<float> ones(3 * 3 * 4 * 4, 1.0f);
+  DeviceBuffer<float> device_patches(ones.size());
+  ASSERT_CUDA(cudaMemcpy(device_patches.data, ones.data(), ones.size() * sizeof(float),
+                         cudaMemcpyHostToDevice));
+  const std::int64_t ys[] = {0, 0, 0};
+  const std::int64_t xs[] = {0, 1024, 2400};  // one patch in each block
+  gpu.add(device_patches.data, DType::F32, 3, ys, xs, 100, nullptr);
+  gpu.discard(0, 4, 1024, 2048, nullptr);
+  std::vector<float> sums(4 * width * 3);
+  std::vector<float> weights(4 * width);
+  gpu.read_rows(0, 4, sums.data(), weights.data(), nullptr);
+  for (std::int64_t col = 0; col < width; ++col) {
+    const bool kept = col < 4 || (col >= 2400 && col < 2404);
+    ASSERT_EQ(weights[static_cast<std::size_t>(col)], kept ? 1.0f : 0.0f) << col;
+  }
+  // Block 1 is free for rows 4..7; blocks 0 and 2 still hold rows 0..3.
+  const std::int64_t next = 4;
+  gpu.add(device_patches.data, DType::F32, 1, &next, &xs[1], 100, nullptr);
+  EXPECT_THROW(gpu.add(device_patches.data, DType::F32, 1, &next, &xs[0], 100, nullptr),
+               std::logic_error);
+  EXPECT_THROW(gpu.discard(0, 4, 1024, 2048, nullptr), std::logic_error);
+  EXPECT_THROW(gpu.discard(0, 4, 1, 1024, nullptr), std::invalid_argument);
 }
 
 TEST(Cuda, CountsZeroWeightPixelsAndDiscards) {

@@ -1,5 +1,7 @@
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -34,15 +36,30 @@ void expect_valid_axis(const std::vector<std::int64_t>& positions, std::int64_t 
     return;
   }
   const std::int64_t stride = g.patch - g.overlap;
-  const std::int64_t expected_count = (length - g.patch + stride - 1) / stride + 1;
+  const std::int64_t span = length - g.patch;
+  const std::int64_t expected_count = (span + stride - 1) / stride + 1;
   ASSERT_EQ(static_cast<std::int64_t>(positions.size()), expected_count);
-  EXPECT_EQ(positions.back(), length - g.patch) << "last patch must be shifted back to the border";
+  EXPECT_EQ(positions.back(), span) << "the last patch must end at the border";
+  std::int64_t min_step = stride;
+  std::int64_t max_step = 0;
   for (std::size_t i = 1; i < positions.size(); ++i) {
-    EXPECT_GT(positions[i], positions[i - 1]) << "positions must be strictly increasing";
-    EXPECT_LE(positions[i] - positions[i - 1], stride) << "a gap wider than the stride";
-    if (i + 1 < positions.size()) {
-      EXPECT_EQ(positions[i], static_cast<std::int64_t>(i) * stride);
-    }
+    const std::int64_t step = positions[i] - positions[i - 1];
+    EXPECT_GT(step, 0) << "positions must be strictly increasing";
+    EXPECT_LE(step, stride) << "a step wider than the stride";
+    min_step = std::min(min_step, step);
+    max_step = std::max(max_step, step);
+    // The definition, evaluated in floating point (exact at these sizes): i * span / (n - 1)
+    // rounded half up.
+    const double exact = static_cast<double>(i) * static_cast<double>(span) /
+                         static_cast<double>(expected_count - 1);
+    EXPECT_EQ(positions[i], static_cast<std::int64_t>(std::floor(exact + 0.5))) << "i=" << i;
+  }
+  if (positions.size() > 1) {
+    EXPECT_LE(max_step - min_step, 1) << "steps are not evenly spread";
+    // The promise grid.h makes about the carried band: no overlap beyond the nominal one plus
+    // ceil(stride / (n - 1)).
+    const std::int64_t gaps = expected_count - 1;
+    EXPECT_LE(g.patch - min_step, g.overlap + (stride + gaps - 1) / gaps);
   }
   std::vector<int> coverage(static_cast<std::size_t>(length), 0);
   for (std::int64_t start : positions) {
@@ -55,7 +72,7 @@ void expect_valid_axis(const std::vector<std::int64_t>& positions, std::int64_t 
   }
 }
 
-TEST(Grid, AxisPositionsCoverEveryPixelWithARaggedLastPatch) {
+TEST(Grid, AxisPositionsAreEvenlySpreadAndCoverEveryPixel) {
   for (const PatchGeometry& g : kGeometries) {
     for (std::int64_t length : kSizes) expect_valid_axis(axis_positions(length, g), length, g);
   }
@@ -69,6 +86,8 @@ TEST(Grid, PaperTileSizesGiveThePaperGrids) {
   EXPECT_EQ(axis_positions(492, paper), (std::vector<std::int64_t>{0, 236}));
   EXPECT_EQ(axis_positions(257, paper), (std::vector<std::int64_t>{0, 1}));
   EXPECT_EQ(axis_positions(256, paper), (std::vector<std::int64_t>{0}));
+  // One pixel more than two strides: three equal-ish steps of 158 or 157 instead of 236, 236, 1.
+  EXPECT_EQ(axis_positions(729, paper), (std::vector<std::int64_t>{0, 158, 315, 473}));
 }
 
 TEST(Grid, PlanUsesTheAxisPositionsOnBothAxesInRasterOrder) {

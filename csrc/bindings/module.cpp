@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "safron/accumulate.h"
+#include "safron/band_layout.h"
 #include "safron/blend.h"
 #include "safron/build_info.h"
 #include "safron/errors.h"
@@ -72,7 +73,7 @@ Int64Array positions(const py::object& values, std::int64_t n, const char* name)
 }
 
 // The output must be uint8 [rows, width, 3] with contiguous RGB rows; the row stride is free, so a
-// slice of a larger (e.g. memory-mapped) canvas works.
+// slice of a larger (e.g. memory-mapped) canvas works, columns included (canvas[a:b, c0:c1]).
 std::pair<std::uint8_t*, std::int64_t> output_rows(py::array& out, std::int64_t rows,
                                                    std::int64_t width) {
   const bool layout_ok = out.dtype().kind() == 'u' && out.dtype().itemsize() == 1 &&
@@ -91,9 +92,24 @@ safron::CudaStream as_stream(std::uintptr_t stream) {
   return reinterpret_cast<safron::CudaStream>(stream);
 }
 
+// col_end=None means the width. Checked here, before `out` is checked against the range's width,
+// so that a bad range is reported as such.
+template <class Accumulator>
+std::int64_t column_end(const Accumulator& band, std::int64_t col_begin,
+                        std::optional<std::int64_t> col_end) {
+  const std::int64_t end = col_end.value_or(band.width());
+  safron::detail::checked_column_range(col_begin, end, band.width());
+  return end;
+}
+
 template <class Accumulator>
 void bind_band_properties(py::class_<Accumulator>& cls) {
   cls.def_property_readonly("width", &Accumulator::width)
+      .def_property_readonly_static(
+          "block_cols", [](const py::object&) { return safron::kBlockCols; },
+          "Columns per block: column ranges given to finalise and discard start at a multiple of "
+          "it and end at one or at the width; finalising each block once no later patch touches "
+          "it keeps memory independent of the width.")
       .def_property_readonly("capacity_rows", &Accumulator::capacity_rows)
       .def_property_readonly("patch", &Accumulator::patch)
       .def_property_readonly("overlap", &Accumulator::overlap)
@@ -189,21 +205,29 @@ void bind_cpu_accumulator(py::module_& m) {
           "(ys[k], xs[k]).")
       .def(
           "finalise",
-          [](BandAccumulator& self, std::int64_t row_begin, std::int64_t row_end, py::array& out) {
-            const auto [pixels, stride] = output_rows(out, row_end - row_begin, self.width());
+          [](BandAccumulator& self, std::int64_t row_begin, std::int64_t row_end, py::array& out,
+             std::int64_t col_begin, std::optional<std::int64_t> col_end) {
+            const std::int64_t end = column_end(self, col_begin, col_end);
+            const auto [pixels, stride] = output_rows(out, row_end - row_begin, end - col_begin);
             py::gil_scoped_release release;
-            return self.finalise(row_begin, row_end, pixels, stride);
+            return self.finalise(row_begin, row_end, col_begin, end, pixels, stride);
           },
-          py::arg("row_begin"), py::arg("row_end"), py::arg("out"),
-          "Write rows [row_begin, row_end) as uint8 RGB into out, zero them, and return the "
-          "number of pixels that had no weight (0 unless the plan missed pixels).")
+          py::arg("row_begin"), py::arg("row_end"), py::arg("out"), py::arg("col_begin") = 0,
+          py::arg("col_end") = py::none(),
+          "Write rows [row_begin, row_end) x columns [col_begin, col_end) (default: the whole "
+          "width; whole blocks of block_cols) as uint8 RGB into out [rows, columns, 3], zero them, "
+          "and return the number of pixels that had no weight (0 unless the plan missed pixels).")
       .def(
           "discard",
-          [](BandAccumulator& self, std::int64_t row_begin, std::int64_t row_end) {
+          [](BandAccumulator& self, std::int64_t row_begin, std::int64_t row_end,
+             std::int64_t col_begin, std::optional<std::int64_t> col_end) {
+            const std::int64_t end = column_end(self, col_begin, col_end);
             py::gil_scoped_release release;
-            self.discard(row_begin, row_end);
+            self.discard(row_begin, row_end, col_begin, end);
           },
-          py::arg("row_begin"), py::arg("row_end"))
+          py::arg("row_begin"), py::arg("row_end"), py::arg("col_begin") = 0,
+          py::arg("col_end") = py::none(),
+          "Zero rows [row_begin, row_end) x columns [col_begin, col_end) without writing them.")
       .def(
           "read_rows",
           [](const BandAccumulator& self, std::int64_t row_begin, std::int64_t row_end) {
@@ -257,25 +281,31 @@ void bind_cuda_accumulator(py::module_& m) {
       .def(
           "finalise",
           [](CudaBandAccumulator& self, std::int64_t row_begin, std::int64_t row_end,
-             std::uintptr_t out_ptr, std::optional<std::int64_t> out_row_stride_bytes,
-             std::uintptr_t stream) {
+             std::uintptr_t out_ptr, std::int64_t col_begin, std::optional<std::int64_t> col_end,
+             std::optional<std::int64_t> out_row_stride_bytes, std::uintptr_t stream) {
+            const std::int64_t end = column_end(self, col_begin, col_end);
             py::gil_scoped_release release;
-            return self.finalise(row_begin, row_end, reinterpret_cast<std::uint8_t*>(out_ptr),
-                                 out_row_stride_bytes.value_or(self.width() * 3),
+            return self.finalise(row_begin, row_end, col_begin, end,
+                                 reinterpret_cast<std::uint8_t*>(out_ptr),
+                                 out_row_stride_bytes.value_or((end - col_begin) * 3),
                                  as_stream(stream));
           },
-          py::arg("row_begin"), py::arg("row_end"), py::arg("out_ptr"),
-          py::arg("out_row_stride_bytes") = py::none(), py::arg("stream") = 0,
-          "Write rows as uint8 RGB to out_ptr (device or pinned host memory; row stride defaults "
-          "to width*3), zero them, synchronise the stream and return the zero-weight count.")
+          py::arg("row_begin"), py::arg("row_end"), py::arg("out_ptr"), py::arg("col_begin") = 0,
+          py::arg("col_end") = py::none(), py::arg("out_row_stride_bytes") = py::none(),
+          py::arg("stream") = 0,
+          "Write rows x columns [col_begin, col_end) (default: the whole width) as uint8 RGB to "
+          "out_ptr (device or pinned host memory; row stride defaults to (col_end - col_begin)*3), "
+          "zero them, synchronise the stream and return the zero-weight count.")
       .def(
           "discard",
           [](CudaBandAccumulator& self, std::int64_t row_begin, std::int64_t row_end,
-             std::uintptr_t stream) {
+             std::int64_t col_begin, std::optional<std::int64_t> col_end, std::uintptr_t stream) {
+            const std::int64_t end = column_end(self, col_begin, col_end);
             py::gil_scoped_release release;
-            self.discard(row_begin, row_end, as_stream(stream));
+            self.discard(row_begin, row_end, col_begin, end, as_stream(stream));
           },
-          py::arg("row_begin"), py::arg("row_end"), py::arg("stream") = 0)
+          py::arg("row_begin"), py::arg("row_end"), py::arg("col_begin") = 0,
+          py::arg("col_end") = py::none(), py::arg("stream") = 0)
       .def(
           "read_rows",
           [](const CudaBandAccumulator& self, std::int64_t row_begin, std::int64_t row_end,

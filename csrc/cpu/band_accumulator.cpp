@@ -1,6 +1,13 @@
 #include <algorithm>
 #include <atomic>
+#include <cstddef>
 #include <cstring>
+#include <new>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 #include "../ops/accumulate_impl.h"
 #include "../ops/band_rows.h"
@@ -17,6 +24,65 @@ DType parse_dtype(std::string_view name) {
       concat("unsupported patch dtype '", name, "'; use float32 or float16"));
 }
 
+namespace detail {
+
+#if defined(__linux__)
+
+namespace {
+std::uintptr_t page_size() {
+  static const auto size = static_cast<std::uintptr_t>(sysconf(_SC_PAGESIZE));
+  return size;
+}
+}  // namespace
+
+ReleasableFloats::ReleasableFloats(std::size_t count) : bytes_(count * sizeof(float)) {
+  if (bytes_ == 0) return;
+  void* mapping = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (mapping == MAP_FAILED) throw std::bad_alloc();
+  data_ = static_cast<float*>(mapping);
+}
+
+ReleasableFloats::~ReleasableFloats() {
+  if (data_) munmap(data_, bytes_);
+}
+
+void ReleasableFloats::zero(float* begin, std::size_t count) {
+  auto* first = reinterpret_cast<std::byte*>(begin);
+  std::byte* const last = first + count * sizeof(float);
+  const std::uintptr_t page = page_size();
+  auto* pages_begin = reinterpret_cast<std::byte*>(
+      (reinterpret_cast<std::uintptr_t>(first) + page - 1) / page * page);
+  auto* pages_end =
+      reinterpret_cast<std::byte*>(reinterpret_cast<std::uintptr_t>(last) / page * page);
+  // madvise cannot fail on a page range of our own mapping; should it anyway, zeroing by hand
+  // keeps the band correct and only costs the memory.
+  if (pages_begin >= pages_end ||
+      madvise(pages_begin, static_cast<std::size_t>(pages_end - pages_begin), MADV_DONTNEED) != 0) {
+    std::memset(first, 0, static_cast<std::size_t>(last - first));
+    return;
+  }
+  std::memset(first, 0, static_cast<std::size_t>(pages_begin - first));
+  std::memset(pages_end, 0, static_cast<std::size_t>(last - pages_end));
+}
+
+#else
+
+ReleasableFloats::ReleasableFloats(std::size_t count)
+    : bytes_(count * sizeof(float)), storage_(count, 0.0f) {
+  data_ = storage_.data();
+}
+
+ReleasableFloats::~ReleasableFloats() = default;
+
+void ReleasableFloats::zero(float* begin, std::size_t count) {
+  std::fill_n(begin, count, 0.0f);
+}
+
+#endif
+
+}  // namespace detail
+
 BandAccumulator::BandAccumulator(std::int64_t width, std::int64_t capacity_rows, int patch,
                                  int overlap, BlendMode blend)
     : width_(width),
@@ -24,12 +90,11 @@ BandAccumulator::BandAccumulator(std::int64_t width, std::int64_t capacity_rows,
       patch_(patch),
       overlap_(overlap),
       blend_(blend),
-      num_threads_(detail::resolve_thread_count(0)) {
-  detail::validate_band_config(width, capacity_rows, patch, overlap);
+      num_threads_(detail::resolve_thread_count(0)),
+      slots_(detail::validated_slots(width, capacity_rows, patch, overlap)),
+      sums_(static_cast<std::size_t>(capacity_rows * slots_.blocks() * kBlockCols * 3)),
+      weights_(static_cast<std::size_t>(capacity_rows * slots_.blocks() * kBlockCols)) {
   ramp_ = blend_ramp(blend, patch, overlap);
-  sums_.assign(static_cast<std::size_t>(capacity_rows * width * 3), 0.0f);
-  weights_.assign(static_cast<std::size_t>(capacity_rows * width), 0.0f);
-  ring_rows_.assign(static_cast<std::size_t>(capacity_rows), detail::kEmptyRingRow);
 }
 
 void BandAccumulator::set_num_threads(int num_threads) {
@@ -50,8 +115,8 @@ void BandAccumulator::add(const void* patches, DType dtype, std::int64_t n, cons
   const detail::IndexRange rows =
       detail::rows_touched_by_batch(n, ys, patch_, image_height, capacity_rows_);
   if (rows.empty()) return;
-  detail::check_ring_rows(ring_rows_, rows, "add");
-  detail::mark_ring_rows(ring_rows_, rows, true);
+  slots_.check_patches(n, ys, xs, patch_, image_height, "add");
+  slots_.mark_patches(n, ys, xs, patch_, image_height);
   const detail::PatchBatch batch{patches, dtype, n, ys, xs, patch_, ramp_.data()};
   // Threads own disjoint output rows and visit the patches in batch order, so every pixel receives
   // exactly the additions, in exactly the order, of the CUDA gather kernel.
@@ -73,60 +138,80 @@ void BandAccumulator::add(const void* patches, DType dtype, std::int64_t n, cons
   detail::parallel_for(rows.begin, rows.end, num_threads_, add_rows);
 }
 
+// Whole block segments, padding included, so that their pages are released rather than cleared.
+void BandAccumulator::zero_blocks(std::int64_t y, detail::IndexRange blocks) {
+  sums_.zero(sum_row(y) + blocks.begin * kBlockCols * 3,
+             static_cast<std::size_t>(blocks.size() * kBlockCols * 3));
+  weights_.zero(weight_row(y) + blocks.begin * kBlockCols,
+                static_cast<std::size_t>(blocks.size() * kBlockCols));
+}
+
 std::int64_t BandAccumulator::finalise(std::int64_t row_begin, std::int64_t row_end,
+                                       std::int64_t col_begin, std::int64_t col_end,
                                        std::uint8_t* out, std::int64_t out_row_stride_bytes) {
   std::lock_guard lock(mutex_);
   const detail::IndexRange rows = detail::checked_row_range(row_begin, row_end, capacity_rows_);
-  if (rows.empty()) return 0;
+  const detail::IndexRange columns = detail::checked_column_range(col_begin, col_end, width_);
+  if (rows.empty() || columns.empty()) return 0;
   require(out != nullptr, "finalise: output pointer is null");
-  require(out_row_stride_bytes >= width_ * 3 || out_row_stride_bytes <= -width_ * 3,
+  const std::int64_t row_bytes = columns.size() * 3;
+  require(out_row_stride_bytes >= row_bytes || out_row_stride_bytes <= -row_bytes,
           "finalise: output row stride of ", out_row_stride_bytes,
-          " bytes is smaller than a row of width*3 = ", width_ * 3, " bytes");
-  detail::check_ring_rows(ring_rows_, rows, "finalise");
+          " bytes is smaller than a row of ", columns.size(), " columns * 3 = ", row_bytes,
+          " bytes");
+  const detail::IndexRange blocks = detail::blocks_of(columns);
+  slots_.check(rows, blocks, "finalise");
   std::atomic<std::int64_t> zero_weight_pixels{0};
   const auto finalise_rows = [&](std::int64_t first, std::int64_t last) {
     std::int64_t zero_weight_here = 0;
     for (std::int64_t y = first; y < last; ++y) {
-      float* sums = sum_row(y);
-      float* weights = weight_row(y);
+      const float* sums = sum_row(y);
+      const float* weights = weight_row(y);
       std::uint8_t* pixels = out + (y - rows.begin) * out_row_stride_bytes;
-      for (std::int64_t x = 0; x < width_; ++x) {
-        if (!detail::finalise_pixel(sums + 3 * x, weights[x], pixels + 3 * x)) ++zero_weight_here;
+      for (std::int64_t x = columns.begin; x < columns.end; ++x) {
+        if (!detail::finalise_pixel(sums + 3 * x, weights[x], pixels + 3 * (x - columns.begin))) {
+          ++zero_weight_here;
+        }
       }
-      std::fill(sums, sums + 3 * width_, 0.0f);
-      std::fill(weights, weights + width_, 0.0f);
+      zero_blocks(y, blocks);
     }
     zero_weight_pixels += zero_weight_here;
   };
   detail::parallel_for(rows.begin, rows.end, num_threads_, finalise_rows);
-  detail::mark_ring_rows(ring_rows_, rows, false);
+  slots_.mark(rows, blocks, false);
   return zero_weight_pixels.load();
 }
 
-void BandAccumulator::discard(std::int64_t row_begin, std::int64_t row_end) {
+std::int64_t BandAccumulator::finalise(std::int64_t row_begin, std::int64_t row_end,
+                                       std::uint8_t* out, std::int64_t out_row_stride_bytes) {
+  return finalise(row_begin, row_end, 0, width_, out, out_row_stride_bytes);
+}
+
+void BandAccumulator::discard(std::int64_t row_begin, std::int64_t row_end, std::int64_t col_begin,
+                              std::int64_t col_end) {
   std::lock_guard lock(mutex_);
   const detail::IndexRange rows = detail::checked_row_range(row_begin, row_end, capacity_rows_);
-  detail::check_ring_rows(ring_rows_, rows, "discard");
-  const auto zero_run = [&](std::int64_t ring_row, std::int64_t count, std::int64_t) {
-    std::fill_n(sums_.begin() + ring_row * width_ * 3, count * width_ * 3, 0.0f);
-    std::fill_n(weights_.begin() + ring_row * width_, count * width_, 0.0f);
-  };
-  detail::for_each_ring_run(rows, capacity_rows_, zero_run);
-  detail::mark_ring_rows(ring_rows_, rows, false);
+  const detail::IndexRange blocks =
+      detail::blocks_of(detail::checked_column_range(col_begin, col_end, width_));
+  slots_.check(rows, blocks, "discard");
+  for (std::int64_t y = rows.begin; y < rows.end; ++y) zero_blocks(y, blocks);
+  slots_.mark(rows, blocks, false);
+}
+
+void BandAccumulator::discard(std::int64_t row_begin, std::int64_t row_end) {
+  discard(row_begin, row_end, 0, width_);
 }
 
 void BandAccumulator::read_rows(std::int64_t row_begin, std::int64_t row_end, float* sums,
                                 float* weights) const {
   std::lock_guard lock(mutex_);
   const detail::IndexRange rows = detail::checked_row_range(row_begin, row_end, capacity_rows_);
-  detail::check_ring_rows(ring_rows_, rows, "read_rows");
-  const auto copy_run = [&](std::int64_t ring_row, std::int64_t count, std::int64_t row) {
-    const std::int64_t offset = row - rows.begin;
-    std::copy_n(sums_.begin() + ring_row * width_ * 3, count * width_ * 3,
-                sums + offset * width_ * 3);
-    std::copy_n(weights_.begin() + ring_row * width_, count * width_, weights + offset * width_);
-  };
-  detail::for_each_ring_run(rows, capacity_rows_, copy_run);
+  slots_.check(rows, {0, slots_.blocks()}, "read_rows");
+  for (std::int64_t y = rows.begin; y < rows.end; ++y) {
+    const std::int64_t offset = y - rows.begin;
+    std::copy_n(sum_row(y), width_ * 3, sums + offset * width_ * 3);
+    std::copy_n(weight_row(y), width_, weights + offset * width_);
+  }
 }
 
 }  // namespace safron

@@ -24,7 +24,10 @@ std::optional<std::string> cuda_runtime_version() {
   return std::nullopt;
 }
 
-CudaBandAccumulator::CudaBandAccumulator(std::int64_t, std::int64_t, int, int, BlendMode) {
+// The slots are built from dummy dimensions: the constructor throws before any use, and without
+// validating first, so that every call says the same thing.
+CudaBandAccumulator::CudaBandAccumulator(std::int64_t, std::int64_t, int, int, BlendMode)
+    : slots_(1, 1) {
   throw_built_without_cuda();
 }
 
@@ -36,8 +39,18 @@ void CudaBandAccumulator::add(const void*, DType, std::int64_t, const std::int64
   throw_built_without_cuda();
 }
 
+std::int64_t CudaBandAccumulator::finalise(std::int64_t, std::int64_t, std::int64_t, std::int64_t,
+                                           std::uint8_t*, std::int64_t, CudaStream) {
+  throw_built_without_cuda();
+}
+
 std::int64_t CudaBandAccumulator::finalise(std::int64_t, std::int64_t, std::uint8_t*, std::int64_t,
                                            CudaStream) {
+  throw_built_without_cuda();
+}
+
+void CudaBandAccumulator::discard(std::int64_t, std::int64_t, std::int64_t, std::int64_t,
+                                  CudaStream) {
   throw_built_without_cuda();
 }
 

@@ -31,11 +31,17 @@ std::vector<std::int64_t> axis_positions(std::int64_t length, const PatchGeometr
   require(length >= 1, "image side must be >= 1 pixel, got ", length);
   if (length <= geometry.patch) return {0};
   const std::int64_t stride = geometry.stride();
-  const std::int64_t last = length - geometry.patch;
-  const std::int64_t count = (last + stride - 1) / stride + 1;
-  std::vector<std::int64_t> positions(static_cast<std::size_t>(count));
-  for (std::int64_t i = 0; i + 1 < count; ++i) positions[static_cast<std::size_t>(i)] = i * stride;
-  positions.back() = last;
+  const std::int64_t span = length - geometry.patch;  // travel of the top-left corner
+  const std::int64_t steps = (span + stride - 1) / stride;
+  std::vector<std::int64_t> positions(static_cast<std::size_t>(steps + 1));
+  // round(i * span / steps) rounding half up, in exact integer arithmetic so that any code that
+  // re-derives the grid agrees to the pixel. span = whole * steps + rest keeps the products below
+  // 2 * steps^2, far from overflow for any plan whose positions fit in memory.
+  const std::int64_t whole = span / steps;
+  const std::int64_t rest = span % steps;
+  for (std::int64_t i = 0; i <= steps; ++i) {
+    positions[static_cast<std::size_t>(i)] = i * whole + (2 * i * rest + steps) / (2 * steps);
+  }
   return positions;
 }
 

@@ -39,16 +39,20 @@ __global__ void accumulate_kernel(DeviceBand band, detail::PatchBatch batch, std
   detail::accumulate_pixel(batch, y, x, band.sums + 3 * ring_pixel, band.weights + ring_pixel);
 }
 
-__global__ void finalise_kernel(DeviceBand band, std::int64_t row_begin, std::int64_t pixel_count,
-                                std::uint8_t* out, std::int64_t out_row_stride_bytes,
+// One thread per pixel of the rows from row_begin x columns [column_begin, column_begin +
+// columns), pixel_count in all; writes the pixel and zeroes its band entry for reuse.
+__global__ void finalise_kernel(DeviceBand band, std::int64_t row_begin, std::int64_t column_begin,
+                                std::int64_t columns, std::int64_t pixel_count, std::uint8_t* out,
+                                std::int64_t out_row_stride_bytes,
                                 unsigned long long* zero_weight_pixels) {
   const std::int64_t pixel = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (pixel >= pixel_count) return;
-  const std::int64_t row = pixel / band.width;
-  const std::int64_t x = pixel % band.width;
-  const std::int64_t ring_pixel = ((row_begin + row) % band.capacity_rows) * band.width + x;
+  const std::int64_t row = pixel / columns;
+  const std::int64_t column = pixel % columns;
+  const std::int64_t ring_pixel =
+      ((row_begin + row) % band.capacity_rows) * band.width + column_begin + column;
   float* sums = band.sums + 3 * ring_pixel;
-  std::uint8_t* rgb = out + row * out_row_stride_bytes + 3 * x;
+  std::uint8_t* rgb = out + row * out_row_stride_bytes + 3 * column;
   if (!detail::finalise_pixel(sums, band.weights[ring_pixel], rgb)) {
     atomicAdd(zero_weight_pixels, 1ULL);
   }
@@ -78,15 +82,14 @@ CudaBandAccumulator::CudaBandAccumulator(std::int64_t width, std::int64_t capaci
       capacity_rows_(capacity_rows),
       patch_(patch),
       overlap_(overlap),
-      blend_(blend) {
-  detail::validate_band_config(width, capacity_rows, patch, overlap);
+      blend_(blend),
+      slots_(detail::validated_slots(width, capacity_rows, patch, overlap)) {
   if (cuda_device_count() == 0) {
     throw std::runtime_error(
         "CudaBandAccumulator: no usable CUDA device (no GPU, or no NVIDIA driver); use the CPU "
         "BandAccumulator");
   }
   detail::cuda_check(cudaGetDevice(&device_), "cudaGetDevice");
-  ring_rows_.assign(static_cast<std::size_t>(capacity_rows), detail::kEmptyRingRow);
   const std::vector<float> ramp = blend_ramp(blend, patch, overlap);
   const auto pixels = static_cast<std::size_t>(capacity_rows * width);
   try {
@@ -126,7 +129,7 @@ void CudaBandAccumulator::add(const void* device_patches, DType dtype, std::int6
   const detail::IndexRange columns = detail::columns_touched_by_batch(n, host_xs, patch_, width_);
   if (rows.empty() || columns.empty()) return;
   std::lock_guard lock(mutex_);
-  detail::check_ring_rows(ring_rows_, rows, "add");
+  slots_.check_patches(n, host_ys, host_xs, patch_, image_height, "add");
   const detail::ScopedDevice on_device(device_);
   require_device_accessible(device_patches, device_, "add: patches");
 
@@ -150,20 +153,25 @@ void CudaBandAccumulator::add(const void* device_patches, DType dtype, std::int6
   }
   cudaFreeAsync(device_positions, stream);
   detail::cuda_check(status, "CudaBandAccumulator::add");
-  detail::mark_ring_rows(ring_rows_, rows, true);
+  slots_.mark_patches(n, host_ys, host_xs, patch_, image_height);
 }
 
 std::int64_t CudaBandAccumulator::finalise(std::int64_t row_begin, std::int64_t row_end,
+                                           std::int64_t col_begin, std::int64_t col_end,
                                            std::uint8_t* out, std::int64_t out_row_stride_bytes,
                                            CudaStream stream) {
   const detail::IndexRange rows = detail::checked_row_range(row_begin, row_end, capacity_rows_);
-  if (rows.empty()) return 0;
+  const detail::IndexRange columns = detail::checked_column_range(col_begin, col_end, width_);
+  if (rows.empty() || columns.empty()) return 0;
   require(out != nullptr, "finalise: output pointer is null");
-  require(out_row_stride_bytes >= width_ * 3 || out_row_stride_bytes <= -width_ * 3,
+  const std::int64_t row_bytes = columns.size() * 3;
+  require(out_row_stride_bytes >= row_bytes || out_row_stride_bytes <= -row_bytes,
           "finalise: output row stride of ", out_row_stride_bytes,
-          " bytes is smaller than a row of width*3 = ", width_ * 3, " bytes");
+          " bytes is smaller than a row of ", columns.size(), " columns * 3 = ", row_bytes,
+          " bytes");
+  const detail::IndexRange blocks = detail::blocks_of(columns);
   std::lock_guard lock(mutex_);
-  detail::check_ring_rows(ring_rows_, rows, "finalise");
+  slots_.check(rows, blocks, "finalise");
   const detail::ScopedDevice on_device(device_);
   require_device_accessible(out, device_, "finalise: out");
 
@@ -173,10 +181,10 @@ std::int64_t CudaBandAccumulator::finalise(std::int64_t row_begin, std::int64_t 
   unsigned long long zero_weight_pixels = 0;
   cudaError_t status = cudaMemsetAsync(device_count, 0, sizeof *device_count, stream);
   if (status == cudaSuccess) {
-    const std::int64_t pixel_count = rows.size() * width_;
+    const std::int64_t pixel_count = rows.size() * columns.size();
     finalise_kernel<<<blocks_for(pixel_count), kThreadsPerBlock, 0, stream>>>(
-        DeviceBand{sums_, weights_, width_, capacity_rows_}, rows.begin, pixel_count, out,
-        out_row_stride_bytes, device_count);
+        DeviceBand{sums_, weights_, width_, capacity_rows_}, rows.begin, columns.begin,
+        columns.size(), pixel_count, out, out_row_stride_bytes, device_count);
     status = cudaGetLastError();
   }
   if (status == cudaSuccess) {
@@ -186,34 +194,53 @@ std::int64_t CudaBandAccumulator::finalise(std::int64_t row_begin, std::int64_t 
   cudaFreeAsync(device_count, stream);
   if (status == cudaSuccess) status = cudaStreamSynchronize(stream);
   detail::cuda_check(status, "CudaBandAccumulator::finalise");
-  detail::mark_ring_rows(ring_rows_, rows, false);
+  slots_.mark(rows, blocks, false);
   return static_cast<std::int64_t>(zero_weight_pixels);
 }
 
-void CudaBandAccumulator::discard(std::int64_t row_begin, std::int64_t row_end, CudaStream stream) {
+std::int64_t CudaBandAccumulator::finalise(std::int64_t row_begin, std::int64_t row_end,
+                                           std::uint8_t* out, std::int64_t out_row_stride_bytes,
+                                           CudaStream stream) {
+  return finalise(row_begin, row_end, 0, width_, out, out_row_stride_bytes, stream);
+}
+
+void CudaBandAccumulator::discard(std::int64_t row_begin, std::int64_t row_end,
+                                  std::int64_t col_begin, std::int64_t col_end,
+                                  CudaStream stream) {
   const detail::IndexRange rows = detail::checked_row_range(row_begin, row_end, capacity_rows_);
+  const detail::IndexRange columns = detail::checked_column_range(col_begin, col_end, width_);
+  const detail::IndexRange blocks = detail::blocks_of(columns);
   std::lock_guard lock(mutex_);
-  detail::check_ring_rows(ring_rows_, rows, "discard");
+  slots_.check(rows, blocks, "discard");
   const detail::ScopedDevice on_device(device_);
-  const std::int64_t row_floats = width_ * 3;
-  const auto zero_run = [&](std::int64_t ring_row, std::int64_t count, std::int64_t) {
-    const auto floats = static_cast<std::size_t>(count * width_);
-    detail::cuda_check(
-        cudaMemsetAsync(sums_ + ring_row * row_floats, 0, 3 * floats * sizeof(float), stream),
-        "cudaMemsetAsync(band sums)");
-    detail::cuda_check(
-        cudaMemsetAsync(weights_ + ring_row * width_, 0, floats * sizeof(float), stream),
-        "cudaMemsetAsync(band weights)");
-  };
-  detail::for_each_ring_run(rows, capacity_rows_, zero_run);
-  detail::mark_ring_rows(ring_rows_, rows, false);
+  if (!columns.empty()) {
+    const auto pitch = static_cast<std::size_t>(width_) * sizeof(float);
+    const auto row_bytes = static_cast<std::size_t>(columns.size()) * sizeof(float);
+    const auto zero_run = [&](std::int64_t ring_row, std::int64_t count, std::int64_t) {
+      const std::int64_t first_pixel = ring_row * width_ + columns.begin;
+      const auto height = static_cast<std::size_t>(count);
+      detail::cuda_check(cudaMemset2DAsync(sums_ + 3 * first_pixel, 3 * pitch, 0, 3 * row_bytes,
+                                           height, stream),
+                         "cudaMemset2DAsync(band sums)");
+      detail::cuda_check(
+          cudaMemset2DAsync(weights_ + first_pixel, pitch, 0, row_bytes, height, stream),
+          "cudaMemset2DAsync(band weights)");
+    };
+    detail::for_each_ring_run(rows, capacity_rows_, zero_run);
+  }
+  slots_.mark(rows, blocks, false);
+}
+
+void CudaBandAccumulator::discard(std::int64_t row_begin, std::int64_t row_end,
+                                  CudaStream stream) {
+  discard(row_begin, row_end, 0, width_, stream);
 }
 
 void CudaBandAccumulator::read_rows(std::int64_t row_begin, std::int64_t row_end, float* host_sums,
                                     float* host_weights, CudaStream stream) const {
   const detail::IndexRange rows = detail::checked_row_range(row_begin, row_end, capacity_rows_);
   std::lock_guard lock(mutex_);
-  detail::check_ring_rows(ring_rows_, rows, "read_rows");
+  slots_.check(rows, {0, slots_.blocks()}, "read_rows");
   const detail::ScopedDevice on_device(device_);
   const std::int64_t row_floats = width_ * 3;
   const auto copy_run = [&](std::int64_t ring_row, std::int64_t count, std::int64_t row) {

@@ -5,21 +5,12 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <stdexcept>
-#include <vector>
 
+#include "safron/band_layout.h"
 #include "safron/errors.h"
 #include "safron/grid.h"
 
 namespace safron::detail {
-
-// A half-open range of output rows or columns.
-struct IndexRange {
-  std::int64_t begin = 0;
-  std::int64_t end = 0;
-  std::int64_t size() const { return end - begin; }
-  bool empty() const { return end <= begin; }
-};
 
 inline void validate_band_config(std::int64_t width, std::int64_t capacity_rows, int patch,
                                  int overlap) {
@@ -27,6 +18,13 @@ inline void validate_band_config(std::int64_t width, std::int64_t capacity_rows,
   require(width >= 1, "band width must be >= 1, got ", width);
   require(capacity_rows >= patch, "band capacity_rows=", capacity_rows,
           " must be >= patch=", patch);
+}
+
+// Validates the configuration before the accumulator sizes anything from it.
+inline RingSlots validated_slots(std::int64_t width, std::int64_t capacity_rows, int patch,
+                                 int overlap) {
+  validate_band_config(width, capacity_rows, patch, overlap);
+  return RingSlots(capacity_rows, width);
 }
 
 // The output rows a batch adds to: the union of its patches' rows, clipped to the image.
@@ -79,33 +77,6 @@ void for_each_ring_run(IndexRange rows, std::int64_t capacity_rows, const Visit&
     const std::int64_t count = std::min(rows.end - row, capacity_rows - ring_row);
     visit(ring_row, count, row);
     row += count;
-  }
-}
-
-// Each ring row remembers the output row whose data it holds (kEmptyRingRow once finalised or
-// discarded), so that letting the band wrap onto unfinished rows fails loudly instead of silently
-// blending two output rows into one.
-inline constexpr std::int64_t kEmptyRingRow = -1;
-
-inline void check_ring_rows(const std::vector<std::int64_t>& ring_rows, IndexRange rows,
-                            const char* operation) {
-  const auto capacity_rows = static_cast<std::int64_t>(ring_rows.size());
-  for (std::int64_t row = rows.begin; row < rows.end; ++row) {
-    const std::int64_t held = ring_rows[static_cast<std::size_t>(row % capacity_rows)];
-    if (held != kEmptyRingRow && held != row) {
-      throw std::logic_error(
-          concat(operation, ": output row ", row, " shares its band slot with row ", held,
-                 ", which was never finalised or discarded (capacity_rows=", capacity_rows,
-                 "); finalise rows before the band wraps"));
-    }
-  }
-}
-
-// Marks the ring rows of `rows` as holding them (after add) or as empty (after finalise/discard).
-inline void mark_ring_rows(std::vector<std::int64_t>& ring_rows, IndexRange rows, bool holding) {
-  const auto capacity_rows = static_cast<std::int64_t>(ring_rows.size());
-  for (std::int64_t row = rows.begin; row < rows.end; ++row) {
-    ring_rows[static_cast<std::size_t>(row % capacity_rows)] = holding ? row : kEmptyRingRow;
   }
 }
 

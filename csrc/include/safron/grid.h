@@ -1,7 +1,7 @@
 #pragma once
 
-// The patch plan: the one definition of the patch geometry (margin, stride, ragged grid) that
-// training, inference and the accumulator all follow.
+// The patch plan: the one definition of the patch geometry (margin, stride, evenly spread grid)
+// that training, inference and the accumulator all follow.
 //
 // Output pixel (y, x) of the image is pixel (y - ys[i], x - xs[j]) of patch (i, j); the generator
 // sees the mask window of rows [ys[i] - margin, ys[i] + patch + margin) and the same for columns.
@@ -33,9 +33,19 @@ struct PatchGeometry {
 
 // Top (or left) coordinates of the patches along an axis of `length` >= 1 pixels, sorted and
 // distinct. A length <= patch gives {0}: that single patch extends past the end and the pixels
-// beyond `length` are cropped. Otherwise positions step by stride() and the last one is shifted
-// back to length - patch, so the final gap may be smaller than the stride (a ragged grid) but the
-// border is always covered.
+// beyond `length` are cropped. Otherwise there are n = ceil((length - patch) / stride()) + 1
+// patches spread evenly from 0 to length - patch:
+//     p_i = round(i * (length - patch) / (n - 1)), rounding half up, in exact integers,
+// so every step is at most stride() (every overlap at least the nominal one) and steps differ by at
+// most 1. When stride() divides length - patch the steps are exactly stride() (728 -> {0, 236, 472}
+// with the default geometry).
+//
+// Why spread rather than step by stride() and shift the last patch back to the border: that
+// ragged last patch overlaps its neighbour by up to patch - 1 pixels, and the overlapping rows of a
+// band must stay in fp32 across the whole width until the last patch row is added, so the carried
+// band would grow to a full patch height at some sizes. Spread, every overlap stays within
+// overlap + ceil(stride() / (n - 1)), the carried band stays about `overlap` rows tall whatever
+// the size, and seams look the same everywhere in the image.
 std::vector<std::int64_t> axis_positions(std::int64_t length, const PatchGeometry& geometry);
 
 struct PatchOrigin {
