@@ -10,6 +10,7 @@ import math
 import os
 import resource
 import signal
+import time
 import tracemalloc
 
 import numpy as np
@@ -85,6 +86,40 @@ def write_image(path, image: np.ndarray, seed: int = 0, **options) -> None:
             y0 += stripe_height
 
 
+def canvas_path_for(path):
+    return path.with_name(path.name + ".canvas")
+
+
+def new_canvas(path, height: int, width: int):
+    """A canvas file of the right size whose rows are not final yet: filled with a constant, so
+    rows encoded before they were written show up as a mismatch."""
+    canvas = canvas_path_for(path)
+    canvas.write_bytes(b"\x5a" * (height * width * 3))
+    return canvas
+
+
+def write_image_via_canvas(path, image: np.ndarray, seed: int = 0, pause_s: float = 0, **options):
+    """Like write_image, but the rows go into a canvas file as the engine does, announced with
+    rows_ready in irregular steps (some of them repeating the previous count)."""
+    height, width = image.shape[:2]
+    canvas = new_canvas(path, height, width)
+    with PyramidTiffWriter(path, height, width, canvas=canvas, **options) as writer:
+        y0 = 0
+        for stripe_height in irregular_stripe_heights(height, seed):
+            with open(canvas, "r+b") as canvas_file:
+                canvas_file.seek(y0 * width * 3)
+                canvas_file.write(image[y0 : y0 + stripe_height].tobytes())
+            writer.rows_ready(y0 + stripe_height)
+            if stripe_height == 17:
+                writer.rows_ready(y0 + stripe_height)
+            y0 += stripe_height
+            time.sleep(pause_s)
+    return canvas
+
+
+WRITERS = {"write_rows": write_image, "canvas": write_image_via_canvas}
+
+
 def region(slide: openslide.OpenSlide, level: int) -> np.ndarray:
     rgba = np.asarray(slide.read_region((0, 0), level, slide.level_dimensions[level]))
     assert (rgba[..., 3] == 255).all()
@@ -132,15 +167,20 @@ def test_halve_matches_independent_reference(shape):
 # ----------------------------------------------------------------------------- lossless round trip
 
 
+@pytest.mark.parametrize("mode", WRITERS)
 @pytest.mark.parametrize("compression", LOSSLESS)
 @pytest.mark.parametrize("make_image", [smooth_image, noise_image], ids=["smooth", "noise"])
 @pytest.mark.parametrize("shape", SIZES, ids=[f"{h}x{w}" for h, w in SIZES])
-def test_lossless_levels_round_trip_through_tifffile_and_openslide(tmp_path, shape, make_image, compression):
+def test_lossless_levels_round_trip_through_tifffile_and_openslide(tmp_path, shape, make_image, compression, mode):
     image = make_image(*shape, seed=shape[1])
     path = tmp_path / "slide.tif"
-    write_image(path, image, seed=shape[0], compression=compression, mpp=0.5)
+    WRITERS[mode](path, image, seed=shape[0], compression=compression, mpp=0.5)
     expected = reference_pyramid(image)
-    assert files_in(tmp_path) == ["slide.tif"]
+    if mode == "canvas":  # the caller's canvas is read, never changed or removed
+        assert files_in(tmp_path) == ["slide.tif", "slide.tif.canvas"]
+        assert canvas_path_for(path).read_bytes() == image.tobytes()
+    else:
+        assert files_in(tmp_path) == ["slide.tif"]
 
     check_tiff_structure(path, [level.shape[:2] for level in expected])
     with tifffile.TiffFile(path) as tiff:
@@ -267,6 +307,74 @@ def test_identical_rows_give_identical_bytes_whatever_the_stripes_and_workers(tm
     assert first.read_bytes() == second.read_bytes()
 
 
+@pytest.mark.parametrize("compression", ["jpeg", "zstd"])
+def test_canvas_and_write_rows_give_identical_bytes(tmp_path, compression):
+    image = smooth_image(1300, 1500, seed=6)
+    from_rows, from_canvas = tmp_path / "rows.tif", tmp_path / "canvas.tif"
+    write_image(from_rows, image, seed=1, compression=compression, mpp=0.5, description="d")
+    write_image_via_canvas(from_canvas, image, seed=2, compression=compression, mpp=0.5, description="d")
+    assert from_rows.read_bytes() == from_canvas.read_bytes()
+
+
+def test_rows_not_yet_ready_on_the_canvas_are_never_encoded(tmp_path):
+    # Rows past rows_ready hold filler until written; the pauses give an encoder that read ahead
+    # the time to pick the filler up, which the lossless comparison would show.
+    image = noise_image(1100, 1300, seed=4)
+    path = tmp_path / "slide.tif"
+    write_image_via_canvas(path, image, seed=5, pause_s=0.01, compression="zstd", workers=1)
+    with tifffile.TiffFile(path) as tiff:
+        for page, level in zip(tiff.pages, reference_pyramid(image)):
+            assert np.array_equal(page.asarray(), level)
+
+
+def test_a_resumed_canvas_may_announce_all_its_rows_at_once(tmp_path):
+    image = smooth_image(700, 900, seed=8)
+    path = tmp_path / "slide.tif"
+    canvas = new_canvas(path, 700, 900)
+    canvas.write_bytes(image.tobytes())
+    with PyramidTiffWriter(path, 700, 900, compression="zstd", canvas=canvas) as writer:
+        writer.rows_ready(700)
+    assert np.array_equal(tifffile.imread(path), image)
+
+
+def test_rows_ready_rejects_going_back_or_past_the_end_and_changes_nothing(tmp_path):
+    image = smooth_image(600, 400)
+    path = tmp_path / "slide.tif"
+    canvas = new_canvas(path, 600, 400)
+    canvas.write_bytes(image.tobytes())
+    with PyramidTiffWriter(path, 600, 400, compression="zstd", canvas=canvas) as writer:
+        writer.rows_ready(300)
+        with pytest.raises(ValueError, match="between"):
+            writer.rows_ready(299)
+        with pytest.raises(ValueError, match="between"):
+            writer.rows_ready(601)
+        with pytest.raises(ValueError, match="integer"):
+            writer.rows_ready(400.0)
+        with pytest.raises(ValueError, match="use rows_ready"):
+            writer.write_rows(300, image[300:])
+        writer.rows_ready(600)
+    assert np.array_equal(tifffile.imread(path), image)
+
+
+def test_rows_ready_without_a_canvas_is_refused(tmp_path):
+    with PyramidTiffWriter(tmp_path / "slide.tif", 10, 10, compression="zstd") as writer:
+        with pytest.raises(ValueError, match="use write_rows"):
+            writer.rows_ready(5)
+        writer.write_rows(0, np.zeros((10, 10, 3), np.uint8))
+
+
+@pytest.mark.parametrize("canvas_bytes", [None, 600 * 400 * 3 - 1, 600 * 400 * 3 + 3])
+def test_missing_or_wrongly_sized_canvas_is_an_input_error_naming_it(tmp_path, canvas_bytes):
+    canvas = tmp_path / "slide.canvas"
+    if canvas_bytes is not None:
+        canvas.write_bytes(bytes(canvas_bytes))
+    with pytest.raises(SafronInputError) as raised:
+        PyramidTiffWriter(tmp_path / "slide.tif", 600, 400, canvas=canvas)
+    message = str(raised.value)
+    assert "\n" not in message and str(canvas) in message
+    assert files_in(tmp_path) == ([] if canvas_bytes is None else ["slide.canvas"])
+
+
 def test_rows_are_copied_so_the_caller_may_reuse_its_buffer(tmp_path):
     image = noise_image(700, 300, seed=2)
     path = tmp_path / "slide.tif"
@@ -288,11 +396,23 @@ def test_abort_removes_every_temporary_and_leaves_an_existing_output_alone(tmp_p
     image = smooth_image(1200, 600)
     writer = PyramidTiffWriter(path, 1200, 600, compression="zstd")
     writer.write_rows(0, image[:700])
-    assert {"slide.tif.partial", "slide.tif.level1.raw"} <= set(files_in(tmp_path))
+    assert {"slide.tif.partial", "slide.tif.level0.raw"} <= set(files_in(tmp_path))
     writer.abort()
     writer.abort()  # idempotent
     assert files_in(tmp_path) == ["slide.tif"]
     assert path.read_bytes() == b"previous render"
+
+
+def test_abort_in_canvas_mode_keeps_the_canvas(tmp_path):
+    path = tmp_path / "slide.tif"
+    image = smooth_image(1200, 600)
+    canvas = new_canvas(path, 1200, 600)
+    canvas.write_bytes(image.tobytes())
+    writer = PyramidTiffWriter(path, 1200, 600, compression="zstd", canvas=canvas)
+    writer.rows_ready(700)
+    writer.abort()
+    assert files_in(tmp_path) == ["slide.tif.canvas"]
+    assert canvas.read_bytes() == image.tobytes()
 
 
 def test_exception_in_the_with_block_aborts(tmp_path):
@@ -341,13 +461,15 @@ def test_writing_after_close_is_an_error(tmp_path):
         writer.write_rows(0, np.zeros((1, 1, 3), np.uint8))
 
 
-def _failing_on_widths(widths):
+def _failing_on_heights(heights):
+    """A halve that fails on blocks of the given heights. Only the last tile row of a level is
+    shorter than a tile, so a height unique to one level makes it fail in that level."""
     real_halve = pyramid_tiff.halve
 
-    def halve_or_fail(band):
-        if band.shape[1] in widths:
+    def halve_or_fail(block):
+        if block.shape[0] in heights:
             raise RuntimeError("simulated encoder failure")
-        return real_halve(band)
+        return real_halve(block)
 
     return halve_or_fail
 
@@ -355,8 +477,9 @@ def _failing_on_widths(widths):
 @pytest.mark.parametrize("phase", ["level 0", "reduced levels"])
 def test_writer_thread_failure_surfaces_and_cleans_up(tmp_path, monkeypatch, phase):
     height, width = 2000, 1100
-    failing_width = width if phase == "level 0" else math.ceil(width / 2)
-    monkeypatch.setattr(pyramid_tiff, "halve", _failing_on_widths({failing_width}))
+    # Last tile rows: 208 rows at level 0, 232 at level 1 (1000 rows).
+    failing_height = height % TILE if phase == "level 0" else math.ceil(height / 2) % TILE
+    monkeypatch.setattr(pyramid_tiff, "halve", _failing_on_heights({failing_height}))
     path = tmp_path / "slide.tif"
     path.write_bytes(b"previous render")
     image = smooth_image(height, width)
@@ -369,6 +492,20 @@ def test_writer_thread_failure_surfaces_and_cleans_up(tmp_path, monkeypatch, pha
     assert path.read_bytes() == b"previous render"
     with pytest.raises(ValueError, match="failed"):
         writer.close()
+
+
+def test_failure_while_rows_arrive_surfaces_at_the_next_rows_ready(tmp_path, monkeypatch):
+    monkeypatch.setattr(pyramid_tiff, "halve", _failing_on_heights({TILE}))
+    path = tmp_path / "slide.tif"
+    canvas = new_canvas(path, 2000, 600)
+    writer = PyramidTiffWriter(path, 2000, 600, compression="zstd", canvas=canvas)
+    writer.rows_ready(TILE)
+    deadline = time.monotonic() + 30
+    with pytest.raises(RuntimeError, match="simulated encoder failure"):
+        while time.monotonic() < deadline:  # the encoder fails on its own time
+            writer.rows_ready(TILE)
+            time.sleep(0.01)
+    assert files_in(tmp_path) == ["slide.tif.canvas"]
 
 
 def test_disk_filling_up_while_writing_is_a_one_line_input_error(tmp_path):
@@ -453,35 +590,67 @@ def test_too_little_free_space_for_the_temporaries_is_refused_up_front(tmp_path,
     with pytest.raises(SafronInputError, match="not enough free disk space"):
         PyramidTiffWriter(tmp_path / "out.tif", 2000, 2000)
     assert files_in(tmp_path) == []
-    PyramidTiffWriter(tmp_path / "small.tif", 500, 500).abort()  # 0.2 MB of temporaries fits
+    # 1000 x 1000: the copy of level 0 (3 MB) does not fit, but levels 1 and 2 (0.94 MB) do,
+    # so with a canvas, which exists already, the same render is accepted.
+    with pytest.raises(SafronInputError, match="not enough free disk space"):
+        PyramidTiffWriter(tmp_path / "out.tif", 1000, 1000)
+    canvas = new_canvas(tmp_path / "out.tif", 1000, 1000)
+    PyramidTiffWriter(tmp_path / "out.tif", 1000, 1000, canvas=canvas).abort()
+    assert files_in(tmp_path) == ["out.tif.canvas"]
 
 
 # ----------------------------------------------------------------------------- memory
 
 
-def _peak_traced_bytes_while_writing(path, height: int, width: int, workers: int) -> int:
-    """Peak Python/numpy heap while streaming a height x width image (rows made on the fly)."""
+def _peak_traced_bytes_while_writing(path, height: int, width: int, workers: int, mode: str) -> int:
+    """Peak Python/numpy heap while streaming a height x width image, either with write_rows or
+    from a canvas written beforehand (the canvas's own memory is the caller's, not traced)."""
     stripe = smooth_image(236, width)
+    canvas = None
+    if mode == "canvas":
+        canvas = new_canvas(path, height, width)
+        with open(canvas, "r+b") as canvas_file:
+            for y0 in range(0, height, 236):
+                canvas_file.write(stripe[: min(236, height - y0)].tobytes())
     tracemalloc.start()
     try:
-        with PyramidTiffWriter(path, height, width, compression="zstd", workers=workers) as writer:
+        with PyramidTiffWriter(path, height, width, compression="zstd", workers=workers, canvas=canvas) as writer:
             for y0 in range(0, height, 236):
-                rows = min(236, height - y0)
-                writer.write_rows(y0, stripe[:rows])
+                y1 = min(y0 + 236, height)
+                if canvas is None:
+                    writer.write_rows(y0, stripe[: y1 - y0])
+                else:
+                    writer.rows_ready(y1)
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
 
 
-def test_peak_memory_does_not_grow_with_image_height(tmp_path):
+def _tiff_batch_bytes(workers: int) -> int:
+    """Raw tiles tifffile gathers before compressing them: 16 per worker."""
+    return 16 * workers * TILE * TILE * 3
+
+
+@pytest.mark.parametrize("mode", WRITERS)
+def test_peak_memory_does_not_grow_with_image_height(tmp_path, mode):
     width, workers = 1024, 2
-    # 16 (one batch) tiles per worker for tifffile's encoder: below 4096 rows the whole level fits
-    # in less than one batch and the peak is not yet at its steady state.
-    short = _peak_traced_bytes_while_writing(tmp_path / "short.tif", 4096, width, workers)
-    tall = _peak_traced_bytes_while_writing(tmp_path / "tall.tif", 16384, width, workers)
+    # Below 4096 rows the whole level is less than one tifffile batch (32 tiles here) and the peak
+    # is not yet at its steady state.
+    short = _peak_traced_bytes_while_writing(tmp_path / "short.tif", 4096, width, workers, mode)
+    tall = _peak_traced_bytes_while_writing(tmp_path / "tall.tif", 16384, width, workers, mode)
     assert tall < 1.1 * short
-    band_bytes = TILE * width * 3
-    tiff_batch_bytes = 16 * workers * TILE * TILE * 3
-    # Measured ~10 MB: four bands and their reductions, one batch of raw tiles and its encodings.
-    # The tall image itself is 48 MB.
-    assert tall < 6 * band_bytes + 2 * tiff_batch_bytes
+    # Measured ~8.5 MB: one batch of raw tiles and their encodings, a block of 4 tiles and its
+    # reduction. The tall image itself is 48 MB.
+    assert tall < 2 * _tiff_batch_bytes(workers)
+
+
+@pytest.mark.parametrize("mode", WRITERS)
+def test_peak_memory_does_not_grow_with_image_width(tmp_path, mode):
+    height, workers = 1280, 2
+    # 1280 rows x 2048 columns is 40 tiles: more than one tifffile batch, so the narrow image
+    # already reaches the steady state.
+    narrow = _peak_traced_bytes_while_writing(tmp_path / "narrow.tif", height, 2048, workers, mode)
+    wide = _peak_traced_bytes_while_writing(tmp_path / "wide.tif", height, 16384, workers, mode)
+    assert wide < 1.1 * narrow
+    # Measured ~8.4 MB, less than a single full-width band of tile rows of the wide image.
+    assert wide < TILE * 16384 * 3

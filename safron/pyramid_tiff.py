@@ -1,17 +1,21 @@
 """Streaming writer of pyramidal, tiled BigTIFF files that OpenSlide, QuPath and ASAP open.
 
-The render engine produces the output image as full-width horizontal stripes, top to bottom, over
-minutes to hours. `PyramidTiffWriter` encodes level-0 tiles while the stripes arrive and builds the
-reduced levels on the side, so memory stays at a few tile rows whatever the image size:
+The render engine finalises the output image into a raw RGB canvas file, in full-width stripes,
+top to bottom, over minutes to hours. `PyramidTiffWriter` encodes level-0 tiles from that file as
+soon as a whole tile row of it is final, so encoding overlaps rendering, and builds the reduced
+levels on the side. Its memory is a few blocks of `tile` rows x a few tiles plus tifffile's
+compression batch: independent of the image width and height.
 
-* Incoming rows are gathered into bands one tile high (``tile`` rows x full width). A background
-  thread pulls completed bands from a bounded queue (the caller blocks when encoding falls behind),
-  cuts them into tiles for tifffile's ``TiffWriter.write`` (which compresses them on ``workers``
-  threads), and appends the band's 2x2 reduction to a raw file next to the output.
-* After level 0, level k is streamed from its raw file band by band with plain file reads, not a
-  memory map: pages touched through a map count towards the process's resident memory, while a
-  band read into its own buffer is freed once encoded. Level k+1 is built the same way, and
-  level k's raw file is deleted as soon as it has been encoded.
+* Level 0 is always read from a raw uint8 file, height x width x 3, row-major: either the caller's
+  canvas (``canvas=path``; the caller announces final rows with `rows_ready`), or a temporary copy
+  the writer makes of the rows given to `write_rows`.
+* A background thread waits for each complete tile row, reads it block by block (``tile`` rows x
+  `_BLOCK_TILES` tiles), appends each block's 2x2 reduction to the next level's raw file, then
+  hands the block's tiles to tifffile's ``TiffWriter.write`` (which compresses them on ``workers``
+  threads). Level k >= 1 is then streamed the same way from its raw file, building level k+1.
+* Raw files are accessed with plain reads and writes at offsets, never a memory map: pages touched
+  through a map count towards the process's resident memory, while a block read into its own
+  buffer is freed once encoded.
 
 File layout (what OpenSlide's generic-TIFF reader expects):
 
@@ -34,19 +38,19 @@ File layout (what OpenSlide's generic-TIFF reader expects):
 
 The TIFF is written to ``<out_path>.partial`` and renamed onto ``out_path`` only once complete and
 synced, so a failed or interrupted render never leaves a file that looks finished; the raw level
-files are ``<out_path>.level<k>.raw``. Every temporary file is removed on close, abort or failure.
-Output bytes depend only on the pixels, the options and the tifffile/imagecodecs versions (not on
-stripe heights or worker count).
+files are ``<out_path>.level<k>.raw`` (level 0 only without a canvas). Every temporary file is
+removed on close, abort or failure; the caller's canvas is only ever read. Output bytes depend only
+on the pixels, the options and the tifffile/imagecodecs versions (not on how rows were announced,
+nor on the worker count).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import queue
 import shutil
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -65,6 +69,10 @@ _CENTIMETRE_IN_MICRONS = 1e4
 # Columns processed per step of the 2x2 reduction: bounds its uint16 temporaries to a few MB
 # however wide the image is. Even, so chunks never split a 2x2 block.
 _HALVING_CHUNK_COLUMNS = 4096
+# Tiles per block read from a raw level file: wide enough that each row segment is one sizeable
+# read (3 KB at 256-pixel tiles), narrow enough that a block and its reduction stay about 1 MB
+# whatever the image width.
+_BLOCK_TILES = 4
 # Tiles per encoding worker that tifffile gathers before handing a batch to its thread pool;
 # enough to keep every worker busy across a batch, small enough to stay a few MB per worker.
 _TILES_BUFFERED_PER_WORKER = 16
@@ -115,7 +123,7 @@ def halve(band: np.ndarray) -> np.ndarray:
 def _full_tile(block: np.ndarray, tile: int) -> np.ndarray:
     """A tile x tile x 3 array from a block at most that size, padded by edge repetition.
 
-    Always a copy, so the band it came from can be freed while tifffile still queues the tile.
+    Always a copy, so the block it came from can be freed while tifffile still queues the tile.
     """
     missing_rows, missing_columns = tile - block.shape[0], tile - block.shape[1]
     if missing_rows or missing_columns:
@@ -123,22 +131,67 @@ def _full_tile(block: np.ndarray, tile: int) -> np.ndarray:
     return block.copy()
 
 
-class _ReducedLevelFile:
-    """Raw uint8 file that receives the 2x2 reduction of a level, band after band."""
+class _RawImageFile:
+    """A raw uint8 RGB image file (rows x width x 3, row-major), read and written in rectangular
+    blocks with plain unbuffered I/O at offsets."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, width: int, mode: str) -> None:
         self.path = path
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close(), used across bands
+        self._row_bytes = width * _SAMPLES
+        self._width = width
+        self._file = open(path, mode, buffering=0)  # noqa: SIM115 - closed in close()
 
-    def append_reduction_of(self, band: np.ndarray) -> None:
-        self._file.write(memoryview(halve(band)))
+    def read_block(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        block = np.empty((y1 - y0, x1 - x0, _SAMPLES), np.uint8)
+        if x1 - x0 == self._width:  # whole rows lie back to back in the file: one read
+            self._read_into(self._offset(y0, 0), block)
+        else:
+            for row in range(y1 - y0):
+                self._read_into(self._offset(y0 + row, x0), block[row])
+        return block
+
+    def write_block(self, y0: int, x0: int, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block)
+        if block.shape[1] == self._width:
+            self._write_from(self._offset(y0, 0), block)
+        else:
+            for row in range(block.shape[0]):
+                self._write_from(self._offset(y0 + row, x0), block[row])
 
     def close(self) -> None:
         self._file.close()
 
+    def _offset(self, y: int, x: int) -> int:
+        return y * self._row_bytes + x * _SAMPLES
+
+    def _read_into(self, offset: int, destination: np.ndarray) -> None:
+        view = memoryview(destination).cast("B")
+        end = offset + len(view)
+        self._file.seek(offset)
+        while view:
+            count = self._file.readinto(view)
+            if not count:
+                raise RuntimeError(f"{self.path}: raw image file ends before byte {end} (truncated?)")
+            view = view[count:]
+
+    def _write_from(self, offset: int, source: np.ndarray) -> None:
+        # A write may be short (the disk filling up); the next one then raises the OSError.
+        view = memoryview(source).cast("B")
+        self._file.seek(offset)
+        while view:
+            view = view[self._file.write(view) :]
+
 
 class PyramidTiffWriter:
-    """Writes a pyramidal tiled BigTIFF from full-width row stripes that arrive top to bottom.
+    """Writes a pyramidal tiled BigTIFF from an image that becomes final top to bottom.
+
+    Two ways to feed it, one per writer:
+
+    * ``canvas=path``: the caller writes the level-0 pixels into its own raw uint8 file (height x
+      width x 3, row-major, already of that size) and calls `rows_ready(y)` whenever rows [0, y)
+      are final there. The writer only reads that file and never removes it.
+    * no canvas: the caller hands the rows over with `write_rows`, which copies them into a
+      temporary raw file next to the output.
 
     Use as a context manager: leaving the block normally finishes the file, leaving it by an
     exception removes every temporary file and leaves `out_path` as it was::
@@ -154,13 +207,16 @@ class PyramidTiffWriter:
     `description` (7-bit ASCII) becomes level 0's ImageDescription (OpenSlide's
     "openslide.comment").
 
-    Memory: about four bands of `tile` rows x `width` x 3 bytes (the one being filled, one queued,
-    one being tiled, its reduction) plus 16 tiles per worker buffered by tifffile.
-    Errors: a path that cannot be written or a disk that cannot hold the temporary files raises
-    `SafronInputError` here. Any failure of the background thread is raised by the next
-    `write_rows` or `close`, after the temporary files have been removed; an I/O error there (the
-    disk filling up) becomes a one-line `SafronInputError`. Calls out of order or with malformed
-    rows raise `ValueError` and change nothing.
+    Neither `rows_ready` nor `write_rows` waits for the encoder, which simply lags behind; `close`
+    waits for it. Memory: a block of `tile` rows x 4 tiles and its reduction, plus 16 tiles per
+    worker buffered by tifffile, whatever the image size (tifffile also keeps 16 bytes per tile
+    for the offset tables).
+    Errors: a path that cannot be written, a disk that cannot hold the temporary files, or a canvas
+    that is missing or of the wrong size raises `SafronInputError` here. Any failure of the
+    background thread is raised by the next `rows_ready`, `write_rows` or `close`, after the
+    temporary files have been removed; an I/O error (the disk filling up) becomes a one-line
+    `SafronInputError`. Calls out of order, with malformed rows, or meant for the other mode raise
+    `ValueError` and change nothing.
     """
 
     def __init__(
@@ -175,6 +231,7 @@ class PyramidTiffWriter:
         tile: int = 256,
         workers: int | None = None,
         description: str | None = None,
+        canvas: str | os.PathLike[str] | None = None,
     ) -> None:
         self.out_path = Path(out_path)
         self.height = _positive_int(height, "height")
@@ -194,15 +251,28 @@ class PyramidTiffWriter:
         self._partial_path = self.out_path.with_name(self.out_path.name + ".partial")
         self._level_paths = {
             level: self.out_path.with_name(f"{self.out_path.name}.level{level}.raw")
-            for level in range(1, len(self.level_shapes))
+            for level in range(len(self.level_shapes))
         }
+        self._owns_level0 = canvas is None
+        if canvas is not None:
+            self._level_paths[0] = Path(canvas)
+            self._check_canvas()
         self._tiff_file = self._open_partial_file()
+        self._level0_writer: _RawImageFile | None = None
+        self._level0_reader: _RawImageFile | None = None
+        try:
+            if self._owns_level0:
+                self._level0_writer = _RawImageFile(self._level_paths[0], self.width, "wb")
+            self._level0_reader = _RawImageFile(self._level_paths[0], self.width, "rb")
+        except OSError as error:
+            self._tiff_file.close()
+            self._remove_temporaries()
+            raise SafronInputError(
+                f"{self.out_path}: cannot open {self._level_paths[0]}: {error.strerror}"
+            ) from error
 
-        self._rows_written = 0
-        self._band = self._new_band()
-        self._band_rows_filled = 0
-        # maxsize 1: the caller may run at most one band ahead of the encoder before blocking.
-        self._bands: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=1)
+        self._rows_ready = 0
+        self._rows_ready_changed = threading.Condition()
         self._abort_requested = threading.Event()
         self._failure: BaseException | None = None
         self._state = "open"
@@ -213,40 +283,49 @@ class PyramidTiffWriter:
 
     # ----------------------------------------------------------------------------- public API
 
+    def rows_ready(self, y: int) -> None:
+        """Canvas mode: rows [0, y) of the canvas are final. `y` never decreases; returns at once."""
+        self._require_open()
+        self._raise_if_writer_failed()
+        if self._owns_level0:
+            raise ValueError(f"{self.out_path}: rows_ready is for a writer given a canvas; use write_rows")
+        y = _index(y, "y")
+        if not self._rows_ready <= y <= self.height:
+            raise ValueError(
+                f"{self.out_path}: rows_ready({y}) must lie between the rows already ready "
+                f"({self._rows_ready}) and the image height ({self.height})"
+            )
+        self._announce(y)
+
     def write_rows(self, y0: int, rows: np.ndarray) -> None:
         """Append rows y0 .. y0+h-1: uint8 (h, width, 3), h >= 1, y0 == rows written so far.
 
-        The rows are copied, so `rows` may be a view into a memory-mapped canvas. Blocks while the
-        encoder is a band behind.
+        The rows are copied to the writer's level-0 file before this returns, so `rows` may be a
+        reused buffer or a view into a memory-mapped canvas.
         """
         self._require_open()
         self._raise_if_writer_failed()
+        if not self._owns_level0:
+            raise ValueError(f"{self.out_path}: write_rows is for a writer without a canvas; use rows_ready")
         y0 = _index(y0, "y0")
-        if y0 != self._rows_written:
+        if y0 != self._rows_ready:
             raise ValueError(
-                f"{self.out_path}: rows must arrive in order: expected y0={self._rows_written}, got {y0}"
+                f"{self.out_path}: rows must arrive in order: expected y0={self._rows_ready}, got {y0}"
             )
         if not isinstance(rows, np.ndarray) or rows.dtype != np.uint8:
             raise ValueError(f"rows must be a uint8 numpy array, got {getattr(rows, 'dtype', type(rows))}")
         if rows.ndim != 3 or rows.shape[1:] != (self.width, _SAMPLES) or rows.shape[0] < 1:
             raise ValueError(f"rows must have shape (h >= 1, {self.width}, 3), got {rows.shape}")
-        if y0 + rows.shape[0] > self.height:
-            raise ValueError(
-                f"rows {y0}..{y0 + rows.shape[0] - 1} run past the image height {self.height}"
-            )
-        consumed = 0
-        while consumed < rows.shape[0]:
-            count = min(rows.shape[0] - consumed, self._band.shape[0] - self._band_rows_filled)
-            self._band[self._band_rows_filled : self._band_rows_filled + count] = rows[
-                consumed : consumed + count
-            ]
-            self._band_rows_filled += count
-            consumed += count
-            self._rows_written += count
-            if self._band_rows_filled == self._band.shape[0]:
-                self._hand_over(self._band)
-                self._band = self._new_band() if self._rows_written < self.height else None
-                self._band_rows_filled = 0
+        y1 = y0 + rows.shape[0]
+        if y1 > self.height:
+            raise ValueError(f"rows {y0}..{y1 - 1} run past the image height {self.height}")
+        try:
+            self._level0_writer.write_block(y0, 0, rows)
+            if y1 == self.height:
+                self._level0_writer.close()
+        except OSError as error:
+            self._fail(error)
+        self._announce(y1)
 
     def close(self) -> None:
         """Finish the file: wait for every level, then rename the temporary TIFF onto out_path."""
@@ -254,10 +333,10 @@ class PyramidTiffWriter:
             return
         self._require_open()
         self._raise_if_writer_failed()
-        if self._rows_written != self.height:
+        if self._rows_ready != self.height:
             self.abort()
             raise ValueError(
-                f"{self.out_path}: closed after {self._rows_written} of {self.height} rows; "
+                f"{self.out_path}: closed after {self._rows_ready} of {self.height} rows; "
                 "nothing was written"
             )
         self._thread.join()
@@ -274,7 +353,7 @@ class PyramidTiffWriter:
         self._state = "closed"
 
     def abort(self) -> None:
-        """Stop writing and remove every temporary file; out_path is left as it was."""
+        """Stop writing and remove every temporary file; out_path (and a canvas) are left as they were."""
         if self._state != "open":
             return
         self._discard()
@@ -321,6 +400,17 @@ class PyramidTiffWriter:
             )
         return mpp_xy
 
+    def _check_canvas(self) -> None:
+        canvas = self._level_paths[0]
+        expected = self.height * self.width * _SAMPLES
+        if not canvas.is_file():
+            raise SafronInputError(f"{canvas}: canvas file not found")
+        size = canvas.stat().st_size
+        if size != expected:
+            raise SafronInputError(
+                f"{canvas}: canvas holds {size} bytes, not {self.height} x {self.width} x 3 = {expected}"
+            )
+
     def _open_partial_file(self) -> BinaryIO:
         if self.out_path.is_dir():
             raise SafronInputError(f"{self.out_path}: is a directory, not an output file path")
@@ -342,13 +432,14 @@ class PyramidTiffWriter:
             ) from error
 
     def _disk_space_needed(self) -> int:
-        """Bytes known in advance: the two raw level files that coexist while a level is encoded,
-        plus, uncompressed, the TIFF itself. Compressed sizes are unknowable up front; running
-        out later is reported when it happens."""
-        raw_sizes = [h * w * _SAMPLES for h, w in self.level_shapes[1:]]
-        temporaries = max(
-            (size + next_size for size, next_size in zip(raw_sizes, raw_sizes[1:] + [0])), default=0
-        )
+        """Bytes known in advance: the two raw level files that coexist while a level is encoded
+        (a canvas already exists, so it counts as taking nothing more), plus, uncompressed, the
+        TIFF itself. Compressed sizes are unknowable up front; running out later is reported when
+        it happens."""
+        raw_sizes = [h * w * _SAMPLES for h, w in self.level_shapes]
+        if not self._owns_level0:
+            raw_sizes[0] = 0
+        temporaries = max(size + next_size for size, next_size in zip(raw_sizes, raw_sizes[1:] + [0]))
         if self._compression != "none":
             return temporaries
         tile_bytes = self._tile * self._tile * _SAMPLES
@@ -358,34 +449,25 @@ class PyramidTiffWriter:
         )
         return temporaries + tiff_size
 
-    def _new_band(self) -> np.ndarray:
-        return np.empty((min(self._tile, self.height - self._rows_written), self.width, _SAMPLES), np.uint8)
-
-    def _hand_over(self, band: np.ndarray) -> None:
-        # Poll instead of blocking forever: if the writer thread dies while the queue is full,
-        # nobody would ever take this band.
-        while True:
-            try:
-                self._bands.put(band, timeout=0.2)
-                return
-            except queue.Full:
-                if not self._thread.is_alive():
-                    self._raise_if_writer_failed()
-                    raise RuntimeError(f"{self.out_path}: the TIFF writer thread stopped unexpectedly")
+    def _announce(self, rows_ready: int) -> None:
+        with self._rows_ready_changed:
+            self._rows_ready = rows_ready
+            self._rows_ready_changed.notify()
 
     def _require_open(self) -> None:
         if self._state != "open":
             raise ValueError(f"{self.out_path}: the writer is {self._state}")
 
     def _raise_if_writer_failed(self) -> None:
-        failure = self._failure
-        if failure is None:
-            return
+        if self._failure is not None:
+            self._fail(self._failure)
+
+    def _fail(self, failure: BaseException) -> None:
+        """Clean up after `failure` (of either thread) and raise it, I/O errors as input errors."""
         self._discard()
         self._state = "failed"
         if isinstance(failure, OSError):
-            # numpy's tofile reports a full disk as a short write without errno.
-            reason = os.strerror(failure.errno) if failure.errno else f"{failure} (disk full?)"
+            reason = os.strerror(failure.errno) if failure.errno else str(failure)
             raise SafronInputError(
                 f"{self.out_path}: cannot write the TIFF or its temporary files: {reason}"
             ) from failure
@@ -394,17 +476,20 @@ class PyramidTiffWriter:
     def _discard(self) -> None:
         """Stop the writer thread and delete the partial TIFF and the raw level files."""
         self._abort_requested.set()
-        # Only this thread puts into the queue, so after draining it the wake-up always fits.
-        try:
-            while True:
-                self._bands.get_nowait()
-        except queue.Empty:
-            pass
-        self._bands.put_nowait(None)
+        with self._rows_ready_changed:
+            self._rows_ready_changed.notify()
         self._thread.join()
         self._tiff_file.close()
-        for path in (self._partial_path, *self._level_paths.values()):
-            path.unlink(missing_ok=True)
+        self._remove_temporaries()
+
+    def _remove_temporaries(self) -> None:
+        for level0_file in (self._level0_writer, self._level0_reader):
+            if level0_file is not None:
+                level0_file.close()
+        self._partial_path.unlink(missing_ok=True)
+        for level, path in self._level_paths.items():
+            if level > 0 or self._owns_level0:
+                path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------- writer thread
 
@@ -424,23 +509,29 @@ class PyramidTiffWriter:
             self._failure = error
 
     def _write_levels(self, tiff: tifffile.TiffWriter) -> None:
-        for level, (height, width) in enumerate(self.level_shapes):
-            bands = self._incoming_bands() if level == 0 else self._bands_from_file(level, width)
-            reduced = None
-            if level + 1 < len(self.level_shapes):
-                reduced = _ReducedLevelFile(self._level_paths[level + 1])
-            try:
-                tiff.write(
-                    self._tiles(bands, reduced, width),
-                    shape=(height, width, _SAMPLES),
-                    dtype=np.uint8,
-                    **self._write_options(level),
-                )
-            finally:
-                if reduced is not None:
-                    reduced.close()
-            if level > 0:
-                self._level_paths[level].unlink()
+        source = self._level0_reader
+        try:
+            for level, (height, width) in enumerate(self.level_shapes):
+                reduced = None
+                if level + 1 < len(self.level_shapes):
+                    reduced = _RawImageFile(self._level_paths[level + 1], self.level_shapes[level + 1][1], "w+b")
+                try:
+                    tiff.write(
+                        self._tiles(level, source, reduced),
+                        shape=(height, width, _SAMPLES),
+                        dtype=np.uint8,
+                        **self._write_options(level),
+                    )
+                finally:
+                    source.close()
+                    # The file just built is the next level's source; reading through the handle
+                    # that wrote it sees every byte.
+                    source = reduced
+                if level > 0 or self._owns_level0:
+                    self._level_paths[level].unlink()
+        finally:
+            if source is not None:
+                source.close()
 
     def _write_options(self, level: int) -> dict:
         options = dict(
@@ -468,36 +559,34 @@ class PyramidTiffWriter:
         return options
 
     def _tiles(
-        self, bands: Iterable[np.ndarray], reduced: _ReducedLevelFile | None, width: int
+        self, level: int, source: _RawImageFile, reduced: _RawImageFile | None
     ) -> Iterator[np.ndarray]:
-        for band in bands:
-            # Reduce before yielding: tifffile stops pulling after the last tile, so work placed
-            # after the final yield would never run.
-            if reduced is not None:
-                reduced.append_reduction_of(band)
-            for x0 in range(0, width, self._tile):
-                yield _full_tile(band[:, x0 : x0 + self._tile], self._tile)
-
-    def _incoming_bands(self) -> Iterator[np.ndarray]:
-        for _ in range(math.ceil(self.height / self._tile)):
-            band = self._bands.get()
-            if band is None:
+        """The level's tiles in TIFF order (tile rows top to bottom, left to right), writing the
+        2x2 reduction of each block into `reduced` on the way."""
+        height, width = self.level_shapes[level]
+        block_columns = _BLOCK_TILES * self._tile
+        for y0 in range(0, height, self._tile):
+            y1 = min(y0 + self._tile, height)
+            if level == 0:
+                self._wait_for_rows(y1)
+            elif self._abort_requested.is_set():
                 raise _Aborted
-            yield band
+            for x0 in range(0, width, block_columns):
+                block = source.read_block(y0, y1, x0, min(x0 + block_columns, width))
+                # Reduce before yielding: tifffile stops pulling after the last tile, so work placed
+                # after the final yield would never run. Blocks start on even rows and columns, so
+                # each one's reduction is exactly its part of the reduced level.
+                if reduced is not None:
+                    reduced.write_block(y0 // 2, x0 // 2, halve(block))
+                for tile_x0 in range(0, block.shape[1], self._tile):
+                    yield _full_tile(block[:, tile_x0 : tile_x0 + self._tile], self._tile)
 
-    def _bands_from_file(self, level: int, width: int) -> Iterator[np.ndarray]:
-        height = self.level_shapes[level][0]
-        row_bytes = width * _SAMPLES
-        with open(self._level_paths[level], "rb") as raw:
-            for y0 in range(0, height, self._tile):
-                if self._abort_requested.is_set():
-                    raise _Aborted
-                band = np.empty((min(self._tile, height - y0), width, _SAMPLES), np.uint8)
-                raw.seek(y0 * row_bytes)
-                # A buffered readinto keeps reading until the band is full or the file ends.
-                if raw.readinto(memoryview(band).cast("B")) != band.nbytes:
-                    raise RuntimeError(f"{self._level_paths[level]}: raw level file is truncated")
-                yield band
+    def _wait_for_rows(self, rows: int) -> None:
+        with self._rows_ready_changed:
+            while self._rows_ready < rows and not self._abort_requested.is_set():
+                self._rows_ready_changed.wait()
+        if self._abort_requested.is_set():
+            raise _Aborted
 
 
 def _positive_int(value, name: str) -> int:
