@@ -30,7 +30,7 @@ def mix_model(tmp_path_factory):
     return onnx_models.context_mix(tmp_path_factory.mktemp("models") / "mix.onnx")
 
 
-SIZES = [(1, 1), (1, 300), (255, 256), (256, 257), (491, 492), (493, 728), (729, 1000)]
+SIZES = [(1, 1), (1, 300), (255, 256), (256, 257), (491, 492), (493, 728), (729, 1000), (260, 2600)]
 
 
 @pytest.mark.parametrize("blend", ["uniform", "linear", "cosine"])

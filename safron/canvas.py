@@ -49,13 +49,6 @@ class Canvas:
         finally:
             del view
 
-    def read_rows(self, y0: int, y1: int) -> np.ndarray:
-        """Rows read with a plain file read (not a mapping), for re-feeding the encoder on resume."""
-        with open(self.path, "rb") as f:
-            f.seek(y0 * self.row_bytes)
-            data = np.fromfile(f, dtype=np.uint8, count=(y1 - y0) * self.row_bytes)
-        return data.reshape(y1 - y0, self.width, 3)
-
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
 

@@ -140,8 +140,10 @@ class _Renderer:
         first_patch = first_row * plan.cols
         first_batch = first_patch // self.batch_size
         # Rows are finalised (or, below rows_done, discarded) contiguously from the first row the replayed
-        # patches touch, so no band slot is left holding partial sums.
+        # patches touch, so no band slot is left holding partial sums. Within a patch row, column blocks are
+        # finalised as soon as the patches to their right no longer touch them.
         final_done = int(plan.ys[first_row]) if first_row < plan.rows else rows_done
+        cols_done = 0
         reads = prefetch((self._read(b) for b in self._batches(first_batch)), depth=2, name="safron-read")
         outputs = prefetch(self._infer(reads), depth=2, name="safron-infer")
         bar = tqdm(
@@ -153,12 +155,21 @@ class _Renderer:
                 # Patches of rows already final (replayed only to keep batch composition) are not added.
                 keep = batch.rows >= first_row
                 for row in np.unique(batch.rows[keep]):
+                    row = int(row)
                     sel = np.flatnonzero((batch.rows == row) & keep)
                     self.accumulator.add(
                         np.ascontiguousarray(batch.outputs[sel]), batch.ys[sel], batch.xs[sel], plan.height
                     )
-                    if batch.indices[sel[-1]] % plan.cols == plan.cols - 1:  # the patch row is complete
-                        final_done = self._finalise(sink, final_done, plan.final_rows_end(int(row)), rows_done)
+                    last_col = int(batch.indices[sel[-1]] % plan.cols)
+                    rows_end = plan.final_rows_end(row)
+                    cols_final = self._final_columns(last_col)
+                    if cols_final > cols_done:
+                        self._finalise(sink, final_done, rows_end, cols_done, cols_final, rows_done)
+                        cols_done = cols_final
+                    if last_col == plan.cols - 1:  # the patch row is complete: its rows are final everywhere
+                        if rows_end > rows_done:
+                            sink.rows_final(rows_end)
+                        final_done, cols_done = rows_end, 0
                 bar.update(int(keep.sum()))
         finally:
             bar.close()
@@ -166,37 +177,53 @@ class _Renderer:
         if final_done != plan.height:
             raise RuntimeError(f"internal error: {final_done} of {plan.height} rows finalised")
 
-    def _finalise(self, sink, begin: int, end: int, rows_done: int) -> int:
+    def _final_columns(self, last_col: int) -> int:
+        """Columns [0, end) of the current rows that no later patch of this row touches, rounded down to
+        the accumulator's column blocks so that each block's band memory is released whole."""
+        plan = self.plan
+        if last_col == plan.cols - 1:
+            return plan.width
+        block = self.accumulator.block_cols
+        return int(plan.xs[last_col + 1]) // block * block
+
+    def _finalise(self, sink, y0: int, y1: int, x0: int, x1: int, rows_done: int) -> None:
         # On resume, rows below rows_done are on disk already; their partial sums are dropped.
-        if begin < rows_done:
-            self.accumulator.discard(begin, min(end, rows_done))
-            begin = min(end, rows_done)
-        if begin < end:
-            sink.finalise(self.accumulator, begin, end)
-        return end
+        if y0 < rows_done:
+            self.accumulator.discard(y0, min(y1, rows_done), x0, x1)
+            y0 = min(y1, rows_done)
+        if y0 < y1:
+            sink.finalise(self.accumulator, y0, y1, x0, x1)
 
 
 class _ArraySink:
     def __init__(self, height, width):
         self.image = np.empty((height, width, 3), dtype=np.uint8)
 
-    def finalise(self, accumulator, y0, y1):
-        _finalise_into(accumulator, y0, y1, self.image[y0:y1])
+    def finalise(self, accumulator, y0, y1, x0, x1):
+        _finalise_into(accumulator, y0, y1, x0, x1, self.image[y0:y1, x0:x1])
+
+    def rows_final(self, y1):
+        pass
 
 
 class _FileSink:
+    """Finished blocks go into the canvas; whole finished rows are journalled and handed to the encoder,
+    which reads its tiles back from the canvas (so no stage holds full-width rows in memory)."""
+
     def __init__(self, canvas: Canvas, journal: Journal, writer):
         self.canvas, self.journal, self.writer = canvas, journal, writer
 
-    def finalise(self, accumulator, y0, y1):
+    def finalise(self, accumulator, y0, y1, x0, x1):
         with self.canvas.rows(y0, y1) as rows:
-            _finalise_into(accumulator, y0, y1, rows)
-            self.writer.write_rows(y0, rows)
+            _finalise_into(accumulator, y0, y1, x0, x1, rows[:, x0:x1])
+
+    def rows_final(self, y1):
         self.journal.record(y1)
+        self.writer.rows_ready(y1)
 
 
-def _finalise_into(accumulator, y0, y1, out):
-    uncovered = accumulator.finalise(y0, y1, out)
+def _finalise_into(accumulator, y0, y1, x0, x1, out):
+    uncovered = accumulator.finalise(y0, y1, out, x0, x1)
     if uncovered:
         raise RuntimeError(f"internal error: {uncovered} pixels of rows {y0}..{y1} were covered by no patch")
 
@@ -305,10 +332,13 @@ def render(
             journal = Journal(journal_path, header, resume=resume)
             canvas = Canvas(canvas_path, height, width, create=not resume)
             writer = PyramidTiffWriter(
-                out_path, height, width, compression=compression, quality=quality, mpp=mpp, workers=threads
+                out_path, height, width, compression=compression, quality=quality, mpp=mpp, workers=threads,
+                canvas=canvas.path,
             )
             try:
-                _replay_finished_rows(canvas, writer, journal.rows_done)
+                # The TIFF is always rewritten whole; on resume the finished rows are read from the canvas.
+                if journal.rows_done:
+                    writer.rows_ready(journal.rows_done)
                 renderer.run(_FileSink(canvas, journal, writer), journal.rows_done, progress, desc=mask_path.name)
                 writer.close()
             except BaseException as exc:
@@ -325,10 +355,3 @@ def render(
         finally:
             engine.close()
     return RenderResult(out_path, height, width, renderer.plan.count, mpp, engine.name)
-
-
-def _replay_finished_rows(canvas: Canvas, writer, rows_done: int, stripe: int = 256) -> None:
-    """On resume, feed the encoder the rows already on the canvas: the TIFF is always rewritten whole."""
-    for y0 in range(0, rows_done, stripe):
-        y1 = min(y0 + stripe, rows_done)
-        writer.write_rows(y0, canvas.read_rows(y0, y1))

@@ -2,9 +2,11 @@
 
 The one definition lives in C++ (csrc/include/safron/grid.h); this module only gives it a Python face.
 A generator maps a `window` = patch + 2*margin mask window to the `patch` x `patch` image at its centre.
-Patches overlap by `overlap` pixels (stride = patch - overlap); the last row and column of patches is shifted
-back to the border (a ragged grid), so output pixel (y, x) always comes from mask pixel (y, x) and every
-pixel is covered for any H, W >= 1. Beyond the mask border the model sees the background class.
+Patches overlap by at least `overlap` pixels (stride = patch - overlap). Their positions are spread evenly
+from the first (0) to the last (size - patch), so the border is always covered, output pixel (y, x) always
+comes from mask pixel (y, x), and every overlap is within a pixel or two of the nominal one — the same seam
+everywhere, and a carried band that stays about `overlap` rows tall (see grid.h). Beyond the mask border
+the model sees the background class.
 """
 
 from __future__ import annotations
