@@ -66,7 +66,7 @@ def render_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("mask", metavar="MASK", help="tissue component mask to render")
     p.add_argument("out", metavar="OUT", help="output pyramidal BigTIFF (written under a temporary name, renamed when complete)")
-    p.add_argument("--model", metavar="ONNX", help="generator meeting the model contract (default: the embedded model)")
+    p.add_argument("--model", metavar="ONNX", help="generator: an ONNX file meeting the model contract, or a training run directory / .safetensors checkpoint for --backend torch (default: the embedded model)")
     p.add_argument("--backend", choices=BACKEND_NAMES, default="auto", help="inference backend (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, metavar="N", help="patches per inference call (default: backend's choice)")
     p.add_argument("--blend", choices=BLENDS, default="uniform",
@@ -109,6 +109,98 @@ def render_main(argv=None) -> int:
     except Exception:  # our bug, not the user's: show everything needed to report it
         traceback.print_exc()
         print("safron-render: internal error (please report it with the traceback above)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _probability(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def _tile_side(text):
+    value = _positive_int(text)
+    if value % 16:
+        raise argparse.ArgumentTypeError(f"expected a multiple of 16, got {text!r}")
+    return value
+
+
+def masks_parser() -> argparse.ArgumentParser:
+    from .synthesis import GLAS_RECIPE, PNG_MAX_PIXELS
+
+    p = _Parser(
+        prog="safron-masks",
+        description=(
+            "Write a synthetic tissue component mask: elliptical glands in stroma with background spots (the SAFRON "
+            "paper's recipe), calibrated so that gland area fraction and gland sizes match the GlaS training masks "
+            "(20x, about 0.62 um/px). The same seed always gives the same mask, and a mask is the top-left corner of "
+            "any larger one with that seed. Any size: TIFF masks are generated tile row by tile row."
+        ),
+        epilog=(
+            f"OUT's suffix picks the format: .png (at most {PNG_MAX_PIXELS} px, colour unless --labels) or .tif/.tiff "
+            "(tiled, deflate; labels unless --colour; colour TIFFs are pyramidal BigTIFFs for viewers). Labels: "
+            "0 background, 1 stroma, 2 gland; colours: background blue, stroma red, gland green. "
+            "Exit status: 0 done, 2 bad input or usage, 1 internal error, 130 interrupted."
+        ),
+    )
+    p.add_argument("out", metavar="OUT", help="output mask (.png, .tif or .tiff), written under a temporary name and renamed when complete")
+    p.add_argument("--size", nargs=2, type=_positive_int, metavar=("W", "H"), required=True, help="width and height in pixels")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default: %(default)s)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--colour", "--color", dest="colour", action="store_const", const=True,
+                      help="class colours, RGB (default for PNG)")
+    kind.add_argument("--labels", dest="colour", action="store_const", const=False,
+                      help="class labels, one byte per pixel: a third of the size, what safron-render reads fastest (default for TIFF)")
+    p.add_argument("--scale", type=_positive_float, default=1.0, metavar="F",
+                   help="gland and spot sizes times F, e.g. 2 for 40x masks (default: %(default)s, GlaS's 20x)")
+    p.add_argument("--background", type=_probability, default=GLAS_RECIPE.background_fraction, metavar="P",
+                   help="probability that a stroma pixel is background, drawn as spots (default: %(default)s, the paper's)")
+    p.add_argument("--tile", type=_tile_side, default=256, metavar="N", help="TIFF tile side, a multiple of 16 (default: %(default)s)")
+    p.add_argument("--mpp", type=_positive_float, metavar="UM", help="microns per pixel to record in the file (default: none)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    return p
+
+
+def masks_main(argv=None) -> int:
+    args = masks_parser().parse_args(argv)
+    try:
+        import dataclasses
+
+        from .synthesis import GLAS_RECIPE, write_mask
+
+        recipe = dataclasses.replace(GLAS_RECIPE, background_fraction=args.background).scaled(args.scale)
+        width, height = args.size
+        start = time.perf_counter()
+        path = write_mask(args.out, height, width, args.seed, recipe=recipe, colour=args.colour, tile=args.tile,
+                          mpp=args.mpp, progress=not args.quiet)
+        if not args.quiet:
+            kind = "colour" if args.colour or (args.colour is None and path.suffix.lower() == ".png") else "labels"
+            print(f"wrote {path} ({width} x {height} px, {kind}, seed {args.seed}, "
+                  f"{time.perf_counter() - start:.1f} s)", file=sys.stderr)
+        return EXIT_OK
+    except SafronInputError as exc:
+        print(f"safron-masks: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("safron-masks: interrupted; no mask was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception:  # our bug, not the user's: show everything needed to report it
+        traceback.print_exc()
+        print("safron-masks: internal error (please report it with the traceback above)", file=sys.stderr)
         return EXIT_INTERNAL
 
 
