@@ -14,7 +14,6 @@ batch composition. That is what makes `resume=True` byte-identical.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -54,17 +53,16 @@ def default_model_path() -> Path:
 
 def _resolve_model(model) -> Path:
     path = default_model_path() if model is None else Path(model)
-    if not path.is_file():
-        raise ModelError(f"{path}: model file not found")
+    if not path.exists():
+        raise ModelError(f"{path}: model not found")
     return path
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _model_sha256(path: Path) -> str:
+    """The hash that pins a model in the resume journal: the ONNX file, or a checkpoint's weights."""
+    from .export import file_sha256, find_checkpoint, is_checkpoint_path
+
+    return file_sha256(find_checkpoint(path).weights if is_checkpoint_path(path) else path)
 
 
 @dataclass
@@ -320,7 +318,7 @@ def render(
                 "mask_bytes": stat.st_size,
                 "mask_mtime_ns": stat.st_mtime_ns,
                 "size": [height, width],
-                "model_sha256": _file_sha256(model_path),
+                "model_sha256": _model_sha256(model_path),
                 "geometry": [renderer.plan.patch, renderer.plan.margin, renderer.plan.overlap],
                 "blend": blend,
                 "batch_size": renderer.batch_size,

@@ -1,7 +1,9 @@
 """Inference backends behind one interface (`Backend`).
 
-ONNX Runtime is the CPU default and the only one in this release; TensorRT (GPU default) and PyTorch join
-behind the same interface. `create_backend` is the one place that maps a name to an implementation.
+ONNX Runtime runs ONNX models (the CPU default); PyTorch runs training checkpoints (run directories and
+.safetensors files), on a CUDA GPU when there is one, and is the reference the exported models are checked
+against; TensorRT (the GPU default for ONNX models) joins behind the same interface. `create_backend` is the one
+place that maps a name to an implementation.
 """
 
 from __future__ import annotations
@@ -10,26 +12,55 @@ import importlib.util
 import os
 
 from ..errors import SafronInputError
+from ..export import is_checkpoint_path
 from .base import Backend, ModelSignature
 
-BACKEND_NAMES = ("auto", "onnxruntime")
+BACKEND_NAMES = ("auto", "onnxruntime", "torch")
 
-# name -> Python module that must be importable for the backend to work
-_REQUIREMENTS = {"onnxruntime": "onnxruntime"}
+# name -> Python modules that must be importable for the backend to work
+_REQUIREMENTS = {"onnxruntime": ("onnxruntime",), "torch": ("torch", "safetensors")}
+
+
+def _missing_modules(name: str) -> list[str]:
+    return [module for module in _REQUIREMENTS[name] if importlib.util.find_spec(module) is None]
 
 
 def available_backends() -> dict[str, bool]:
-    """Which backends can run here (their Python package is importable)."""
-    return {name: importlib.util.find_spec(module) is not None for name, module in _REQUIREMENTS.items()}
+    """Which backends can run here (their Python packages are importable)."""
+    return {name: not _missing_modules(name) for name in _REQUIREMENTS}
+
+
+def _auto_backend(model_path: str | os.PathLike) -> str:
+    # Each backend reads one kind of model, so the model decides: only PyTorch reads checkpoints (it picks the
+    # GPU itself when there is one), and ONNX models go to ONNX Runtime.
+    return "torch" if is_checkpoint_path(model_path) else "onnxruntime"
 
 
 def create_backend(name: str, model_path: str | os.PathLike, threads: int | None = None) -> Backend:
     if name not in BACKEND_NAMES:
         raise SafronInputError(f"unknown backend {name!r} (choose from {', '.join(BACKEND_NAMES)})")
     if name == "auto":
-        name = "onnxruntime"
-    if not available_backends()[name]:
-        raise SafronInputError(f"backend {name!r} needs the Python package {_REQUIREMENTS[name]!r}, not installed")
+        name = _auto_backend(model_path)
+    missing = _missing_modules(name)
+    if missing:
+        packages = " and ".join(repr(module) for module in missing)
+        plural = "s" if len(missing) > 1 else ""
+        raise SafronInputError(f"backend {name!r} needs the Python package{plural} {packages}, not installed")
+    checkpoint = is_checkpoint_path(model_path)
+    if name == "torch":
+        if not checkpoint:
+            raise SafronInputError(
+                f"{model_path}: the torch backend runs checkpoints (a run directory or .safetensors file); "
+                f"use --backend onnxruntime for ONNX models"
+            )
+        from .torch_backend import TorchBackend
+
+        return TorchBackend(model_path, threads=threads)
+    if checkpoint:
+        raise SafronInputError(
+            f"{model_path}: a checkpoint, not an ONNX model: export it with safron-export or render it with "
+            f"--backend torch"
+        )
     from .onnx_runtime import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(model_path, threads=threads)
