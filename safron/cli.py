@@ -204,5 +204,19 @@ def masks_main(argv=None) -> int:
         return EXIT_INTERNAL
 
 
+def train_main(argv=None) -> int:
+    """safron-train: PyTorch is an optional dependency, so its absence is a one-line usage error."""
+    try:
+        from .train import main
+    except ImportError as exc:
+        print(
+            f"safron-train: error: training needs PyTorch and safetensors ({exc.name} is not installed): "
+            "pip install torch==2.13.0 'safron[train]'",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    return main(argv)
+
+
 if __name__ == "__main__":
     sys.exit(render_main())

@@ -1,0 +1,417 @@
+"""Training: tiles and their mask context, one training step, checkpoints and resume, the safron-train CLI."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch", reason="training needs torch (pip install torch)")
+pytest.importorskip("safetensors", reason="training checkpoints need safetensors (pip install safetensors)")
+
+from conftest import SHARED_DATA  # noqa: E402
+from safron import masks  # noqa: E402
+from safron.data import TRANSFORMS, TileDataset, augment  # noqa: E402
+from safron.errors import SafronInputError  # noqa: E402
+from safron.models import Generator  # noqa: E402
+from safron.train import (  # noqa: E402
+    LOSS_NAMES, FourierContextConvolution, TrainConfig, Trainer, latest_checkpoint, load_generator, main, train,
+    train_parser,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tiny widths and one-patch tiles keep a step near 0.1 s on a CPU; the code path is the one of full-size runs.
+TINY = dict(ngf=4, ndf=4)
+# The image colour of each class (background, stroma, gland) in the synthetic pairs, so that tests can check that
+# an image tile and its mask context stay aligned through every transform.
+CLASS_RGB = np.array([[240, 240, 240], [230, 140, 180], [120, 60, 150]], np.uint8)
+
+
+def blocky_labels(height: int, width: int, seed: int, block: int = 23) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 3, (height // block + 1, width // block + 1), dtype=np.uint8)
+    return np.repeat(np.repeat(coarse, block, axis=0), block, axis=1)[:height, :width]
+
+
+def write_pair(root: Path, stem: str, labels: np.ndarray, mask_kind: str = "labels") -> None:
+    """images/STEM.png painted from `labels`, and masks/STEM.png as labels, colours or a 0/255 gland mask."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
+    Image.fromarray(CLASS_RGB[labels]).save(root / "images" / f"{stem}.png")
+    mask = {
+        "labels": labels,
+        "colour": masks.labels_to_colour(labels),
+        "binary": np.where(labels == masks.GLAND, 255, 0).astype(np.uint8),
+    }[mask_kind]
+    Image.fromarray(mask).save(root / "masks" / f"{stem}.png")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_pair(root, "a", blocky_labels(300, 330, seed=1))
+    write_pair(root, "b", blocky_labels(280, 290, seed=2), "colour")
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_tile_dir(tmp_path_factory) -> Path:
+    """A single 256 x 256 pair: without augmentation every step sees the same tile."""
+    root = tmp_path_factory.mktemp("one_tile")
+    write_pair(root, "only", blocky_labels(256, 256, seed=3, block=40))
+    return root
+
+
+def read_losses(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "losses.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def loss_values(rows: list[dict[str, str]]) -> list[tuple[str, ...]]:
+    """The loss columns (not the timings) of CSV rows."""
+    return [tuple(row[name] for name in ("step", *LOSS_NAMES)) for row in rows]
+
+
+def quick_train(run_dir: Path, data: Path, steps: int, **options):
+    """train() with tiny models on 256 px tiles, quietly; `config=None` on resume keeps the run's own."""
+    config = options.pop("config") if "config" in options else TrainConfig(data=str(data), tile=256, **TINY)
+    options = {"save_every": 0, "sample_every": 0, "progress": False, "note": None, **options}
+    return train(run_dir, config, steps=steps, **options)
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
+
+def test_tile_context_is_the_real_surroundings_and_background_beyond_the_border(data_dir):
+    dataset = TileDataset(data_dir, 256, augment=False)
+    labels = blocky_labels(300, 330, seed=1)
+    image = CLASS_RGB[labels]
+    margin = dataset.margin
+    padded = np.pad(labels, margin, constant_values=masks.BACKGROUND)
+    for y, x in [(0, 0), (44, 74), (20, 31)]:
+        tile = dataset.read_tile(0, y, x)
+        np.testing.assert_array_equal(tile.image, image[y:y + 256, x:x + 256])
+        np.testing.assert_array_equal(tile.context, padded[y:y + 256 + 2 * margin, x:x + 256 + 2 * margin])
+
+
+def test_every_transform_keeps_image_and_mask_aligned(data_dir):
+    dataset = TileDataset(data_dir, 256)
+    margin = dataset.margin
+    seen = set()
+    for transform in range(TRANSFORMS):
+        # The colour mask of pair b: the same alignment must hold for masks read by colour.
+        tile = dataset.read_tile(1, 10, 20, transform)
+        np.testing.assert_array_equal(CLASS_RGB[tile.context[margin:-margin, margin:-margin]], tile.image)
+        seen.add(tile.image.tobytes())
+    assert len(seen) == TRANSFORMS
+    square = np.arange(9).reshape(3, 3)
+    assert augment(square, 1).tolist() == [[2, 5, 8], [1, 4, 7], [0, 3, 6]]  # a quarter turn counter-clockwise
+    assert augment(square, 4).tolist() == [[2, 1, 0], [5, 4, 3], [8, 7, 6]]  # a left-right flip
+
+
+def test_tiles_are_a_function_of_seed_and_step(data_dir):
+    first, again = TileDataset(data_dir, 256, seed=5), TileDataset(data_dir, 256, seed=5)
+    other = TileDataset(data_dir, 256, seed=6)
+    def draws(dataset, steps=6):
+        return [(t.source.name, t.y, t.x, t.transform) for t in map(dataset.tile_at, range(steps))]
+
+    assert draws(first) == draws(again)
+    assert draws(first) != draws(other)
+    assert {source for source, *_ in draws(first, 40)} == {"a.png", "b.png"}
+
+
+def test_stride_visits_every_grid_position_once_per_epoch(data_dir):
+    dataset = TileDataset(data_dir, 256, stride=40, augment=False)
+    # Image a (300 x 330): rows 0, 40 and the edge 44; columns 0, 40 and 74. Image b (280 x 290): rows 0 and 24,
+    # columns 0 and 34.
+    expected = {("a.png", y, x) for y in (0, 40, 44) for x in (0, 40, 74)}
+    expected |= {("b.png", y, x) for y in (0, 24) for x in (0, 34)}
+    assert dataset.tiles_per_epoch == len(expected)
+    for epoch in range(2):
+        steps = range(epoch * len(expected), (epoch + 1) * len(expected))
+        assert {(t.source.name, t.y, t.x) for t in map(dataset.tile_at, steps)} == expected
+
+
+def test_binary_gland_masks_get_background_and_stroma_from_the_image(tmp_path):
+    labels = blocky_labels(260, 270, seed=4)
+    write_pair(tmp_path, "glas_style", labels, "binary")
+    tile = TileDataset(tmp_path, 256, augment=False).read_tile(0, 2, 7)
+    margin = 20
+    image = CLASS_RGB[labels]
+    derived = masks.labels_from_gland_mask(image, np.where(labels == masks.GLAND, 255, 0))
+    assert set(np.unique(derived)) == {masks.BACKGROUND, masks.STROMA, masks.GLAND}
+    np.testing.assert_array_equal(tile.context[margin:-margin, margin:-margin], derived[2:258, 7:263])
+
+
+def test_default_tile_is_728_or_492_and_small_images_are_left_out(tmp_path):
+    write_pair(tmp_path / "large", "x", blocky_labels(730, 760, seed=1))
+    assert TileDataset(tmp_path / "large").tile == 728
+    write_pair(tmp_path / "glas", "tall", blocky_labels(522, 775, seed=1))
+    write_pair(tmp_path / "glas", "small", blocky_labels(430, 567, seed=2))
+    dataset = TileDataset(tmp_path / "glas")
+    assert dataset.tile == 492
+    assert [p.image.name for p in dataset.pairs] == ["tall.png"]
+    assert [(p.image.name, p.height, p.width) for p in dataset.skipped] == [("small.png", 430, 567)]
+    with pytest.raises(SafronInputError, match="no image has room for a 600 x 600 tile"):
+        TileDataset(tmp_path / "glas", 600)
+
+
+# --- training ------------------------------------------------------------------------------------------------------
+
+def test_fourier_context_convolution_matches_the_direct_one_in_value_and_gradient():
+    torch.manual_seed(0)
+    direct = Generator(ngf=4).context
+    fourier = FourierContextConvolution.replacing(direct)
+    assert fourier.weight is direct.weight
+    # Any input size works the same way; a small one keeps the direct convolution's weight gradient quick.
+    windows = torch.randint(0, 2, (2, 3, 120, 100)).float() * 2 - 1
+    upstream = torch.randn(2, 4, 80, 60)
+    gradients = []
+    for conv in (direct, fourier):
+        conv.weight.grad = None
+        output = conv(windows)
+        (output * upstream).sum().backward()
+        gradients.append((output.detach(), conv.weight.grad.clone()))
+    (out_direct, grad_direct), (out_fourier, grad_fourier) = gradients
+    # Sums of 5043 products of magnitude <= 0.1: fp32 rounding is ~1e-5 absolute; a wrong flip or shift is ~0.1.
+    assert (out_fourier - out_direct).abs().max() < 1e-4
+    assert ((grad_fourier - grad_direct).abs().max() / grad_direct.abs().max()) < 1e-5
+
+
+def test_same_seed_gives_the_same_losses_and_another_seed_does_not(tmp_path, data_dir):
+    runs = {}
+    for name, seed in (("first", 3), ("again", 3), ("other", 4)):
+        config = TrainConfig(data=str(data_dir), tile=256, seed=seed, **TINY)
+        quick_train(tmp_path / name, data_dir, 2, config=config)
+        runs[name] = loss_values(read_losses(tmp_path / name))
+    assert len(runs["first"]) == 2
+    assert runs["first"] == runs["again"]
+    assert runs["first"] != runs["other"]
+
+
+def test_a_few_steps_lower_the_l1_loss_on_a_fixed_tile(tmp_path, one_tile_dir):
+    config = TrainConfig(data=str(one_tile_dir), tile=256, augment=False, lr=1e-3, **TINY)
+    quick_train(tmp_path / "run", one_tile_dir, 12, config=config)
+    l1 = [float(row["l1"]) for row in read_losses(tmp_path / "run")]
+    assert np.mean(l1[-3:]) < 0.7 * np.mean(l1[:3]), l1
+
+
+def test_fp16_steps_scale_gradients_and_checkpoint_the_scaler(tmp_path, data_dir):
+    """The CUDA mixed-precision path (autocast and the gradient scaler), run through the CPU's autocast."""
+    config = TrainConfig(data=str(data_dir), tile=256, **TINY)
+    dataset = TileDataset(data_dir, 256)
+    straight = Trainer(config, dataset, torch.device("cpu"), "fp16")
+    losses = [straight.train_step(dataset.tile_at(step)) for step in range(2)]
+    assert all(np.isfinite(list(step.values())).all() for step in losses)
+    assert straight.scaler.is_enabled()
+    first = Trainer(config, dataset, torch.device("cpu"), "fp16")
+    first.train_step(dataset.tile_at(0))
+    resumed = Trainer(config, dataset, torch.device("cpu"), "fp16")
+    resumed.load(first.save(tmp_path).with_suffix(".json"))
+    assert resumed.scaler.get_scale() == first.scaler.get_scale()
+    assert resumed.train_step(dataset.tile_at(1)) == losses[1]
+
+
+def test_run_directory_holds_checkpoints_samples_and_logs(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    result = quick_train(run_dir, data_dir, 4, save_every=2, sample_every=2, keep=1)
+    assert result.step == 4 and set(result.losses) == set(LOSS_NAMES)
+    assert result.checkpoint == run_dir / "checkpoints" / "step-00000004.safetensors"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step-00000004.json", "step-00000004.safetensors"
+    ]  # keep=1 removed step 2
+    assert latest_checkpoint(run_dir) == run_dir / "checkpoints" / "step-00000004.json"
+    assert [row["step"] for row in read_losses(run_dir)] == ["1", "2", "3", "4"]
+    samples = sorted((run_dir / "samples").iterdir())
+    assert [p.name for p in samples] == ["step-00000002.png", "step-00000004.png"]
+    # Two rows (preview tile, training tile) of mask | real | generated, 256 px panels with 8 px gaps.
+    assert Image.open(samples[-1]).size == (3 * 256 + 16, 2 * 256 + 8)
+    events = list(run_dir.glob("tensorboard/events.out.tfevents.*"))
+    assert bool(events) == (importlib.util.find_spec("tensorboard") is not None)
+
+
+def test_checkpoints_load_as_generators_for_export(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    quick_train(run_dir, data_dir, 2)
+    config = TrainConfig(data=str(data_dir), tile=256, **TINY)
+    trainer = Trainer(config, TileDataset(data_dir, 256), torch.device("cpu"))
+    trainer.load(latest_checkpoint(run_dir))
+    expected = trainer.generator.state_dict()
+    for source in (run_dir, run_dir / "checkpoints" / "step-00000002.safetensors"):
+        generator = load_generator(source)
+        assert not generator.training and generator.ngf == 4
+        assert type(generator.context) is torch.nn.Conv2d  # the plain model, as export and inference want it
+        for name, tensor in generator.state_dict().items():
+            torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
+
+
+def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, data_dir):
+    quick_train(tmp_path / "straight", data_dir, 5)
+    quick_train(tmp_path / "resumed", data_dir, 2)
+    # A row logged after the last checkpoint (a run killed between checkpoints) is replaced on resume.
+    with open(tmp_path / "resumed" / "losses.csv", "a") as f:
+        f.write("3,9,9,9,9,9,9,1.0\n")
+    result = quick_train(tmp_path / "resumed", data_dir, 5, config=None, resume=True)
+    assert result.step == 5
+    assert loss_values(read_losses(tmp_path / "resumed")) == loss_values(read_losses(tmp_path / "straight"))
+
+
+def test_resume_refuses_other_settings_and_new_runs_refuse_old_directories(tmp_path, data_dir):
+    quick_train(tmp_path / "run", data_dir, 1)
+    with pytest.raises(SafronInputError, match="trained with ngf=4, not 8"):
+        quick_train(tmp_path / "run", data_dir, 2, resume=True,
+                    config=TrainConfig(data=str(data_dir), tile=256, ngf=8, ndf=4))
+    with pytest.raises(SafronInputError, match="already holds a run"):
+        quick_train(tmp_path / "run", data_dir, 2)
+    with pytest.raises(SafronInputError, match="no checkpoint to resume"):
+        quick_train(tmp_path / "empty", data_dir, 2, resume=True)
+    # The data folder may move between sessions.
+    moved = tmp_path / "moved"
+    shutil.copytree(data_dir, moved)
+    config = TrainConfig(data=str(moved), tile=256, **TINY)
+    assert quick_train(tmp_path / "run", moved, 2, config=config, resume=True).step == 2
+
+
+# --- command line --------------------------------------------------------------------------------------------------
+
+def run_main(capsys, *args) -> tuple[int, str]:
+    """(exit status, stderr) of safron-train; argparse's usage errors exit through SystemExit."""
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def bad_folder(tmp_path: Path, problem: str) -> tuple[Path, str]:
+    """A training folder with one problem, and the text the error must contain."""
+    root = tmp_path / problem
+    if problem == "missing":
+        return root, f"{root}: training data folder not found"
+    write_pair(root, "a", blocky_labels(280, 280, seed=1))
+    if problem == "no_masks_folder":
+        for path in (root / "masks").iterdir():
+            path.unlink()
+        (root / "masks").rmdir()
+        return root, "no masks/ folder"
+    if problem == "no_images":
+        (root / "images" / "a.png").unlink()
+        return root, f"{root / 'images'}: no image files"
+    if problem == "missing_mask":
+        write_pair(root, "b", blocky_labels(280, 280, seed=2))
+        (root / "masks" / "b.png").unlink()
+        return root, f"{root / 'images' / 'b.png'}: no mask named b.*"
+    if problem == "size_mismatch":
+        Image.fromarray(blocky_labels(281, 280, seed=1)).save(root / "masks" / "a.png")
+        return root, f"{root / 'masks' / 'a.png'}: mask is 281 x 280 pixels but its image a.png is 280 x 280"
+    if problem == "unreadable_image":
+        (root / "images" / "a.png").write_text("not an image")
+        return root, f"{root / 'images' / 'a.png'}: unknown file format"
+    if problem == "truncated_mask":
+        path = root / "masks" / "a.png"
+        path.write_bytes(path.read_bytes()[:200])
+        return root, f"{path}: "
+    if problem == "bad_labels":
+        labels = blocky_labels(280, 280, seed=1)
+        labels[3, 4] = 7
+        Image.fromarray(labels).save(root / "masks" / "a.png")
+        return root, "label value 7 at (y=3, x=4) is not a class"
+    raise AssertionError(problem)
+
+
+@pytest.mark.parametrize("problem", [
+    "missing", "no_masks_folder", "no_images", "missing_mask", "size_mismatch", "unreadable_image",
+    "truncated_mask", "bad_labels",
+])
+def test_bad_data_folders_exit_2_with_one_line_naming_the_problem(tmp_path, capsys, problem):
+    root, needle = bad_folder(tmp_path, problem)
+    code, err = run_main(capsys, "--data", root, "--out", tmp_path / "run", "--steps", 1, "--tile", 256)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("safron-train: error: "), err
+    assert needle in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+BAD_OPTIONS = [
+    (["--steps", "0"], "--steps: expected a positive integer"),
+    (["--blend", "gaussian"], "--blend: invalid choice"),
+    (["--tile", "128"], "tile 128 is smaller than the generator's 256 px patch"),
+    (["--beta1", "1"], "beta1 must be in [0, 1)"),
+    (["--precision", "fp16", "--device", "cpu"], "precision fp16 needs a CUDA device"),
+    (["--seed", "-1"], "--seed: expected a non-negative integer"),
+]
+if not torch.cuda.is_available():
+    BAD_OPTIONS.append((["--device", "cuda"], "device cuda: no CUDA GPU is usable"))
+
+
+@pytest.mark.parametrize("args,needle", BAD_OPTIONS)
+def test_bad_options_exit_2_with_one_line(tmp_path, capsys, data_dir, args, needle):
+    code, err = run_main(capsys, "--data", data_dir, "--out", tmp_path / "run", "--tile", 256, "--quiet", *args)
+    assert code == 2
+    assert err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_trains_resumes_and_refuses_changed_settings(tmp_path, capsys, data_dir):
+    run_dir = tmp_path / "run"
+    common = ["--tile", 256, "--ngf", 4, "--ndf", 4, "--sample-every", 1, "--quiet"]
+    assert run_main(capsys, "--data", data_dir, "--out", run_dir, "--steps", 1, *common) == (0, "")
+    assert run_main(capsys, "--out", run_dir, "--steps", 2, "--resume", "--quiet") == (0, "")
+    assert latest_checkpoint(run_dir).name == "step-00000002.json"
+    code, err = run_main(capsys, "--out", run_dir, "--steps", 3, "--resume", "--ngf", 8, "--quiet")
+    assert code == 2 and "trained with ngf=4, not 8" in err and err.count("\n") == 1
+    code, err = run_main(capsys, "--data", data_dir, "--out", run_dir, "--steps", 3, *common)
+    assert code == 2 and "already holds a run" in err
+    code, err = run_main(capsys, "--out", tmp_path / "new")
+    assert code == 2 and "--data DIR is required" in err
+
+
+def test_ctrl_c_finishes_the_step_saves_and_exits_130(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "safron.train", "--data", str(data_dir), "--out", str(run_dir),
+               "--steps", "100000", "--tile", "256", "--ngf", "4", "--ndf", "4", "--save-every", "0", "--sample-every", "0", "--quiet"]
+    proc = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "losses.csv").exists() or len(read_losses(run_dir)) < 2:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    steps = len(read_losses(run_dir))
+    assert latest_checkpoint(run_dir).name == f"step-{steps:08d}.json"
+    assert quick_train(run_dir, data_dir, steps + 1, config=None, resume=True).step == steps + 1
+
+
+@pytest.mark.needs_data
+def test_two_steps_on_glas(tmp_path):
+    glas = SHARED_DATA / "glas" / "train"
+    if not glas.is_dir():
+        pytest.skip(f"GlaS training data not found at {glas}")
+    result = train(tmp_path / "run", TrainConfig(data=str(glas), **TINY), steps=2, save_every=0, sample_every=2,
+                   progress=False, note=None)
+    assert result.step == 2
+    assert all(np.isfinite(value) for value in result.losses.values())
+    assert Image.open(tmp_path / "run" / "samples" / "step-00000002.png").size == (3 * 492 + 16, 2 * 492 + 8)
+    assert load_generator(tmp_path / "run").ngf == 4
+
+
+def test_help_lists_the_options():
+    text = train_parser().format_help()
+    for option in ("--data", "--out", "--steps", "--tile", "--stride", "--ngf", "--ndf", "--lr", "--lambda-l1",
+                   "--lambda-adv", "--blend", "--seed", "--save-every", "--sample-every", "--resume", "--device",
+                   "--precision", "--threads", "--quiet"):
+        assert option in text

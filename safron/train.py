@@ -1,0 +1,725 @@
+"""SAFRON training: a patch generator trained through a tile-level discriminator on stitched tiles.
+
+One step, on one tile (DESIGN.md, "The method"):
+  1. the tile's mask context (real surroundings, BACKGROUND beyond the image border) is cut into the generator's
+     windows at the engine's patch positions (`geometry.plan(tile, tile).origins()`);
+  2. the generator maps all windows of the tile as one batch; `stitch.stitch` blends the patches exactly as the
+     engine's C++ accumulator does, so the loss sees the seams a render will have;
+  3. discriminator step: BCE-with-logits of the PatchGAN on (mask, real tile) -> 1 and (mask, stitched) -> 0;
+  4. generator step: lambda_l1 * L1(real, stitched) + lambda_adv * BCE(D(mask, stitched) -> 1), the
+     non-saturating loss, with the discriminator as updated in step 3.
+Adam (lr 1e-4, beta1 0.5) for both. Mixed precision (bf16, or fp16 with a gradient scaler) on CUDA only.
+
+Reproducibility: the models are initialised from the seed, tile `k` is a pure function of (seed, k) (see
+`safron.data`), and the torch RNG (dropout) is reseeded from (seed, k) before step k. So on a CPU the same seed
+gives the same losses, and a resumed run continues with exactly the losses an uninterrupted one would have had.
+On CUDA runs are seeded but cuDNN may pick non-deterministic kernels.
+
+A run directory holds
+  checkpoints/step-NNNNNNNN.safetensors  generator, discriminator and both Adam states (no pickle), with the
+                                         generator config in its metadata, so `safron-export` reads it too
+  checkpoints/step-NNNNNNNN.json         the training state: configs, step, optimiser settings, grad scaler
+  generator.safetensors                  the latest generator alone (`export.load_generator(RUN_DIR)`)
+  losses.csv, tensorboard/, samples/step-NNNNNNNN.png (mask | real | generated)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from . import geometry, masks
+from .cli import (
+    EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, _non_negative_int, _Parser, _positive_float, _positive_int,
+)
+from .data import TileDataset, TrainingTile
+from .errors import ModelError, SafronInputError
+from .export import CONFIG_METADATA_KEY, GENERATOR_PREFIX, RUN_DIR_CHECKPOINT, load_generator, save_checkpoint
+from .models import Discriminator, Generator
+from .pipeline import prefetch
+from .stitch import BLENDS, cut_windows, stitch
+
+__all__ = [
+    "TrainConfig", "TrainResult", "Trainer", "FourierContextConvolution", "check_config", "train", "load_generator",
+    "latest_checkpoint", "to_uint8", "LOSS_NAMES", "train_parser", "main",
+]
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINTS_FOLDER, SAMPLES_FOLDER, TENSORBOARD_FOLDER = "checkpoints", "samples", "tensorboard"
+LOSSES_CSV = "losses.csv"
+LOSS_NAMES = ("loss_g", "l1", "adv", "loss_d", "d_real", "d_fake")
+_DISCRIMINATOR_PREFIX = "discriminator."
+_OPTIMISER_PREFIXES = {"generator": "optimiser.generator.", "discriminator": "optimiser.discriminator."}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_AUTOCAST_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_STEPS, DEFAULT_SAVE_EVERY, DEFAULT_SAMPLE_EVERY, DEFAULT_KEEP = 100_000, 500, 100, 3
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What defines a run. Stored with every checkpoint and fixed for the run's life (only `data` may move)."""
+
+    data: str
+    tile: int | None = None  # None: the dataset's choice (728, or 492 when images are smaller); then stored
+    stride: int | None = None  # None: random tile positions
+    augment: bool = True
+    ngf: int = 64
+    ndf: int = 64
+    lr: float = 1e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    lambda_l1: float = 100.0
+    lambda_adv: float = 1.0
+    blend: str = "uniform"
+    overlap: int = geometry.OVERLAP
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    step: int  # steps completed in all
+    checkpoint: Path | None  # the latest training checkpoint (.safetensors)
+    losses: dict[str, float] | None  # of the last step run in this call, None when none ran
+
+
+class FourierContextConvolution(nn.Conv2d):
+    """The generator's context convolution (41x41, stride 1, valid) computed through the FFT, for training.
+
+    Same parameters, same function: a valid cross-correlation of an h x w input never wraps around in a circular
+    one of size h x w, so out = irfft2(rfft2(x) * conj(rfft2(w))) cropped to the valid part. Its results differ
+    from the direct convolution by float rounding only (about 1e-6 relative). Why: with a 41x41 kernel the direct
+    convolution costs 1681 multiply-adds per output and input channel, and its weight gradient is the slowest
+    layer of the whole step on CPUs; measured on 4 windows at ngf 32 (2 cores): 12.7 s of the generator's 20 s
+    forward + backward directly, about 4 s through the FFT. Inference (ONNX, the torch backend) keeps the
+    direct convolution.
+    """
+
+    @classmethod
+    def replacing(cls, conv: nn.Conv2d) -> FourierContextConvolution:
+        """A module computing `conv` that shares its parameters (so state-dict keys and optimiser state hold)."""
+        if conv.stride != (1, 1) or conv.padding != (0, 0) or conv.dilation != (1, 1) or conv.groups != 1:
+            raise ValueError(f"only stride-1 unpadded undilated ungrouped convolutions, got {conv}")
+        fourier = cls(conv.in_channels, conv.out_channels, conv.kernel_size, bias=conv.bias is not None,
+                      device="meta")
+        fourier.weight, fourier.bias = conv.weight, conv.bias
+        return fourier
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        height, width = features.shape[-2:]
+        kernel_h, kernel_w = self.kernel_size
+        # FFTs stay in fp32 whatever autocast does around them (cuFFT takes half only at powers of two).
+        with torch.autocast(features.device.type, enabled=False):
+            spectrum = torch.fft.rfft2(features.float())
+            kernels = torch.fft.rfft2(self.weight.float(), s=(height, width)).conj()
+            # A sum over the few input channels: einsum would batch tiny matrices per frequency, far slower.
+            product = sum(spectrum[:, c, None] * kernels[None, :, c] for c in range(self.in_channels))
+            out = torch.fft.irfft2(product, s=(height, width))[..., :height - kernel_h + 1, :width - kernel_w + 1]
+            if self.bias is not None:
+                out = out + self.bias[:, None, None]
+        return out
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return int(np.random.SeedSequence((seed, step)).generate_state(1, np.uint64)[0])
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """[3, H, W] in [-1, 1] -> uint8 (H, W, 3), rounded as the engine's accumulator rounds (accumulate.h)."""
+    levels = torch.clamp(torch.floor((image.detach().float() + 1) * 127.5 + 0.5), 0, 255)
+    return levels.to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def _flatten_optimiser(prefix: str, state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimiser state dict as flat tensors (for safetensors) plus the JSON-able rest."""
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}state.{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimiser(prefix: str, tensors: dict[str, torch.Tensor], stored: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            index, name = key[len(prefix) + len("state."):].split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in stored["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = [dict(group, betas=tuple(group["betas"])) for group in stored["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """write(temporary) then rename onto `path`: a checkpoint is either complete or absent."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The training-state JSON of the run's latest complete checkpoint, or None."""
+    folder = Path(run_dir) / CHECKPOINTS_FOLDER
+    if not folder.is_dir():
+        return None
+    complete = [p for p in folder.glob("step-*.json") if p.with_suffix(".safetensors").is_file()]
+    return max(complete, key=lambda p: p.name, default=None)
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: unreadable training checkpoint ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(f"{path}: not a safron training checkpoint of format {CHECKPOINT_FORMAT}")
+    return state
+
+
+def _stored_config(state_path: Path) -> TrainConfig:
+    training = _read_state(state_path).get("training")
+    try:
+        return TrainConfig(**training)
+    except TypeError as exc:
+        raise ModelError(f"{state_path}: training settings not understood ({exc})") from None
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise SafronInputError(f"unknown device {device!r} (choose cpu, cuda or auto)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SafronInputError("device cuda: no CUDA GPU is usable (or this PyTorch build has no CUDA)")
+    return torch.device(device)
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise SafronInputError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    if device.type != "cuda":
+        if precision in _AUTOCAST_TYPES:
+            raise SafronInputError(f"precision {precision} needs a CUDA device; on the CPU training runs in fp32")
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
+
+
+def check_config(config: TrainConfig) -> None:
+    """A one-line SafronInputError for the first setting of `config` that cannot train."""
+    if config.blend not in BLENDS:
+        raise SafronInputError(f"unknown blend {config.blend!r} (choose from {', '.join(BLENDS)})")
+    if config.tile is not None and config.tile < geometry.PATCH:
+        raise SafronInputError(f"tile {config.tile} is smaller than the generator's {geometry.PATCH} px patch")
+    if config.stride is not None and config.stride < 1:
+        raise SafronInputError(f"stride must be at least 1, got {config.stride}")
+    if not 0 <= config.overlap < geometry.PATCH:
+        raise SafronInputError(f"overlap must be in [0, {geometry.PATCH}), got {config.overlap}")
+    if not (isinstance(config.seed, int) and config.seed >= 0):
+        raise SafronInputError(f"seed must be an integer >= 0, got {config.seed!r}")
+    if not config.lr > 0:
+        raise SafronInputError(f"lr must be positive, got {config.lr}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(config, name) < 1:
+            raise SafronInputError(f"{name} must be in [0, 1), got {getattr(config, name)}")
+    if not (config.lambda_l1 >= 0 and config.lambda_adv >= 0 and config.lambda_l1 + config.lambda_adv > 0):
+        raise SafronInputError(
+            f"lambda_l1 and lambda_adv must be >= 0 and not both 0, got {config.lambda_l1} and {config.lambda_adv}"
+        )
+
+
+class Trainer:
+    """The models, optimisers and step counter of one run, and the training step itself."""
+
+    def __init__(self, config: TrainConfig, dataset: TileDataset, device: torch.device, precision: str = "fp32"):
+        check_config(config)
+        self.config, self.dataset, self.device, self.precision = config, dataset, device, precision
+        torch.manual_seed(config.seed)
+        self.generator = Generator(ngf=config.ngf).to(device)
+        self.generator.context = FourierContextConvolution.replacing(self.generator.context)
+        self.discriminator = Discriminator(ndf=config.ndf).to(device)
+        margin = (self.generator.window - self.generator.patch) // 2
+        if dataset.tile < self.generator.patch or dataset.margin != margin:
+            raise ValueError(
+                f"a {dataset.tile} px tile with margin {dataset.margin} does not fit the generator's "
+                f"{self.generator.patch} px patch with margin {margin}"
+            )
+        self.plan = geometry.plan(dataset.tile, dataset.tile, self.generator.patch, margin, config.overlap)
+        self._origins = self.plan.origins()
+        betas = (config.beta1, config.beta2)
+        self.optimiser_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr, betas=betas)
+        self.optimiser_d = torch.optim.Adam(self.discriminator.parameters(), lr=config.lr, betas=betas)
+        self._autocast_type = _AUTOCAST_TYPES.get(precision)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.step = 0
+        self.last_output: torch.Tensor | None = None
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self._autocast_type, enabled=self._autocast_type is not None)
+
+    def _tensors(self, tile: TrainingTile) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(generator windows [N, 3, window, window], mask tile [1, 3, T, T], real tile [1, 3, T, T])."""
+        context = torch.from_numpy(masks.labels_to_model_input(tile.context)).to(self.device)
+        margin, size = self.plan.margin, self.plan.height
+        mask_tile = context[None, :, margin:margin + size, margin:margin + size]
+        real = torch.from_numpy(tile.image).to(self.device).permute(2, 0, 1)[None].float() / 127.5 - 1
+        return cut_windows(context, self.plan), mask_tile, real
+
+    def _stitched(self, windows: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            patches = self.generator(windows)
+        ys, xs = self._origins
+        return stitch(patches, ys, xs, self.plan.height, self.plan.width, self.config.blend, self.plan.overlap)[None]
+
+    def train_step(self, tile: TrainingTile) -> dict[str, float]:
+        """One D step and one G step on `tile`; returns the losses (see LOSS_NAMES) and keeps the stitched output
+        in `last_output` ([3, T, T], detached)."""
+        config, bce = self.config, nn.functional.binary_cross_entropy_with_logits
+        torch.manual_seed(_step_seed(config.seed, self.step))
+        self.generator.train()
+        self.discriminator.train()
+        windows, mask_tile, real = self._tensors(tile)
+        fake = self._stitched(windows)
+
+        # Real and fake go through the discriminator as one batch: InstanceNorm keeps the two independent.
+        with self._autocast():
+            logits = self.discriminator(mask_tile.expand(2, -1, -1, -1), torch.cat([real, fake.detach()]))
+            d_real = bce(logits[:1], torch.ones_like(logits[:1]))
+            d_fake = bce(logits[1:], torch.zeros_like(logits[1:]))
+            loss_d = d_real + d_fake
+        self.optimiser_d.zero_grad(set_to_none=True)
+        self.scaler.scale(loss_d).backward()
+        self.scaler.step(self.optimiser_d)
+
+        self.discriminator.requires_grad_(False)
+        try:
+            with self._autocast():
+                fake_logits = self.discriminator(mask_tile, fake)
+                adv = bce(fake_logits, torch.ones_like(fake_logits))
+            l1 = (fake - real).abs().mean()
+            loss_g = config.lambda_l1 * l1 + config.lambda_adv * adv
+            self.optimiser_g.zero_grad(set_to_none=True)
+            self.scaler.scale(loss_g).backward()
+            self.scaler.step(self.optimiser_g)
+            self.scaler.update()
+        finally:
+            self.discriminator.requires_grad_(True)
+        self.step += 1
+        self.last_output = fake.detach()[0]
+        values = (loss_g, l1, adv, loss_d, d_real, d_fake)
+        return dict(zip(LOSS_NAMES, torch.stack([v.detach().float() for v in values]).tolist()))
+
+    @torch.no_grad()
+    def generate(self, tile: TrainingTile) -> torch.Tensor:
+        """The stitched image [3, T, T] of `tile`'s mask, in eval mode (no dropout), as a render would make it."""
+        self.generator.eval()
+        try:
+            return self._stitched(self._tensors(tile)[0])[0]
+        finally:
+            self.generator.train()
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors for safetensors, JSON-able training state) of the current step."""
+        tensors = {GENERATOR_PREFIX + k: v for k, v in self.generator.state_dict().items()}
+        tensors |= {_DISCRIMINATOR_PREFIX + k: v for k, v in self.discriminator.state_dict().items()}
+        optimisers = {}
+        for name, optimiser in (("generator", self.optimiser_g), ("discriminator", self.optimiser_d)):
+            flat, rest = _flatten_optimiser(_OPTIMISER_PREFIXES[name], optimiser.state_dict())
+            tensors |= flat
+            optimisers[name] = rest
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "training": dataclasses.asdict(self.config),
+            "generator": self.generator.config(),
+            "discriminator": self.discriminator.config(),
+            "optimisers": optimisers,
+            "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+        }
+        return {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, state
+
+    def save(self, run_dir: Path, keep: int = DEFAULT_KEEP) -> Path:
+        """Write the checkpoint of the current step (and RUN_DIR/generator.safetensors); keep the newest `keep`."""
+        folder = run_dir / CHECKPOINTS_FOLDER
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors, state = self.state()
+        weights = folder / f"step-{self.step:08d}.safetensors"
+        metadata = {CONFIG_METADATA_KEY: json.dumps(self.generator.config(), sort_keys=True)}
+        _write_atomically(weights, lambda path: save_file(tensors, str(path), metadata=metadata))
+        save_checkpoint(self.generator, run_dir / RUN_DIR_CHECKPOINT, metadata={"safron.step": str(self.step)})
+        # The JSON goes last: it is what marks the checkpoint complete.
+        text = json.dumps(state, indent=2, sort_keys=True) + "\n"
+        _write_atomically(weights.with_suffix(".json"), lambda path: path.write_text(text, encoding="utf-8"))
+        for old in sorted(folder.glob("step-*.json"))[:-keep]:
+            old.unlink()
+            old.with_suffix(".safetensors").unlink(missing_ok=True)
+        return weights
+
+    def load(self, state_path: Path) -> None:
+        """Restore models, optimisers, scaler and step from a checkpoint written by `save`."""
+        state = _read_state(state_path)
+        weights = state_path.with_suffix(".safetensors")
+        try:
+            tensors = load_file(str(weights), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise ModelError(f"{weights}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
+        try:
+            for prefix, model in ((GENERATOR_PREFIX, self.generator), (_DISCRIMINATOR_PREFIX, self.discriminator)):
+                model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            for name, optimiser in (("generator", self.optimiser_g), ("discriminator", self.optimiser_d)):
+                optimiser.load_state_dict(
+                    _unflatten_optimiser(_OPTIMISER_PREFIXES[name], tensors, state["optimisers"][name])
+                )
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise ModelError(f"{weights}: does not match its run's models ({str(exc).splitlines()[0]})") from None
+        if state["grad_scaler"] is not None and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["grad_scaler"])
+        self.step = int(state["step"])
+
+
+def _sample_grid(trainer: Trainer, rows: list[tuple[TrainingTile, torch.Tensor]]) -> np.ndarray:
+    """uint8 image: one row per (tile, generated image), each mask | real | generated, on a white background."""
+    margin, size = trainer.plan.margin, trainer.plan.height
+    gap = 8
+    grid = np.full((len(rows) * (size + gap) - gap, 3 * size + 2 * gap, 3), 255, np.uint8)
+    for row, (tile, generated) in enumerate(rows):
+        panels = (
+            masks.labels_to_colour(tile.context[margin:margin + size, margin:margin + size]),
+            tile.image,
+            to_uint8(generated),
+        )
+        top = row * (size + gap)
+        for column, panel in enumerate(panels):
+            left = column * (size + gap)
+            grid[top:top + size, left:left + size] = panel
+    return grid
+
+
+class _Logs:
+    """losses.csv, TensorBoard events (when tensorboard is installed) and sample PNGs of one run."""
+
+    def __init__(self, run_dir: Path, start_step: int, note: Callable[[str], None]):
+        self.run_dir = run_dir
+        csv_path = run_dir / LOSSES_CSV
+        # Rows beyond the checkpoint we resume from (a run killed between checkpoints) are replaced by the rerun.
+        kept = []
+        if start_step and csv_path.is_file():
+            with open(csv_path, newline="", encoding="utf-8") as f:
+                kept = [row for row in csv.DictReader(f) if int(row["step"]) <= start_step]
+        self._csv_file = open(csv_path, "w", newline="", encoding="utf-8")
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=("step", *LOSS_NAMES, "seconds"))
+        self._csv.writeheader()
+        self._csv.writerows(kept)
+        self._csv_file.flush()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self._events = None
+            note("tensorboard is not installed: losses go to losses.csv only (pip install tensorboard for event files)")
+        else:
+            self._events = SummaryWriter(str(run_dir / TENSORBOARD_FOLDER), purge_step=start_step + 1)
+
+    def losses(self, step: int, losses: dict[str, float], seconds: float) -> None:
+        self._csv.writerow({"step": step, **{k: f"{v:.6g}" for k, v in losses.items()}, "seconds": f"{seconds:.3f}"})
+        self._csv_file.flush()
+        if self._events is not None:
+            for name, value in losses.items():
+                self._events.add_scalar(f"loss/{name}", value, step)
+
+    def sample(self, step: int, grid: np.ndarray) -> Path:
+        folder = self.run_dir / SAMPLES_FOLDER
+        folder.mkdir(exist_ok=True)
+        path = folder / f"step-{step:08d}.png"
+        Image.fromarray(grid).save(path)
+        if self._events is not None:
+            self._events.add_image("samples", grid, step, dataformats="HWC")
+        return path
+
+    def close(self) -> None:
+        self._csv_file.close()
+        if self._events is not None:
+            self._events.close()
+
+
+@contextlib.contextmanager
+def _finish_step_on_interrupt(note: Callable[[str], None]):
+    """Yields an Event set by the first Ctrl-C, so that the loop stops between steps, where the state is
+    consistent and can be saved; a second Ctrl-C interrupts at once. Only the main thread receives signals."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        note("interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop at once, unsaved)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def _stderr_note(text: str) -> None:
+    print(f"safron-train: {text}", file=sys.stderr, flush=True)
+
+
+def train(
+    run_dir: str | os.PathLike,
+    config: TrainConfig | None = None,
+    *,
+    steps: int = DEFAULT_STEPS,
+    resume: bool = False,
+    save_every: int = DEFAULT_SAVE_EVERY,
+    sample_every: int = DEFAULT_SAMPLE_EVERY,
+    keep: int = DEFAULT_KEEP,
+    device: str = "auto",
+    precision: str = "auto",
+    threads: int | None = None,
+    progress: bool = True,
+    note: Callable[[str], None] | None = _stderr_note,
+) -> TrainResult:
+    """Train until `steps` steps are done in all, checkpointing into `run_dir`.
+
+    A new run needs `config` and a `run_dir` without checkpoints. `resume=True` continues the run's latest
+    checkpoint; a `config` given then must equal the stored one except for `data`. Checkpoints are written every
+    `save_every` steps (0: only at the end) and when training stops, Ctrl-C included (the step under way is
+    finished first; KeyboardInterrupt is then re-raised); sample grids every `sample_every` steps (0: never).
+    `note` receives one-line remarks (None: silence).
+    """
+    note = note or (lambda text: None)
+    run_dir = Path(run_dir)
+    for name, value, least in (("steps", steps, 1), ("save_every", save_every, 0), ("sample_every", sample_every, 0),
+                               ("keep", keep, 1)):
+        if not (isinstance(value, int) and value >= least):
+            raise SafronInputError(f"{name} must be an integer >= {least}, got {value!r}")
+    if threads is not None:
+        if threads < 1:
+            raise SafronInputError(f"threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    torch_device = _resolve_device(device)
+    precision = _resolve_precision(precision, torch_device)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SafronInputError(f"{run_dir}: run directory path is a file")
+
+    state_path = latest_checkpoint(run_dir)
+    if resume:
+        if state_path is None:
+            raise SafronInputError(f"{run_dir}: no checkpoint to resume (expected {CHECKPOINTS_FOLDER}/step-*.json)")
+        stored = _stored_config(state_path)
+        if config is not None:
+            for field in dataclasses.fields(TrainConfig):
+                given, kept = getattr(config, field.name), getattr(stored, field.name)
+                # The data folder may have moved; tile None means "the dataset's choice", which the run stored.
+                unchecked = field.name == "data" or (field.name == "tile" and given is None)
+                if not unchecked and given != kept:
+                    raise SafronInputError(
+                        f"{run_dir}: the run was trained with {field.name}={kept!r}, not {given!r}; resume with its "
+                        f"settings or start a new run"
+                    )
+            stored = dataclasses.replace(stored, data=config.data)
+        config = stored
+    elif state_path is not None:
+        raise SafronInputError(f"{run_dir}: already holds a run; resume it or choose another run directory")
+    elif config is None:
+        raise SafronInputError("a new run needs a training config (at least the data folder)")
+    check_config(config)
+    # Stored absolute, so that --resume works from any working directory.
+    config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
+
+    dataset = TileDataset(
+        config.data, config.tile, margin=geometry.MARGIN, stride=config.stride, seed=config.seed,
+        augment=config.augment,
+    )
+    if dataset.skipped:
+        examples = ", ".join(f"{p.image.name} {p.height} x {p.width}" for p in dataset.skipped[:3])
+        note(
+            f"left out {len(dataset.skipped)} of {len(dataset.all_pairs)} images smaller than the {dataset.tile} px "
+            f"tile ({examples}{', ...' if len(dataset.skipped) > 3 else ''})"
+        )
+    config = dataclasses.replace(config, tile=dataset.tile)
+    trainer = Trainer(config, dataset, torch_device, precision)
+    if state_path is not None:
+        trainer.load(state_path)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if trainer.step >= steps:
+        note(f"{run_dir}: already at step {trainer.step} of {steps}; nothing to do")
+        return TrainResult(run_dir, trainer.step, state_path.with_suffix(".safetensors"), None)
+
+    preview = dataset.preview()
+    logs = _Logs(run_dir, trainer.step, note)
+    checkpoint, losses, saved_step = None, None, None
+    tiles = prefetch((dataset.tile_at(step) for step in range(trainer.step, steps)), depth=2, name="safron-tiles")
+    bar = tqdm(total=steps, initial=trainer.step, unit="step", desc="train", disable=not progress,
+               dynamic_ncols=True, file=sys.stderr)
+    try:
+        with _finish_step_on_interrupt(note) as interrupted:
+            for tile in tiles:
+                if interrupted.is_set():
+                    break
+                started = time.perf_counter()
+                losses = trainer.train_step(tile)
+                logs.losses(trainer.step, losses, time.perf_counter() - started)
+                bar.set_postfix({k: f"{losses[k]:.3g}" for k in ("l1", "adv", "loss_d")}, refresh=False)
+                bar.update()
+                if sample_every and trainer.step % sample_every == 0:
+                    logs.sample(trainer.step, _sample_grid(
+                        trainer, [(preview, trainer.generate(preview)), (tile, trainer.last_output)]
+                    ))
+                if save_every and trainer.step % save_every == 0:
+                    checkpoint, saved_step = trainer.save(run_dir, keep), trainer.step
+            if saved_step != trainer.step:
+                checkpoint = trainer.save(run_dir, keep)
+            if interrupted.is_set():
+                note(f"saved step {trainer.step} to {checkpoint}; continue with --resume")
+                raise KeyboardInterrupt
+    finally:
+        bar.close()
+        tiles.close()
+        logs.close()
+    return TrainResult(run_dir, trainer.step, checkpoint, losses)
+
+
+# --- command line ----------------------------------------------------------------------------------------------
+
+def _non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+# CLI options that define a run (TrainConfig fields); they default to None so that --resume can tell the ones given.
+_RUN_OPTIONS = ("data", "tile", "stride", "ngf", "ndf", "lr", "beta1", "lambda_l1", "lambda_adv", "blend", "seed")
+
+
+def train_parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig(data="")
+    p = _Parser(
+        prog="safron-train",
+        description=(
+            "Train a SAFRON generator on a folder holding images/ (H&E) and masks/ with matching file names. Masks "
+            "may be colour masks (gland green, stroma red, background blue), label masks (0 background, 1 stroma, "
+            "2 gland) or binary gland masks (0/255, GlaS style: background and stroma are then derived from the "
+            "image). Each step stitches the generator's patches of one tile exactly as safron-render does."
+        ),
+        epilog=(
+            "RUN_DIR gets checkpoints/ (safetensors + JSON), generator.safetensors (for safron-export), losses.csv, "
+            "tensorboard/ and samples/ (mask | real | generated). Ctrl-C finishes the current step, saves and exits "
+            "130; --resume continues. Exit status: 0 done, 2 bad input or usage, 1 internal error, 130 interrupted."
+        ),
+    )
+    p.add_argument("--data", metavar="DIR", help="training folder with images/ and masks/ (taken from the run on --resume)")
+    p.add_argument("--out", metavar="RUN_DIR", required=True, help="run directory for checkpoints, logs and samples")
+    p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, metavar="N",
+                   help="train until N steps are done in all, one tile per step (default: %(default)s)")
+    p.add_argument("--tile", type=_positive_int, metavar="T",
+                   help="tile side in pixels, at least 256 (default: 728, or 492 when images are smaller)")
+    p.add_argument("--stride", type=_positive_int, metavar="S",
+                   help="visit tile positions on a grid with this step (default: random positions)")
+    p.add_argument("--no-augment", action="store_true", help="no random flips and 90-degree rotations")
+    p.add_argument("--ngf", type=_positive_int, metavar="C", help=f"generator width (default: {defaults.ngf}, the paper's)")
+    p.add_argument("--ndf", type=_positive_int, metavar="C", help=f"discriminator width (default: {defaults.ndf})")
+    p.add_argument("--lr", type=_positive_float, metavar="LR", help=f"Adam learning rate (default: {defaults.lr:g})")
+    p.add_argument("--beta1", type=_non_negative_float, metavar="B", help=f"Adam beta1 (default: {defaults.beta1:g})")
+    p.add_argument("--lambda-l1", type=_non_negative_float, metavar="W", help=f"L1 loss weight (default: {defaults.lambda_l1:g})")
+    p.add_argument("--lambda-adv", type=_non_negative_float, metavar="W",
+                   help=f"adversarial loss weight (default: {defaults.lambda_adv:g})")
+    p.add_argument("--blend", choices=BLENDS,
+                   help=f"weights of overlapping patches, as safron-render --blend (default: {defaults.blend})")
+    p.add_argument("--seed", type=_non_negative_int, metavar="S", help=f"seed of initialisation, tiles and dropout (default: {defaults.seed})")
+    p.add_argument("--save-every", type=_non_negative_int, default=DEFAULT_SAVE_EVERY, metavar="N",
+                   help="checkpoint every N steps, 0 = only at the end (default: %(default)s)")
+    p.add_argument("--sample-every", type=_non_negative_int, default=DEFAULT_SAMPLE_EVERY, metavar="N",
+                   help="write a sample PNG every N steps, 0 = never (default: %(default)s)")
+    p.add_argument("--keep", type=_positive_int, default=DEFAULT_KEEP, metavar="K",
+                   help="training checkpoints kept, newest first (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its latest checkpoint")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto = bf16 (or fp16) mixed precision on CUDA, fp32 on the CPU (default: %(default)s)")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or notes")
+    return p
+
+
+def _config_from_args(args) -> TrainConfig | None:
+    given = {name: getattr(args, name) for name in _RUN_OPTIONS if getattr(args, name) is not None}
+    if args.no_augment:
+        given["augment"] = False
+    if args.resume:
+        if not given:
+            return None
+        stored = latest_checkpoint(args.out)
+        if stored is None:  # train() reports it
+            return None
+        return dataclasses.replace(_stored_config(stored), **given)
+    return TrainConfig(**given)
+
+
+def main(argv=None) -> int:
+    """safron-train: exit 0 done, 2 bad input or usage, 1 internal error, 130 interrupted."""
+    parser = train_parser()
+    args = parser.parse_args(argv)
+    if args.data is None and not args.resume:
+        parser.error("--data DIR is required for a new run")
+    try:
+        result = train(
+            args.out, _config_from_args(args), steps=args.steps, resume=args.resume, save_every=args.save_every,
+            sample_every=args.sample_every, keep=args.keep, device=args.device, precision=args.precision,
+            threads=args.threads, progress=not args.quiet, note=None if args.quiet else _stderr_note,
+        )
+        if not args.quiet:
+            _stderr_note(f"step {result.step}; checkpoint {result.checkpoint}")
+        return EXIT_OK
+    except SafronInputError as exc:
+        print(f"safron-train: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("safron-train: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception:  # our bug, not the user's: show everything needed to report it
+        traceback.print_exc()
+        print("safron-train: internal error (please report it with the traceback above)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
