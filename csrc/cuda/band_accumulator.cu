@@ -163,12 +163,7 @@ std::int64_t CudaBandAccumulator::finalise(std::int64_t row_begin, std::int64_t 
   const detail::IndexRange rows = detail::checked_row_range(row_begin, row_end, capacity_rows_);
   const detail::IndexRange columns = detail::checked_column_range(col_begin, col_end, width_);
   if (rows.empty() || columns.empty()) return 0;
-  require(out != nullptr, "finalise: output pointer is null");
-  const std::int64_t row_bytes = columns.size() * 3;
-  require(out_row_stride_bytes >= row_bytes || out_row_stride_bytes <= -row_bytes,
-          "finalise: output row stride of ", out_row_stride_bytes,
-          " bytes is smaller than a row of ", columns.size(), " columns * 3 = ", row_bytes,
-          " bytes");
+  detail::check_finalise_output(columns, out, out_row_stride_bytes);
   const detail::IndexRange blocks = detail::blocks_of(columns);
   std::lock_guard lock(mutex_);
   slots_.check(rows, blocks, "finalise");

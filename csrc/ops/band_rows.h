@@ -67,6 +67,18 @@ inline IndexRange checked_row_range(std::int64_t row_begin, std::int64_t row_end
   return {row_begin, row_end};
 }
 
+// The output buffer of a finalise call over `columns`: non-null, and rows at least one range wide
+// apart (either direction), so that rows never overlap.
+inline void check_finalise_output(IndexRange columns, const std::uint8_t* out,
+                                  std::int64_t out_row_stride_bytes) {
+  require(out != nullptr, "finalise: output pointer is null");
+  const std::int64_t row_bytes = columns.size() * 3;
+  require(out_row_stride_bytes >= row_bytes || out_row_stride_bytes <= -row_bytes,
+          "finalise: output row stride of ", out_row_stride_bytes,
+          " bytes is smaller than a row of ", columns.size(), " columns * 3 = ", row_bytes,
+          " bytes");
+}
+
 // Calls visit(ring_row, row_count, first_absolute_row) for the at most two runs of consecutive
 // ring rows that hold `rows` (the range wraps around the end of the ring at most once).
 template <class Visit>
