@@ -19,31 +19,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _argument_type(convert, expected: str, accept):
+    """An argparse `type=` that converts the text and checks the value, with one message for both failures."""
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _quality(text):
-    value = _positive_int(text)
-    if value > 100:
-        raise argparse.ArgumentTypeError(f"expected 1..100, got {text!r}")
-    return value
+_positive_int = _argument_type(int, "a positive integer", lambda v: v >= 1)
+_non_negative_int = _argument_type(int, "a non-negative integer", lambda v: v >= 0)
+_positive_float = _argument_type(float, "a positive number", lambda v: 0 < v < float("inf"))
+_quality = _argument_type(int, "1..100", lambda v: 1 <= v <= 100)
+_probability = _argument_type(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
+_tile_side = _argument_type(int, "a positive multiple of 16", lambda v: v >= 16 and v % 16 == 0)
 
 
 def render_parser() -> argparse.ArgumentParser:
@@ -104,39 +100,12 @@ def render_main(argv=None) -> int:
         print(f"safron-render: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"safron-render: interrupted; run the same command with --resume to continue", file=sys.stderr)
+        print("safron-render: interrupted; run the same command with --resume to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception:  # our bug, not the user's: show everything needed to report it
         traceback.print_exc()
         print("safron-render: internal error (please report it with the traceback above)", file=sys.stderr)
         return EXIT_INTERNAL
-
-
-def _non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
-def _probability(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
-
-
-def _tile_side(text):
-    value = _positive_int(text)
-    if value % 16:
-        raise argparse.ArgumentTypeError(f"expected a multiple of 16, got {text!r}")
-    return value
 
 
 def masks_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,6 @@ batch composition. That is what makes `resume=True` byte-identical.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from .backends import create_backend
 from .canvas import Canvas, Journal, side_paths
 from .errors import ModelError, SafronInputError
 from .pipeline import prefetch
+from .slide_io import check_output_path
 
 BLENDS = ("uniform", "linear", "cosine")
 DEFAULT_OVERLAP = 20
@@ -253,12 +253,7 @@ def render_array(
 
 
 def _check_paths(mask_path: Path, out_path: Path) -> None:
-    if out_path.is_dir():
-        raise SafronInputError(f"{out_path}: output path is a directory")
-    if not out_path.parent.is_dir():
-        raise SafronInputError(f"{out_path.parent}: output directory does not exist")
-    if not os.access(out_path.parent, os.W_OK):
-        raise SafronInputError(f"{out_path.parent}: output directory is not writable")
+    check_output_path(out_path)
     if out_path.exists() and mask_path.exists() and out_path.resolve() == mask_path.resolve():
         raise SafronInputError(f"{out_path}: output would overwrite the mask")
 

@@ -32,6 +32,7 @@ import numpy as np
 from . import __version__, masks
 from .cli import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, _Parser, _positive_float, _positive_int
 from .errors import ModelError, SafronInputError
+from .slide_io import check_output_path
 
 CHECKPOINT_SUFFIX = ".safetensors"
 # The generator's config as JSON inside a checkpoint's safetensors metadata.
@@ -263,7 +264,7 @@ def export_onnx(
         raise SafronInputError(f"check samples must be at least 1, got {check_samples}")
     if not tolerance > 0:
         raise SafronInputError(f"tolerance must be positive, got {tolerance}")
-    _check_out_path(out_path)
+    check_output_path(out_path)
     located = find_checkpoint(checkpoint)
     if out_path.exists() and out_path.resolve() == located.weights.resolve():
         raise SafronInputError(f"{out_path}: output would overwrite the checkpoint")
@@ -339,15 +340,6 @@ def _torch_export(generator, example, path: Path, opset: int) -> None:
             dynamic_axes={"mask": {0: "N"}, "image": {0: "N"}}, opset_version=opset, do_constant_folding=True,
             dynamo=False,
         )
-
-
-def _check_out_path(out_path: Path) -> None:
-    if out_path.is_dir():
-        raise SafronInputError(f"{out_path}: output path is a directory")
-    if not out_path.parent.is_dir():
-        raise SafronInputError(f"{out_path.parent}: output directory does not exist")
-    if not os.access(out_path.parent, os.W_OK):
-        raise SafronInputError(f"{out_path.parent}: output directory is not writable")
 
 
 @contextlib.contextmanager

@@ -57,7 +57,8 @@ from typing import BinaryIO
 import numpy as np
 import tifffile
 
-from safron.errors import SafronInputError
+from .errors import SafronInputError
+from .slide_io import check_output_path
 
 # Our names for the codecs -> tifffile's names. WebP is deliberately absent: OpenSlide cannot
 # decode WebP tiles, so such a slide would open nowhere that matters to our users.
@@ -412,11 +413,8 @@ class PyramidTiffWriter:
             )
 
     def _open_partial_file(self) -> BinaryIO:
-        if self.out_path.is_dir():
-            raise SafronInputError(f"{self.out_path}: is a directory, not an output file path")
+        check_output_path(self.out_path)
         directory = self.out_path.parent
-        if not directory.is_dir():
-            raise SafronInputError(f"{self.out_path}: output directory {directory} does not exist")
         needed = self._disk_space_needed()
         free = shutil.disk_usage(directory).free
         if free < needed:

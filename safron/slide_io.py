@@ -27,7 +27,7 @@ import openslide
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
-from .errors import MaskError
+from .errors import MaskError, SafronInputError
 
 __all__ = ["RasterReader", "ArrayRaster", "TiffRaster", "OpenSlideRaster", "open_raster"]
 
@@ -495,6 +495,18 @@ def _openslide_vendor(path: str) -> str | None:
     except openslide.OpenSlideError:
         return None
     return None if vendor in (None, "generic-tiff") else vendor
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Fail early, with one line, where an output file cannot be created at `path`."""
+    path = Path(path)
+    if path.is_dir():
+        raise SafronInputError(f"{path}: is a directory, not an output file path")
+    if not path.parent.is_dir():
+        raise SafronInputError(f"{path}: output directory does not exist ({path.parent})")
+    if not os.access(path.parent, os.W_OK):
+        raise SafronInputError(f"{path}: output directory is not writable ({path.parent})")
+    return path
 
 
 def open_raster(path: str | os.PathLike) -> RasterReader:

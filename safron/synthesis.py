@@ -57,6 +57,7 @@ import numpy as np
 
 from .errors import SafronInputError
 from .masks import BACKGROUND, GLAND, STROMA, labels_to_colour
+from .slide_io import check_output_path
 
 __all__ = ["Recipe", "GLAS_RECIPE", "MaskSynthesizer", "synthesize", "write_mask", "PNG_MAX_PIXELS"]
 
@@ -439,10 +440,7 @@ def write_mask(
     path = Path(path)
     height, width = _check_size(height, width)
     seed = _check_seed(seed)
-    if path.is_dir():
-        raise SafronInputError(f"{path}: is a directory, not an output file path")
-    if not path.parent.is_dir():
-        raise SafronInputError(f"{path}: output directory {path.parent} does not exist")
+    check_output_path(path)
     suffix = path.suffix.lower()
     if suffix != ".png" and suffix not in _TIFF_SUFFIXES:
         raise SafronInputError(
