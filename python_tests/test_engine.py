@@ -130,3 +130,13 @@ def test_failed_render_leaves_existing_output_untouched(tmp_path, crop_model):
         engine.render(mask_path, out, model=crop_model, progress=False)
     assert out.read_bytes() == b"previous result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.tif", "out.tif"]
+
+
+def test_stage_times_are_measured(tmp_path, crop_model):
+    mask_path = tmp_path / "mask.tif"
+    tifffile.imwrite(mask_path, random_labels(700, 900))
+    result = engine.render(mask_path, tmp_path / "out.tif", model=crop_model, progress=False)
+    assert set(result.stage_seconds) == set(engine.STAGES)
+    for stage in ("read", "infer", "accumulate", "finalise", "encode"):
+        assert 0 < result.stage_seconds[stage] <= result.seconds, stage
+    assert result.megapixels_per_second == pytest.approx(700 * 900 / 1e6 / result.seconds)

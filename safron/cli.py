@@ -72,6 +72,8 @@ def render_parser() -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=_positive_float, metavar="UM", help="microns per pixel to record (default: taken from the mask)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted render of OUT")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads (default: all cores)")
+    p.add_argument("--profile", action="store_true",
+                   help="print where the time went (read, infer, accumulate, finalise, journal, encode) and MP/s")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p
 
@@ -81,18 +83,17 @@ def render_main(argv=None) -> int:
     try:
         from .engine import render
 
-        start = time.perf_counter()
         result = render(
             args.mask, args.out, model=args.model, backend=args.backend, batch_size=args.batch_size,
             blend=args.blend, compression=args.compression, quality=args.quality, mpp=args.mpp,
             resume=args.resume, progress=not args.quiet, threads=args.threads,
         )
-        if not args.quiet:
-            seconds = time.perf_counter() - start
-            megapixels = result.height * result.width / 1e6
+        if args.profile:
+            print(result.profile(), file=sys.stderr)
+        elif not args.quiet:
             print(
                 f"wrote {result.out_path} ({result.width} x {result.height} px, {result.patches} patches, "
-                f"{seconds:.1f} s, {megapixels / seconds:.2f} MP/s, backend {result.backend})",
+                f"{result.seconds:.1f} s, {result.megapixels_per_second:.2f} MP/s, backend {result.backend})",
                 file=sys.stderr,
             )
         return EXIT_OK

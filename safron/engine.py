@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import shutil
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -26,11 +27,23 @@ from . import geometry, masks
 from .backends import create_backend
 from .canvas import Canvas, Journal, side_paths
 from .errors import ModelError, SafronInputError
-from .pipeline import prefetch
+from .pipeline import StageClock, prefetch
 from .slide_io import check_output_path
 
 BLENDS = ("uniform", "linear", "cosine")
 DEFAULT_OVERLAP = 20
+
+
+STAGES = ("read", "infer", "accumulate", "finalise", "journal", "encode", "wait")
+STAGE_MEANINGS = {
+    "read": "read mask windows and encode them for the model (reader thread)",
+    "infer": "run the generator (inference thread)",
+    "accumulate": "add patches into the band (main thread)",
+    "finalise": "normalise finished blocks to uint8 into the canvas (main thread)",
+    "journal": "record finished rows and hand them to the encoder (main thread)",
+    "encode": "read tiles back, build reduced levels, compress and write the TIFF (encoder thread)",
+    "wait": "main thread waiting for inference results",
+}
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,22 @@ class RenderResult:
     patches: int
     mpp: float | None
     backend: str
+    seconds: float = 0.0
+    stage_seconds: dict = field(default_factory=dict)
+
+    @property
+    def megapixels_per_second(self) -> float:
+        return self.height * self.width / 1e6 / self.seconds if self.seconds else 0.0
+
+    def profile(self) -> str:
+        """A per-stage breakdown: where the time went, and the throughput achieved."""
+        lines = [f"{self.width} x {self.height} px, {self.patches} patches, {self.seconds:.2f} s wall, "
+                 f"{self.megapixels_per_second:.2f} MP/s, backend {self.backend}"]
+        for stage, seconds in self.stage_seconds.items():
+            share = 100 * seconds / self.seconds if self.seconds else 0.0
+            lines.append(f"  {stage:<10} {seconds:9.2f} s  {share:5.1f} %  {STAGE_MEANINGS[stage]}")
+        lines.append("  (stages run in parallel threads, so their shares may add up to more than 100 %)")
+        return "\n".join(lines)
 
 
 def default_model_path() -> Path:
@@ -94,6 +123,7 @@ class _Renderer:
             raise SafronInputError(f"overlap must be in [0, {sig.patch}) for this model (got {overlap})")
         self.plan = geometry.plan(mask.height, mask.width, patch=sig.patch, margin=sig.margin, overlap=overlap)
         self.accumulator = geometry.band_accumulator(self.plan, blend)
+        self.clock = StageClock(STAGES)
         if threads:
             self.accumulator.set_num_threads(threads)
 
@@ -104,6 +134,10 @@ class _Renderer:
         for start in range(first_batch * b, count, b):
             idx = np.arange(start, min(start + b, count))
             yield _Batch(idx, ys[idx], xs[idx], idx // plan.cols)
+
+    def _timed_read(self, batch: _Batch) -> _Batch:
+        with self.clock("read"):
+            return self._read(batch)
 
     def _read(self, batch: _Batch) -> _Batch:
         plan, window, margin = self.plan, self.plan.window, self.plan.margin
@@ -124,7 +158,8 @@ class _Renderer:
     # -- stage 2: infer --------------------------------------------------------------------------------------
     def _infer(self, batches):
         for batch in batches:
-            batch.outputs = self.backend.run(batch.inputs)[: len(batch.indices)]
+            with self.clock("infer"):
+                batch.outputs = self.backend.run(batch.inputs)[: len(batch.indices)]
             batch.inputs = None
             yield batch
 
@@ -142,22 +177,23 @@ class _Renderer:
         # finalised as soon as the patches to their right no longer touch them.
         final_done = int(plan.ys[first_row]) if first_row < plan.rows else rows_done
         cols_done = 0
-        reads = prefetch((self._read(b) for b in self._batches(first_batch)), depth=2, name="safron-read")
+        reads = prefetch((self._timed_read(b) for b in self._batches(first_batch)), depth=2, name="safron-read")
         outputs = prefetch(self._infer(reads), depth=2, name="safron-infer")
         bar = tqdm(
             total=plan.count, initial=first_patch, unit="patch", desc=desc, disable=not progress,
             dynamic_ncols=True, file=sys.stderr,
         )
         try:
-            for batch in outputs:
+            for batch in self._timed_waits(outputs):
                 # Patches of rows already final (replayed only to keep batch composition) are not added.
                 keep = batch.rows >= first_row
                 for row in np.unique(batch.rows[keep]):
                     row = int(row)
                     sel = np.flatnonzero((batch.rows == row) & keep)
-                    self.accumulator.add(
-                        np.ascontiguousarray(batch.outputs[sel]), batch.ys[sel], batch.xs[sel], plan.height
-                    )
+                    with self.clock("accumulate"):
+                        self.accumulator.add(
+                            np.ascontiguousarray(batch.outputs[sel]), batch.ys[sel], batch.xs[sel], plan.height
+                        )
                     last_col = int(batch.indices[sel[-1]] % plan.cols)
                     rows_end = plan.final_rows_end(row)
                     cols_final = self._final_columns(last_col)
@@ -166,7 +202,8 @@ class _Renderer:
                         cols_done = cols_final
                     if last_col == plan.cols - 1:  # the patch row is complete: its rows are final everywhere
                         if rows_end > rows_done:
-                            sink.rows_final(rows_end)
+                            with self.clock("journal"):
+                                sink.rows_final(rows_end)
                         final_done, cols_done = rows_end, 0
                 bar.update(int(keep.sum()))
         finally:
@@ -190,7 +227,17 @@ class _Renderer:
             self.accumulator.discard(y0, min(y1, rows_done), x0, x1)
             y0 = min(y1, rows_done)
         if y0 < y1:
-            sink.finalise(self.accumulator, y0, y1, x0, x1)
+            with self.clock("finalise"):
+                sink.finalise(self.accumulator, y0, y1, x0, x1)
+
+    def _timed_waits(self, outputs):
+        """Yield inference results, timing how long the main thread waits for each."""
+        while True:
+            with self.clock("wait"):
+                batch = next(outputs, None)
+            if batch is None:
+                return
+            yield batch
 
 
 class _ArraySink:
@@ -328,12 +375,15 @@ def render(
                 out_path, height, width, compression=compression, quality=quality, mpp=mpp, workers=threads,
                 canvas=canvas.path,
             )
+            started = time.perf_counter()
             try:
                 # The TIFF is always rewritten whole; on resume the finished rows are read from the canvas.
                 if journal.rows_done:
                     writer.rows_ready(journal.rows_done)
                 renderer.run(_FileSink(canvas, journal, writer), journal.rows_done, progress, desc=mask_path.name)
                 writer.close()
+                seconds = time.perf_counter() - started
+                renderer.clock.seconds["encode"] = writer.busy_seconds
             except BaseException as exc:
                 writer.abort()
                 journal.close()
@@ -347,4 +397,6 @@ def render(
             canvas.remove()
         finally:
             engine.close()
-    return RenderResult(out_path, height, width, renderer.plan.count, mpp, engine.name)
+    return RenderResult(
+        out_path, height, width, renderer.plan.count, mpp, engine.name, seconds, dict(renderer.clock.seconds)
+    )

@@ -50,6 +50,7 @@ import math
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -274,6 +275,7 @@ class PyramidTiffWriter:
 
         self._rows_ready = 0
         self._rows_ready_changed = threading.Condition()
+        self._idle_seconds = self._thread_seconds = 0.0
         self._abort_requested = threading.Event()
         self._failure: BaseException | None = None
         self._state = "open"
@@ -491,7 +493,14 @@ class PyramidTiffWriter:
 
     # ------------------------------------------------------------------------- writer thread
 
+    @property
+    def busy_seconds(self) -> float:
+        """Seconds the encoder thread spent working (reading, reducing, compressing, writing) rather than
+        waiting for rows: what `--profile` reports as encode time."""
+        return self._thread_seconds - self._idle_seconds
+
     def _write_pyramid(self) -> None:
+        started = time.perf_counter()
         try:
             # Not closed on failure: closing would append pending IFDs to a file that is about to
             # be deleted, and could raise over the error that matters.
@@ -505,6 +514,8 @@ class PyramidTiffWriter:
             pass
         except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
             self._failure = error
+        finally:
+            self._thread_seconds = time.perf_counter() - started
 
     def _write_levels(self, tiff: tifffile.TiffWriter) -> None:
         source = self._level0_reader
@@ -580,9 +591,11 @@ class PyramidTiffWriter:
                     yield _full_tile(block[:, tile_x0 : tile_x0 + self._tile], self._tile)
 
     def _wait_for_rows(self, rows: int) -> None:
+        started = time.perf_counter()
         with self._rows_ready_changed:
             while self._rows_ready < rows and not self._abort_requested.is_set():
                 self._rows_ready_changed.wait()
+        self._idle_seconds += time.perf_counter() - started
         if self._abort_requested.is_set():
             raise _Aborted
 
