@@ -19,12 +19,29 @@ def _cuda_skip_reason() -> str | None:
     return None
 
 
+def _tensorrt_skip_reason() -> str | None:
+    from safron.backends import available_backends
+
+    if not available_backends()["tensorrt"]:
+        return "TensorRT or cuda-python (cuda.bindings) is not installed"
+    from cuda.bindings import runtime
+
+    error, count = runtime.cudaGetDeviceCount()
+    if error != runtime.cudaError_t.cudaSuccess or count == 0:
+        return "no CUDA device on this machine"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
-    cuda_reason = None
+    cuda_reason = tensorrt_reason = None
     for item in items:
         if "needs_cuda" in item.keywords:
             cuda_reason = cuda_reason or _cuda_skip_reason()
             if cuda_reason:
                 item.add_marker(pytest.mark.skip(reason=cuda_reason))
+        if "needs_tensorrt" in item.keywords:
+            tensorrt_reason = tensorrt_reason or _tensorrt_skip_reason()
+            if tensorrt_reason:
+                item.add_marker(pytest.mark.skip(reason=tensorrt_reason))
         if "needs_data" in item.keywords and not SHARED_DATA.is_dir():
             item.add_marker(pytest.mark.skip(reason=f"test data not found at {SHARED_DATA}"))

@@ -1,9 +1,9 @@
 """Inference backends behind one interface (`Backend`).
 
-ONNX Runtime runs ONNX models (the CPU default); PyTorch runs training checkpoints (run directories and
-.safetensors files), on a CUDA GPU when there is one, and is the reference the exported models are checked
-against; TensorRT (the GPU default for ONNX models) joins behind the same interface. `create_backend` is the one
-place that maps a name to an implementation.
+ONNX Runtime runs ONNX models (the CPU default); TensorRT runs them on an NVIDIA GPU (the GPU default for ONNX
+models); PyTorch runs training checkpoints (run directories and .safetensors files), on a CUDA GPU when there is
+one, and is the reference the exported models are checked against. `create_backend` is the one place that maps a
+name to an implementation; each backend's module is imported only once its packages are known to be installed.
 """
 
 from __future__ import annotations
@@ -15,14 +15,37 @@ from ..errors import SafronInputError
 from ..export import is_checkpoint_path
 from .base import Backend, ModelSignature
 
-BACKEND_NAMES = ("auto", "onnxruntime", "torch")
+BACKEND_NAMES = ("auto", "onnxruntime", "tensorrt", "torch")
 
 # name -> Python modules that must be importable for the backend to work
-_REQUIREMENTS = {"onnxruntime": ("onnxruntime",), "torch": ("torch", "safetensors")}
+_REQUIREMENTS = {
+    "onnxruntime": ("onnxruntime",),
+    "tensorrt": ("tensorrt", "cuda.bindings"),  # cuda.bindings: the cuda-python package
+    "torch": ("torch", "safetensors"),
+}
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        return False
 
 
 def _missing_modules(name: str) -> list[str]:
-    return [module for module in _REQUIREMENTS[name] if importlib.util.find_spec(module) is None]
+    return [module for module in _REQUIREMENTS[name] if not _importable(module)]
+
+
+def _cuda_device_present() -> bool:
+    from .. import _core
+
+    if _core.build_info()["cuda"]:
+        return _core.cuda_device_count() > 0
+    # safron built without CUDA kernels cannot see devices itself; TensorRT's own CUDA binding can.
+    from cuda.bindings import runtime
+
+    error, count = runtime.cudaGetDeviceCount()
+    return error == runtime.cudaError_t.cudaSuccess and count > 0
 
 
 def available_backends() -> dict[str, bool]:
@@ -31,9 +54,13 @@ def available_backends() -> dict[str, bool]:
 
 
 def _auto_backend(model_path: str | os.PathLike) -> str:
-    # Each backend reads one kind of model, so the model decides: only PyTorch reads checkpoints (it picks the
-    # GPU itself when there is one), and ONNX models go to ONNX Runtime.
-    return "torch" if is_checkpoint_path(model_path) else "onnxruntime"
+    # The model decides first: only PyTorch reads checkpoints (it picks the GPU itself when there is one). ONNX
+    # models go to TensorRT where it is installed and a GPU is present, else to ONNX Runtime on the CPU.
+    if is_checkpoint_path(model_path):
+        return "torch"
+    if not _missing_modules("tensorrt") and _cuda_device_present():
+        return "tensorrt"
+    return "onnxruntime"
 
 
 def create_backend(name: str, model_path: str | os.PathLike, threads: int | None = None) -> Backend:
@@ -61,6 +88,10 @@ def create_backend(name: str, model_path: str | os.PathLike, threads: int | None
             f"{model_path}: a checkpoint, not an ONNX model: export it with safron-export or render it with "
             f"--backend torch"
         )
+    if name == "tensorrt":
+        from .tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(model_path, threads=threads)
     from .onnx_runtime import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(model_path, threads=threads)

@@ -1,0 +1,222 @@
+#!/usr/bin/env bash
+# GPU benchmark and test run for a lent GPU machine (no network): build with SAFRON_CUDA=ON, run the C++ tests
+# and the needs_cuda/needs_tensorrt pytest suites, then compare the bare generator's throughput with end-to-end
+# renders of square synthetic masks (PyTorch CUDA backend; TensorRT too where installed).
+#
+#   OUT=/some/dir bench/gpu.sh                       # on the GPU machine, from the repository root
+#   SAFRON_GPU_DRY_RUN=1 OUT=/tmp/x bench/gpu.sh     # on a CPU: the same flow at tiny sizes, to test the script
+#
+# Everything (logs, figures) goes under $OUT; figures are in $OUT/summary.txt. Sizes that would not finish
+# within SAFRON_GPU_BUDGET_S (default 420 s, the whole script) are skipped, judged from the previous size's
+# time per pixel, so the script stays under 8 minutes.
+set -euo pipefail
+
+: "${OUT:?set OUT to the directory that receives logs and figures}"
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+DRY_RUN=${SAFRON_GPU_DRY_RUN:-0}
+BUDGET_S=${SAFRON_GPU_BUDGET_S:-420}
+JOBS=${SAFRON_GPU_JOBS:-8}
+if [[ $DRY_RUN == 1 ]]; then
+  SIZES=${SAFRON_GPU_SIZES:-"600 900"}
+  NGF=4
+  CUDA_OPTION=AUTO  # this machine may have no GPU; nvcc alone builds the kernels
+  JOBS=${SAFRON_GPU_JOBS:-2}
+else
+  SIZES=${SAFRON_GPU_SIZES:-"8192 32768 100000"}
+  NGF=32
+  CUDA_OPTION=ON
+fi
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/safron-gpu.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+SUMMARY=$OUT/summary.txt
+SCRIPT_START=$SECONDS
+
+say() { echo "$*" | tee -a "$SUMMARY"; }
+
+# stage NAME COMMAND...: run COMMAND with its output in $OUT/NAME.log, and record its wall time.
+stage() {
+  local name=$1 start=$SECONDS status=0
+  shift
+  echo "== $name: $*"
+  "$@" >"$OUT/$name.log" 2>&1 || status=$?
+  say "stage $name: exit $status, $((SECONDS - start)) s"
+  if [[ $status != 0 ]]; then
+    tail -n 30 "$OUT/$name.log"
+    return "$status"
+  fi
+}
+
+: >"$SUMMARY"
+say "safron GPU run, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), dry run $DRY_RUN"
+if command -v nvidia-smi >/dev/null; then
+  say "GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
+else
+  say "GPU: none (nvidia-smi not found)"
+fi
+
+# No network here: report every missing piece at once instead of letting pip try to download it.
+check_environment() {
+  local missing=()
+  local tool module
+  for tool in cmake ninja; do
+    command -v "$tool" >/dev/null || missing+=("$tool")
+  done
+  if [[ $CUDA_OPTION == ON ]] && ! command -v nvcc >/dev/null; then missing+=(nvcc); fi
+  for module in numpy onnx onnxruntime tifffile imagecodecs openslide PIL tqdm pybind11 scikit_build_core pytest \
+    torch safetensors; do
+    python -c "import $module" 2>/dev/null || missing+=("python:$module")
+  done
+  python - <<'EOF'
+import importlib.util
+for optional in ("tensorrt", "cupy"):
+    print(f"optional {optional}: {'present' if importlib.util.find_spec(optional) else 'absent'}")
+EOF
+  if ((${#missing[@]})); then
+    echo "missing: ${missing[*]}"
+    return 1
+  fi
+}
+stage check_environment check_environment
+
+stage cmake_configure cmake -S . -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DSAFRON_CUDA="$CUDA_OPTION" -DSAFRON_BUILD_TESTS=ON -Dpybind11_DIR="$(python -m pybind11 --cmakedir)"
+stage cmake_build cmake --build "$WORK/build" -j "$JOBS"
+# Test failures are recorded and the run goes on, so one failing test still leaves the figures; the script's
+# exit status reports them at the end.
+failures=0
+stage ctest ctest --test-dir "$WORK/build" --output-on-failure || failures=$((failures + 1))
+
+# --no-deps and no build isolation: everything is installed already and nothing can be downloaded. A dry run
+# keeps the developer's own installation as it is.
+if [[ $DRY_RUN != 1 ]]; then
+  stage pip_install python -m pip install --no-build-isolation --no-deps -e . -Ccmake.define.SAFRON_CUDA=ON
+fi
+python -c "import json, safron._core as c; print(json.dumps(c.build_info()))" | tee -a "$SUMMARY"
+
+# pytest exits 5 when every selected test was deselected or skipped, which is a result, not a failure.
+run_gpu_tests() {
+  local status=0
+  python -m pytest -m "needs_cuda or needs_tensorrt" -ra python_tests || status=$?
+  [[ $status == 0 || $status == 5 ]]
+}
+stage pytest_gpu run_gpu_tests || failures=$((failures + 1))
+grep -E "passed|failed|skipped|error" "$OUT/pytest_gpu.log" | tail -n 1 | tee -a "$SUMMARY"
+
+# Throughput: a random-weight generator (SAFRON architecture, width $NGF) saved as a checkpoint for the torch
+# backend; the bare backend on ready batches, then end-to-end renders of each size.
+stage model python - "$WORK" "$NGF" <<'EOF'
+import sys
+from pathlib import Path
+
+import torch
+
+from safron.export import export_onnx, save_checkpoint
+from safron.models import Generator
+
+work, ngf = Path(sys.argv[1]), int(sys.argv[2])
+torch.manual_seed(0)
+generator = Generator(ngf=ngf).eval()
+save_checkpoint(generator, work / "generator.safetensors")
+print(export_onnx(work / "generator.safetensors", work / "generator.onnx"))
+EOF
+
+stage bare_generator python - "$WORK" "$DRY_RUN" <<'EOF'
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from safron.backends import available_backends, create_backend
+from safron.export import random_masks
+
+work, dry_run = Path(sys.argv[1]), sys.argv[2] == "1"
+seconds = 1.0 if dry_run else 15.0
+candidates = [("torch", work / "generator.safetensors")]
+if available_backends()["tensorrt"]:
+    candidates.append(("tensorrt", work / "generator.onnx"))
+for name, model in candidates:
+    backend = create_backend(name, model)
+    try:
+        batch = backend.default_batch_size
+        masks = random_masks(batch, backend.signature.window)
+        backend.run(masks)  # warm-up: kernel selection, allocator
+        runs, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            backend.run(masks)
+            runs += 1
+        rate = runs * batch / (time.perf_counter() - start)
+        stride = backend.signature.patch - 20  # a patch's new pixels in a large render (20 px overlap)
+        gpu = ""
+        if importlib.util.find_spec("torch"):
+            import torch
+
+            if torch.cuda.is_available():
+                gpu = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (torch allocator)"
+        print(f"bare {name}: batch {batch}, {rate:.1f} patches/s, {rate * stride * stride / 1e6:.1f} MP/s{gpu}")
+        (work / f"bare_{name}.txt").write_text(f"{rate}\n")
+    finally:
+        backend.close()
+EOF
+grep "^bare" "$OUT/bare_generator.log" | tee -a "$SUMMARY"
+
+render_backends=(torch)
+if [[ -f $WORK/bare_tensorrt.txt ]]; then render_backends+=(tensorrt); fi
+
+previous_pixels=0 previous_seconds=0
+for size in $SIZES; do
+  pixels=$((size * size))
+  elapsed=$((SECONDS - SCRIPT_START))
+  if ((previous_pixels > 0)); then
+    # Mask writing and rendering both scale with the pixel count.
+    predicted=$((previous_seconds * pixels * ${#render_backends[@]} / previous_pixels))
+    if ((elapsed + predicted > BUDGET_S)); then
+      say "size $size: skipped (predicted ${predicted} s, ${elapsed} s of ${BUDGET_S} s used)"
+      continue
+    fi
+  fi
+  size_start=$SECONDS
+  stage "mask_$size" python -c "from safron.synthesis import write_mask; write_mask('$WORK/mask_$size.tif', $size, $size, seed=1)"
+  for backend in "${render_backends[@]}"; do
+    model=$WORK/generator.safetensors
+    [[ $backend == tensorrt ]] && model=$WORK/generator.onnx
+    stage "render_${backend}_$size" python - "$WORK" "$size" "$backend" "$model" <<'EOF'
+import sys
+import time
+from pathlib import Path
+
+from safron.engine import render
+
+work, size, backend, model = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+out = work / f"render_{backend}_{size}.tif"
+start = time.perf_counter()
+result = render(work / f"mask_{size}.tif", out, model=model, backend=backend, progress=False)
+seconds = time.perf_counter() - start
+bare = float((work / f"bare_{backend}.txt").read_text())
+patches_per_second = result.patches / seconds
+gpu = ""
+try:
+    import torch
+
+    if torch.cuda.is_available():
+        gpu = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (torch allocator)"
+except ImportError:
+    pass
+print(
+    f"render {backend} {size}x{size}: {seconds:.1f} s, {size * size / seconds / 1e6:.1f} MP/s, "
+    f"{patches_per_second:.1f} patches/s, end-to-end/bare {patches_per_second / bare:.3f}{gpu}"
+)
+out.unlink()
+EOF
+    grep "^render" "$OUT/render_${backend}_$size.log" | tee -a "$SUMMARY"
+  done
+  rm -f "$WORK/mask_$size.tif"
+  previous_pixels=$pixels previous_seconds=$((SECONDS - size_start + 1))
+done
+say "total: $((SECONDS - SCRIPT_START)) s, failed test stages: $failures"
+((failures == 0))

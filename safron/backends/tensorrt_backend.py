@@ -1,0 +1,424 @@
+"""TensorRT backend: the GPU default for ONNX models that meet the model contract.
+
+Build. The ONNX file is parsed with TensorRT's ONNX parser and compiled in fp16 (TensorRT 10's weakly typed
+builder: `BuilderFlag.FP16`), except the normalisation layers, which are pinned to fp32 (layer precision, output
+types and `OBEY_PRECISION_CONSTRAINTS`): instance statistics over a 256x256 feature map lose accuracy in fp16, the
+same reason the PyTorch backend keeps them in fp32 under autocast. A layer counts as normalisation when TensorRT
+made it a normalisation layer, when it comes from an `InstanceNormalization` node, or when it lies inside a module
+whose name contains "norm" (`/encoder.1/norm/...` in safron-export's naming), which also catches the ReduceMean,
+Pow and Sqrt pieces of a normalisation that was exported decomposed. `precision="fp32"` builds in true fp32
+(TF32 off), for checking. TensorRT 11 removed the weakly typed builder, so there fp16 is refused with a clear error.
+
+Batch profile. The batch dimension is dynamic from 1 to `max_batch`, and TensorRT tunes its kernels for
+`max_batch`, which is also the batch the engine asks for by default. When `max_batch` is not given it is the
+largest power of two, at most MAX_BATCH_LIMIT, whose activations fit in ACTIVATION_MEMORY_SHARE of the GPU's free
+memory; a patch's activations are estimated as the sum of every layer output of the parsed network, per sample, at
+the build precision. TensorRT reuses activation memory, so the true peak is lower: the estimate errs on the side of
+leaving room for other processes and for the accumulator. Powers of two keep the choice (and the engine cache key)
+stable while free memory fluctuates. Models exported with a static batch get an engine for exactly that batch.
+
+Cache. A build takes from seconds to minutes, so serialised engines are kept in `default_cache_dir()`
+($SAFRON_CACHE_DIR/tensorrt, else $XDG_CACHE_HOME/safron/tensorrt, else ~/.cache/safron/tensorrt), named by a
+digest of everything that makes an engine invalid elsewhere: the ONNX file's sha256, the TensorRT version, the
+GPU's name, the precision, the maximum batch and ENGINE_RECIPE (bumped whenever this module builds differently).
+Concurrent renders of a new model build it once: the builder holds an exclusive `fcntl` lock beside the engine
+file, the others wait and then read its result, and the engine appears under its name only complete (written to a
+temporary file, then `os.replace`).
+
+Execution. CUDA is driven through cuda-python (`cuda.bindings.runtime`), not PyTorch, so that TensorRT rendering
+needs neither torch nor its multi-GB CUDA wheels. Each backend owns one CUDA stream, device buffers for the
+engine's input and output at the maximum batch, and pinned host buffers; `run` copies a batch in, enqueues the
+engine and copies the result out on that stream, then waits for it.
+
+Device-resident path. In the full GPU pipeline the engine's output stays on the device: `image` is bound to a
+device buffer that the CUDA band accumulator (`safron._core`) reads directly on the same stream, the finished
+uint8 rows are copied out asynchronously through pinned memory, and two sets of buffers alternate so that
+inference of batch k+1 overlaps accumulation of batch k and the encoding of earlier rows. The engine built here is
+the same one that path binds; only the host-side `run` interface below copies float patches to the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelError, SafronInputError
+from ..export import file_sha256
+from .base import Backend, ModelSignature
+
+PRECISIONS = ("fp16", "fp32")
+CACHE_DIR_ENV = "SAFRON_CACHE_DIR"
+# Part of every cache key: bump it when the build changes (flags, pinning rules, profile), so that engines
+# built the old way are not reused.
+ENGINE_RECIPE = 1
+# Beyond 64 windows of 296 x 296 a batch no longer raises a GPU's throughput, only its latency and memory.
+MAX_BATCH_LIMIT = 64
+# The share of free GPU memory the activations of one batch may take (see the module docstring).
+ACTIVATION_MEMORY_SHARE = 0.5
+
+_BYTES_PER_VALUE = {"fp16": 2, "fp32": 4}
+# A module path component naming a normalisation: '/encoder.1/norm/', '/block/InstanceNorm_3/', ...
+_NORMALISATION_MODULE = re.compile(r"(^|/)[^/]*norm[^/]*/", re.IGNORECASE)
+
+
+def default_cache_dir() -> Path:
+    """Where engines are cached: $SAFRON_CACHE_DIR/tensorrt, else the user's cache directory."""
+    root = os.environ.get(CACHE_DIR_ENV)
+    if root:
+        return Path(root).expanduser() / "tensorrt"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "safron" / "tensorrt"
+
+
+def engine_cache_key(onnx_sha256: str, tensorrt_version: str, gpu_name: str, precision: str, max_batch: int) -> str:
+    """The hex digest an engine is cached under: it changes with each input and with ENGINE_RECIPE."""
+    fields = {
+        "onnx_sha256": onnx_sha256,
+        "tensorrt": tensorrt_version,
+        "gpu": gpu_name,
+        "precision": precision,
+        "max_batch": max_batch,
+        "recipe": ENGINE_RECIPE,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def choose_max_batch(free_bytes: int, activation_bytes_per_patch: int, limit: int = MAX_BATCH_LIMIT) -> int:
+    """The largest power of two <= `limit` whose activations fit in ACTIVATION_MEMORY_SHARE of `free_bytes`;
+    at least 1."""
+    fits = int(free_bytes * ACTIVATION_MEMORY_SHARE) // max(activation_bytes_per_patch, 1)
+    batch = 1
+    while batch * 2 <= min(fits, limit):
+        batch *= 2
+    return batch
+
+
+def load_or_build(path: Path, build: Callable[[], bytes]) -> tuple[bytes, bool]:
+    """The bytes cached at `path`, building and caching them with `build()` when absent; and whether this call
+    built them. Safe across processes: one builds while the others wait on the lock, then read its result."""
+    # NotADirectoryError: a file where the cache directory should be, reported below.
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        return path.read_bytes(), False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(path.name + ".lock"), "ab")  # noqa: SIM115 - held across the build below
+    except OSError as exc:
+        raise SafronInputError(
+            f"{path.parent}: cannot write the TensorRT engine cache ({exc.strerror}); set {CACHE_DIR_ENV} to a "
+            f"writable directory"
+        ) from None
+    # The lock file is never removed: unlinking it while another process waits on it would let a third one
+    # lock a new file of the same name and build concurrently. The kernel drops the lock if this process dies.
+    with lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            return path.read_bytes(), False  # built by another process while this one waited
+        data = build()
+        partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+        try:
+            with open(partial, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+    return data, True
+
+
+def _tensorrt():
+    import tensorrt
+
+    return tensorrt
+
+
+def _cudart():
+    from cuda.bindings import runtime
+
+    return runtime
+
+
+def _cuda_call(cudart, result, what: str):
+    """cuda-python returns (error, *values): raise on an error, else return the value(s)."""
+    error, *values = result if isinstance(result, tuple) else (result,)
+    if error != cudart.cudaError_t.cudaSuccess:
+        raise RuntimeError(f"CUDA {what} failed: {getattr(error, 'name', error)}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _is_normalisation(trt, layer) -> bool:
+    return (
+        layer.type == trt.LayerType.NORMALIZATION
+        or "InstanceNormalization" in layer.name
+        or _NORMALISATION_MODULE.search(layer.name) is not None
+    )
+
+
+def pin_normalisation_fp32(network) -> list[str]:
+    """Pin the normalisation layers of a TensorRT network to fp32 (precision and output types); return their
+    names. Only floating-point layers that compute are pinned: constants and shape arithmetic keep their types,
+    and TensorRT honours the pins only with `BuilderFlag.OBEY_PRECISION_CONSTRAINTS`."""
+    trt = _tensorrt()
+    floating = (trt.float32, trt.float16)
+    pinned = []
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        if layer.type in (trt.LayerType.CONSTANT, trt.LayerType.SHAPE) or not _is_normalisation(trt, layer):
+            continue
+        outputs = [layer.get_output(i) for i in range(layer.num_outputs)]
+        if any(output.dtype not in floating for output in outputs):
+            continue
+        layer.precision = trt.float32
+        for i in range(layer.num_outputs):
+            layer.set_output_type(i, trt.float32)
+        pinned.append(layer.name)
+    return pinned
+
+
+def activation_bytes_per_patch(network, bytes_per_value: int) -> int:
+    """Sum of every batch-dependent layer output of `network`, per sample, in bytes (an upper bound on what one
+    patch needs at once, since TensorRT reuses activation memory)."""
+    values = 0
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        for i in range(layer.num_outputs):
+            shape = list(layer.get_output(i).shape)
+            if len(shape) > 1 and shape[0] == -1 and all(d > 0 for d in shape[1:]):
+                values += int(np.prod(shape[1:]))
+    return values * bytes_per_value
+
+
+def _contract_signature(model_path: Path, inputs, outputs, float32) -> ModelSignature:
+    """The model contract checked on TensorRT I/O tensors, given as (name, shape, dtype) triples."""
+    name = model_path.name
+    if len(inputs) != 1 or inputs[0][0] != "mask":
+        found = ", ".join(i[0] for i in inputs)
+        raise ModelError(f"{name}: the model must have one input named 'mask' (found: {found})")
+    if len(outputs) != 1 or outputs[0][0] != "image":
+        found = ", ".join(o[0] for o in outputs)
+        raise ModelError(f"{name}: the model must have one output named 'image' (found: {found})")
+    (_, in_shape, in_type), (_, out_shape, out_type) = inputs[0], outputs[0]
+    if (
+        len(in_shape) != 4 or len(out_shape) != 4 or in_shape[1] != 3 or out_shape[1] != 3
+        or min(in_shape[2:]) < 1 or min(out_shape[2:]) < 1
+        or in_shape[2] != in_shape[3] or out_shape[2] != out_shape[3]
+    ):
+        raise ModelError(
+            f"{name}: expected mask [N,3,S,S] -> image [N,3,P,P] with static square S and P "
+            f"(found {in_shape} -> {out_shape})"
+        )
+    window, patch = in_shape[2], out_shape[2]
+    if window < patch or (window - patch) % 2:
+        raise ModelError(f"{name}: the mask window ({window}) must exceed the patch ({patch}) by an even margin")
+    if in_type != float32 or out_type != float32:
+        raise ModelError(f"{name}: 'mask' and 'image' must be float32 (found {in_type} and {out_type})")
+    return ModelSignature(window=window, patch=patch, fixed_batch=in_shape[0] if in_shape[0] > 0 else None)
+
+
+def _io(tensor) -> tuple[str, tuple[int, ...], object]:
+    return tensor.name, tuple(tensor.shape), tensor.dtype
+
+
+class _ParsedModel:
+    """An ONNX model parsed into a TensorRT network. The parser owns the weights the network points to, so it
+    lives as long as the network."""
+
+    def __init__(self, trt, logger, model_path: Path):
+        self.builder = trt.Builder(logger)
+        self.network = self.builder.create_network(0)
+        self._parser = trt.OnnxParser(self.network, logger)
+        if not self._parser.parse_from_file(str(model_path)):
+            reason = self._parser.get_error(0).desc() if self._parser.num_errors else "no reason given"
+            raise ModelError(f"{model_path}: TensorRT cannot parse the model ({reason})")
+        inputs = [_io(self.network.get_input(i)) for i in range(self.network.num_inputs)]
+        outputs = [_io(self.network.get_output(i)) for i in range(self.network.num_outputs)]
+        self.signature = _contract_signature(model_path, inputs, outputs, trt.float32)
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+
+    def __init__(
+        self,
+        onnx_path: str | os.PathLike,
+        threads: int | None = None,
+        precision: str = "fp16",
+        max_batch: int | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ):
+        """`threads` is accepted for the common backend interface; inference runs on the GPU."""
+        if precision not in PRECISIONS:
+            raise SafronInputError(f"TensorRT precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
+        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+            raise SafronInputError(f"TensorRT max_batch must be a positive integer (got {max_batch!r})")
+        trt = _tensorrt()
+        cudart = self._cudart = _cudart()
+        self.model_path = Path(onnx_path)
+        if not self.model_path.is_file():
+            raise ModelError(f"{self.model_path}: model file not found")
+        if precision == "fp16" and not hasattr(trt.BuilderFlag, "FP16"):
+            raise SafronInputError(
+                f"TensorRT {trt.__version__} builds only strongly typed networks; fp16 with fp32 normalisation needs "
+                f"TensorRT 10 (or precision='fp32')"
+            )
+        error, devices = cudart.cudaGetDeviceCount()
+        if error != cudart.cudaError_t.cudaSuccess or devices == 0:
+            raise SafronInputError(f"backend 'tensorrt' needs an NVIDIA GPU and CUDA finds none ({error.name})")
+        self._device = _cuda_call(cudart, cudart.cudaGetDevice(), "cudaGetDevice")
+        properties = _cuda_call(cudart, cudart.cudaGetDeviceProperties(self._device), "cudaGetDeviceProperties")
+        raw_name = properties.name
+        gpu_name = (raw_name.decode(errors="replace") if isinstance(raw_name, bytes) else str(raw_name)).rstrip("\0")
+        free_bytes, _ = _cuda_call(cudart, cudart.cudaMemGetInfo(), "cudaMemGetInfo")
+
+        logger = trt.Logger(trt.Logger.ERROR)
+        serialized = self._cached_engine(trt, logger, precision, max_batch, gpu_name, free_bytes, cache_dir)
+        self._runtime = trt.Runtime(logger)
+        self._engine = self._runtime.deserialize_cuda_engine(serialized)
+        if self._engine is None:
+            raise ModelError(f"{self.engine_path}: the cached TensorRT engine cannot be loaded; delete it to rebuild")
+        engine, inputs, outputs = self._engine, [], []
+        for name in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors)):
+            is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            (inputs if is_input else outputs).append(
+                (name, tuple(engine.get_tensor_shape(name)), engine.get_tensor_dtype(name))
+            )
+        self.signature = _contract_signature(self.model_path, inputs, outputs, trt.float32)
+        self._capacity = self.signature.fixed_batch or self.max_batch
+        self.default_batch_size = self._capacity
+
+        self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise SafronInputError(
+                f"{self.model_path}: not enough GPU memory for a TensorRT engine at batch {self._capacity} "
+                f"(free {free_bytes / 2**30:.1f} GiB); pass a smaller max_batch"
+            )
+        self._stream = self._device_in = self._device_out = self._host_in = self._host_out = None
+        try:
+            self._allocate()
+        except BaseException:
+            self.close()
+            raise
+
+    def _cached_engine(self, trt, logger, precision, max_batch, gpu_name, free_bytes, cache_dir) -> bytes:
+        """The serialised engine, from the cache or built into it; sets `max_batch`, `engine_path` and
+        `built_engine`. The parsed network (and its copy of the weights) is freed on return."""
+        parsed = None
+        if max_batch is None:
+            parsed = _ParsedModel(trt, logger, self.model_path)
+            max_batch = parsed.signature.fixed_batch or choose_max_batch(
+                free_bytes, activation_bytes_per_patch(parsed.network, _BYTES_PER_VALUE[precision])
+            )
+        self.precision, self.max_batch = precision, max_batch
+        key = engine_cache_key(file_sha256(self.model_path), trt.__version__, gpu_name, precision, max_batch)
+        self.engine_path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / f"{key}.engine"
+
+        def build() -> bytes:
+            model = parsed or _ParsedModel(trt, logger, self.model_path)
+            print(
+                f"safron: building a TensorRT {precision} engine for {self.model_path.name} on {gpu_name} "
+                f"(once per model, GPU and TensorRT version; cached in {self.engine_path.parent})",
+                file=sys.stderr, flush=True,
+            )
+            return self._build(trt, model, precision, max_batch)
+
+        serialized, self.built_engine = load_or_build(self.engine_path, build)
+        return serialized
+
+    def _build(self, trt, model: _ParsedModel, precision: str, max_batch: int) -> bytes:
+        config = model.builder.create_builder_config()
+        if precision == "fp16":
+            config.set_flag(trt.BuilderFlag.FP16)
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+            pin_normalisation_fp32(model.network)
+        else:
+            config.clear_flag(trt.BuilderFlag.TF32)
+        if model.signature.fixed_batch is None:
+            window = model.signature.window
+            profile = model.builder.create_optimization_profile()
+            profile.set_shape("mask", (1, 3, window, window), (max_batch, 3, window, window),
+                              (max_batch, 3, window, window))
+            config.add_optimization_profile(profile)
+        serialized = model.builder.build_serialized_network(model.network, config)
+        if serialized is None:
+            raise ModelError(f"{self.model_path}: TensorRT could not build an engine (see its messages above)")
+        return bytes(memoryview(serialized))
+
+    def _allocate(self) -> None:
+        cudart, sig, n = self._cudart, self.signature, self._capacity
+        self._in_shape, self._out_shape = (3, sig.window, sig.window), (3, sig.patch, sig.patch)
+        self._in_bytes = 4 * int(np.prod(self._in_shape))  # per patch, float32
+        self._out_bytes = 4 * int(np.prod(self._out_shape))
+        self._stream = _cuda_call(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._device_in = _cuda_call(cudart, cudart.cudaMalloc(n * self._in_bytes), "cudaMalloc")
+        self._device_out = _cuda_call(cudart, cudart.cudaMalloc(n * self._out_bytes), "cudaMalloc")
+        # Pinned host memory: the copies run at full bus speed and truly asynchronously on the stream.
+        self._host_in = self._pinned(n, self._in_shape)
+        self._host_out = self._pinned(n, self._out_shape)
+        if not (self._context.set_tensor_address("mask", self._device_in)
+                and self._context.set_tensor_address("image", self._device_out)):
+            raise RuntimeError("TensorRT refused the device buffers for 'mask' and 'image'")
+
+    def _pinned(self, count: int, shape: tuple[int, ...]) -> tuple[int, np.ndarray]:
+        values = count * int(np.prod(shape))
+        pointer = _cuda_call(self._cudart, self._cudart.cudaMallocHost(4 * values), "cudaMallocHost")
+        array = np.ctypeslib.as_array((ctypes.c_float * values).from_address(pointer)).reshape(count, *shape)
+        return pointer, array
+
+    def run(self, masks: np.ndarray) -> np.ndarray:
+        if masks.ndim != 4 or masks.shape[1:] != self._in_shape:
+            raise ValueError(f"expected masks [N, {', '.join(map(str, self._in_shape))}], got {list(masks.shape)}")
+        if self.signature.fixed_batch is not None and len(masks) != self.signature.fixed_batch:
+            raise ValueError(f"this engine runs batches of exactly {self.signature.fixed_batch}, got {len(masks)}")
+        # The engine's thread may not be the one that created the backend, and CUDA's current device is per thread.
+        _cuda_call(self._cudart, self._cudart.cudaSetDevice(self._device), "cudaSetDevice")
+        images = np.empty((len(masks), *self._out_shape), np.float32)
+        for start in range(0, len(masks), self._capacity):
+            stop = min(start + self._capacity, len(masks))
+            images[start:stop] = self._run_chunk(masks[start:stop])
+        return images
+
+    def _run_chunk(self, masks: np.ndarray) -> np.ndarray:
+        cudart, n = self._cudart, len(masks)
+        (host_in_pointer, host_in), (host_out_pointer, host_out) = self._host_in, self._host_out
+        np.copyto(host_in[:n], masks, casting="same_kind")
+        to_device, to_host = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        _cuda_call(cudart, cudart.cudaMemcpyAsync(self._device_in, host_in_pointer, n * self._in_bytes, to_device,
+                                                  self._stream), "cudaMemcpyAsync")
+        if self.signature.fixed_batch is None and not self._context.set_input_shape("mask", (n, *self._in_shape)):
+            raise RuntimeError(f"TensorRT refused a batch of {n} (the engine's profile is 1..{self._capacity})")
+        if not self._context.execute_async_v3(int(self._stream)):
+            raise RuntimeError("TensorRT inference failed (see its messages above)")
+        _cuda_call(cudart, cudart.cudaMemcpyAsync(host_out_pointer, self._device_out, n * self._out_bytes, to_host,
+                                                  self._stream), "cudaMemcpyAsync")
+        _cuda_call(cudart, cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        # A copy: the pinned buffer is overwritten by the next batch while the engine still holds this one.
+        return host_out[:n].copy()
+
+    def close(self) -> None:
+        cudart = self._cudart
+        if self._stream is not None:
+            cudart.cudaStreamSynchronize(self._stream)
+        for pinned in (self._host_in, self._host_out):
+            if pinned is not None:
+                cudart.cudaFreeHost(pinned[0])
+        for pointer in (self._device_in, self._device_out):
+            if pointer is not None:
+                cudart.cudaFree(pointer)
+        if self._stream is not None:
+            cudart.cudaStreamDestroy(self._stream)
+        self._stream = self._device_in = self._device_out = self._host_in = self._host_out = None
+        self._context = self._engine = self._runtime = None
