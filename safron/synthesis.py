@@ -51,6 +51,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -462,11 +463,19 @@ def write_mask(
     return path
 
 
-def _partial_path(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
-
-
-def _replace(partial: Path, path: Path) -> None:
+@contextmanager
+def _written_atomically(path: Path):
+    """Yield a temporary name next to `path` to write to; rename it onto `path` only when the write
+    succeeds, and remove it on any failure, so a partial mask never appears under its final name."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        yield partial
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise SafronInputError(f"{path}: cannot write the mask: {error.strerror or error}") from error
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     try:
         os.replace(partial, path)
     except OSError as error:
@@ -481,16 +490,8 @@ def _write_png(path, synthesizer, height, width, colour, mpp) -> None:
     labels = synthesizer.read_labels(0, 0, height, width)
     image = Image.fromarray(labels_to_colour(labels) if colour else labels)
     options = {"dpi": (25400 / mpp, 25400 / mpp)} if mpp else {}
-    partial = _partial_path(path)
-    try:
+    with _written_atomically(path) as partial:
         image.save(partial, format="PNG", **options)
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        raise SafronInputError(f"{path}: cannot write the mask: {error.strerror or error}") from error
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    _replace(partial, path)
 
 
 def _bands(synthesizer, height, width, rows, progress, name):
@@ -525,15 +526,7 @@ def _write_label_tiff(path, synthesizer, height, width, tile, mpp, progress) -> 
     options = {}
     if mpp:
         options = {"resolution": (_CENTIMETRE_IN_MICRONS / mpp,) * 2, "resolutionunit": "CENTIMETER"}
-    partial = _partial_path(path)
-    try:
-        with tifffile.TiffWriter(partial, bigtiff=height * width >= _CLASSIC_TIFF_MAX_BYTES) as tiff:
-            tiff.write(tiles(), shape=(height, width), dtype=np.uint8, tile=(tile, tile),
-                       photometric="minisblack", compression="zlib", metadata=None, software="safron", **options)
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        raise SafronInputError(f"{path}: cannot write the mask: {error.strerror or error}") from error
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    _replace(partial, path)
+    with _written_atomically(path) as partial, \
+            tifffile.TiffWriter(partial, bigtiff=height * width >= _CLASSIC_TIFF_MAX_BYTES) as tiff:
+        tiff.write(tiles(), shape=(height, width), dtype=np.uint8, tile=(tile, tile),
+                   photometric="minisblack", compression="zlib", metadata=None, software="safron", **options)
