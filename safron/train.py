@@ -35,7 +35,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +48,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import geometry, masks
-from .cli import (
-    EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, _non_negative_int, _Parser, _positive_float, _positive_int,
-)
+from .cli import _non_negative_int, _Parser, _positive_float, _positive_int, run_main
 from .data import TileDataset, TrainingTile
 from .errors import ModelError, SafronInputError
 from .export import CONFIG_METADATA_KEY, GENERATOR_PREFIX, RUN_DIR_CHECKPOINT, load_generator, save_checkpoint
@@ -700,7 +697,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.data is None and not args.resume:
         parser.error("--data DIR is required for a new run")
-    try:
+
+    def command() -> None:
         result = train(
             args.out, _config_from_args(args), steps=args.steps, resume=args.resume, save_every=args.save_every,
             sample_every=args.sample_every, keep=args.keep, device=args.device, precision=args.precision,
@@ -708,17 +706,9 @@ def main(argv=None) -> int:
         )
         if not args.quiet:
             _stderr_note(f"step {result.step}; checkpoint {result.checkpoint}")
-        return EXIT_OK
-    except SafronInputError as exc:
-        print(f"safron-train: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("safron-train: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception:  # our bug, not the user's: show everything needed to report it
-        traceback.print_exc()
-        print("safron-train: internal error (please report it with the traceback above)", file=sys.stderr)
-        return EXIT_INTERNAL
+
+    # train() itself saves the finished step on Ctrl-C (and says so) before the KeyboardInterrupt reaches here.
+    return run_main("safron-train", command)
 
 
 if __name__ == "__main__":
