@@ -321,9 +321,7 @@ def test_auto_picks_the_backend_that_reads_the_model(run_dir, exported):
         assert backend.name == expected
 
 
-def test_backends_refuse_the_other_kind_of_model(run_dir, exported):
-    with pytest.raises(SafronInputError, match="torch backend runs checkpoints"):
-        create_backend("torch", exported.out_path)
+def test_onnx_runtime_refuses_checkpoints(run_dir):
     with pytest.raises(SafronInputError, match="export it with safron-export"):
         create_backend("onnxruntime", run_dir)
     with pytest.raises(ModelError, match="checkpoint not found"):

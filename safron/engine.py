@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import geometry, masks
-from .backends import create_backend
+from .backends import Backend, create_backend
 from .canvas import Canvas, Journal, side_paths
 from .errors import ModelError, SafronInputError
 from .pipeline import StageClock, prefetch
@@ -122,7 +122,7 @@ class _Renderer:
         if not 0 <= overlap < sig.patch:
             raise SafronInputError(f"overlap must be in [0, {sig.patch}) for this model (got {overlap})")
         self.plan = geometry.plan(mask.height, mask.width, patch=sig.patch, margin=sig.margin, overlap=overlap)
-        self.accumulator = geometry.band_accumulator(self.plan, blend)
+        self.accumulator = backend.band_accumulator(self.plan, blend)
         self.clock = StageClock(STAGES)
         if threads:
             self.accumulator.set_num_threads(threads)
@@ -152,14 +152,14 @@ class _Renderer:
             for k in sel:
                 left = int(batch.xs[k]) - margin - x0
                 labels[k] = region[:, left:left + window]
-        batch.inputs = masks.labels_to_model_input(labels)
+        batch.inputs = self.backend.prepare(labels)
         return batch
 
     # -- stage 2: infer --------------------------------------------------------------------------------------
     def _infer(self, batches):
         for batch in batches:
             with self.clock("infer"):
-                batch.outputs = self.backend.run(batch.inputs)[: len(batch.indices)]
+                batch.outputs = self.backend.infer(batch.inputs)[: len(batch.indices)]
             batch.inputs = None
             yield batch
 
@@ -189,12 +189,13 @@ class _Renderer:
                 keep = batch.rows >= first_row
                 for row in np.unique(batch.rows[keep]):
                     row = int(row)
-                    sel = np.flatnonzero((batch.rows == row) & keep)
+                    # A batch is a raster-order run of patches, so each row's share is a contiguous slice:
+                    # a view, on the host or on a device, never a gather.
+                    found = np.flatnonzero((batch.rows == row) & keep)
+                    sel = slice(int(found[0]), int(found[-1]) + 1)
                     with self.clock("accumulate"):
-                        self.accumulator.add(
-                            np.ascontiguousarray(batch.outputs[sel]), batch.ys[sel], batch.xs[sel], plan.height
-                        )
-                    last_col = int(batch.indices[sel[-1]] % plan.cols)
+                        self.accumulator.add(batch.outputs[sel], batch.ys[sel], batch.xs[sel], plan.height)
+                    last_col = int(batch.indices[sel.stop - 1] % plan.cols)
                     rows_end = plan.final_rows_end(row)
                     cols_final = self._final_columns(last_col)
                     if cols_final > cols_done:
@@ -273,30 +274,32 @@ def _finalise_into(accumulator, y0, y1, x0, x1, out):
         raise RuntimeError(f"internal error: {uncovered} pixels of rows {y0}..{y1} were covered by no patch")
 
 
-def _open_backend(model, backend, threads):
-    return create_backend(backend, _resolve_model(model), threads=threads)
-
-
 def render_array(
     mask,
     model=None,
-    backend: str = "auto",
+    backend: str | Backend = "auto",
     batch_size: int | None = None,
     blend: str = "uniform",
     overlap: int = DEFAULT_OVERLAP,
     threads: int | None = None,
     progress: bool = False,
 ) -> np.ndarray:
-    """Render an in-memory mask (labels HxW or colour HxWx3, uint8) to an HxWx3 uint8 RGB image."""
+    """Render an in-memory mask (labels HxW or colour HxWx3, uint8) to an HxWx3 uint8 RGB image.
+
+    `backend` is a name (then `model` and `threads` open it, and it is closed afterwards) or an open `Backend`
+    (e.g. from `safron.backends.create_backend`), which is used as it is and left open, so that many small masks
+    can share one loaded model.
+    """
     source = masks.from_array(np.asarray(mask))
-    engine = _open_backend(model, backend, threads)
+    engine = backend if isinstance(backend, Backend) else create_backend(backend, _resolve_model(model), threads=threads)
     try:
         renderer = _Renderer(source, engine, batch_size, blend, overlap, threads)
         sink = _ArraySink(source.height, source.width)
         renderer.run(sink, progress=progress)
         return sink.image
     finally:
-        engine.close()
+        if engine is not backend:
+            engine.close()
 
 
 def _check_paths(mask_path: Path, out_path: Path) -> None:

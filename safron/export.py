@@ -176,18 +176,24 @@ def _load(checkpoint: Checkpoint):
         raise ModelError(f"{checkpoint.weights}: not a readable safetensors file ({_first_line(exc)})") from None
     if any(name.startswith(GENERATOR_PREFIX) for name in tensors):
         tensors = {name[len(GENERATOR_PREFIX):]: t for name, t in tensors.items() if name.startswith(GENERATOR_PREFIX)}
+    return load_weights(generator, tensors, checkpoint.weights)
+
+
+def load_weights(generator, tensors: dict, source):
+    """`generator` with `tensors` (name -> torch tensor) loaded, in eval mode with gradients off; weights that do
+    not fit its config are a ModelError naming `source`."""
     expected = generator.state_dict()
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())
     if missing or unexpected:
         raise ModelError(
-            f"{checkpoint.weights}: weights do not match the generator config ({len(missing)} missing, e.g. "
+            f"{source}: weights do not match the generator config ({len(missing)} missing, e.g. "
             f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})"
         )
     for name, tensor in tensors.items():
         if tensor.shape != expected[name].shape:
             raise ModelError(
-                f"{checkpoint.weights}: tensor {name!r} has shape {list(tensor.shape)}, the config needs "
+                f"{source}: tensor {name!r} has shape {list(tensor.shape)}, the config needs "
                 f"{list(expected[name].shape)}"
             )
     generator.load_state_dict(tensors)

@@ -1,9 +1,13 @@
 """Inference backends behind one interface (`Backend`).
 
-ONNX Runtime runs ONNX models (the CPU default); TensorRT runs them on an NVIDIA GPU (the GPU default for ONNX
-models); PyTorch runs training checkpoints (run directories and .safetensors files), on a CUDA GPU when there is
-one, and is the reference the exported models are checked against. `create_backend` is the one place that maps a
-name to an implementation; each backend's module is imported only once its packages are known to be installed.
+ONNX Runtime runs ONNX models on the CPU; TensorRT runs them on an NVIDIA GPU; PyTorch runs training checkpoints
+(run directories and .safetensors files) and safron-exported ONNX models, on a CUDA GPU when there is one, where
+the render stays on the device (see torch_backend), and is the reference the exported models are checked
+against. `create_backend` is the one place that maps a name to an implementation; each backend's module is
+imported only once its packages are known to be installed.
+
+`auto` picks, in order: TensorRT when it is installed and a GPU is present (ONNX models); PyTorch when it is
+installed and a GPU is present, or the model is a checkpoint (which only PyTorch reads); else ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ _REQUIREMENTS = {
     "onnxruntime": ("onnxruntime",),
     "tensorrt": ("tensorrt", "cuda.bindings"),  # cuda.bindings: the cuda-python package
     "torch": ("torch", "safetensors"),
+    "onnx": ("onnx",),  # not a backend: what the torch backend needs to read an ONNX model
 }
 
 
@@ -41,26 +46,48 @@ def _cuda_device_present() -> bool:
 
     if _core.build_info()["cuda"]:
         return _core.cuda_device_count() > 0
-    # safron built without CUDA kernels cannot see devices itself; TensorRT's own CUDA binding can.
-    from cuda.bindings import runtime
+    # safron built without CUDA kernels cannot see devices itself; ask a package that can, if there is one.
+    if _importable("cuda.bindings"):
+        from cuda.bindings import runtime
 
-    error, count = runtime.cudaGetDeviceCount()
-    return error == runtime.cudaError_t.cudaSuccess and count > 0
+        error, count = runtime.cudaGetDeviceCount()
+        return error == runtime.cudaError_t.cudaSuccess and count > 0
+    if _importable("torch"):
+        import torch
+
+        return torch.cuda.is_available()
+    return False
 
 
 def available_backends() -> dict[str, bool]:
     """Which backends can run here (their Python packages are importable)."""
-    return {name: not _missing_modules(name) for name in _REQUIREMENTS}
+    return {name: not _missing_modules(name) for name in BACKEND_NAMES if name != "auto"}
 
 
 def _auto_backend(model_path: str | os.PathLike) -> str:
-    # The model decides first: only PyTorch reads checkpoints (it picks the GPU itself when there is one). ONNX
-    # models go to TensorRT where it is installed and a GPU is present, else to ONNX Runtime on the CPU.
     if is_checkpoint_path(model_path):
-        return "torch"
-    if not _missing_modules("tensorrt") and _cuda_device_present():
-        return "tensorrt"
+        return "torch"  # only PyTorch reads checkpoints; it picks the GPU itself when there is one
+    gpu_backends = [name for name in ("tensorrt", "torch") if not _missing_modules(name)]
+    if gpu_backends and _cuda_device_present():
+        if gpu_backends[0] == "tensorrt":
+            return "tensorrt"
+        # PyTorch rebuilds only safron-exported models; any other ONNX model stays with ONNX Runtime.
+        if not _missing_modules("onnx") and _exported_by_safron(model_path):
+            return "torch"
     return "onnxruntime"
+
+
+def _exported_by_safron(model_path: str | os.PathLike) -> bool:
+    import onnx
+
+    from ..export import CONFIG_METADATA_KEY
+
+    try:
+        # The graph's metadata only: the weights (external data, if any) are not needed to decide.
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - an unreadable model is reported by the backend that opens it
+        return False
+    return any(entry.key == CONFIG_METADATA_KEY for entry in model.metadata_props)
 
 
 def create_backend(name: str, model_path: str | os.PathLike, threads: int | None = None) -> Backend:
@@ -75,10 +102,10 @@ def create_backend(name: str, model_path: str | os.PathLike, threads: int | None
         raise SafronInputError(f"backend {name!r} needs the Python package{plural} {packages}, not installed")
     checkpoint = is_checkpoint_path(model_path)
     if name == "torch":
-        if not checkpoint:
+        if not checkpoint and _missing_modules("onnx"):
             raise SafronInputError(
-                f"{model_path}: the torch backend runs checkpoints (a run directory or .safetensors file); "
-                f"use --backend onnxruntime for ONNX models"
+                f"{model_path}: the torch backend reads ONNX models with the Python package 'onnx', not installed "
+                f"(pip install onnx), or use --backend onnxruntime"
             )
         from .torch_backend import TorchBackend
 
@@ -97,4 +124,4 @@ def create_backend(name: str, model_path: str | os.PathLike, threads: int | None
     return OnnxRuntimeBackend(model_path, threads=threads)
 
 
-__all__ = ["Backend", "ModelSignature", "BACKEND_NAMES", "available_backends", "create_backend"]
+__all__ = ["BACKEND_NAMES", "Backend", "ModelSignature", "available_backends", "create_backend"]

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import geometry, masks
+
 
 @dataclass(frozen=True)
 class ModelSignature:
@@ -27,7 +29,14 @@ class ModelSignature:
 
 
 class Backend(abc.ABC):
-    """Runs the generator on batches of encoded mask windows."""
+    """Runs the generator on batches of encoded mask windows.
+
+    `run` is the model contract (NumPy in, NumPy out), what export checks and tests compare. The engine goes
+    through three hooks instead, so that a GPU backend can keep everything between the mask labels and the
+    finished uint8 pixels on the device: `prepare` (read thread) turns label windows into the backend's input,
+    `infer` (inference thread) produces patches in whatever form the backend's `band_accumulator` takes. The
+    defaults are the host path: ±1 float32 input, float32 NumPy patches, the CPU accumulator.
+    """
 
     name: str
     signature: ModelSignature
@@ -37,5 +46,17 @@ class Backend(abc.ABC):
     def run(self, masks: np.ndarray) -> np.ndarray:
         """float32 [N, 3, window, window] -> float32 [N, 3, patch, patch]."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def prepare(self, labels: np.ndarray):
+        """uint8 label windows [N, window, window] -> the input `infer` takes."""
+        return masks.labels_to_model_input(labels)
+
+    def infer(self, prepared):
+        """A prepared batch -> patches the accumulator adds, sliceable along the batch axis."""
+        return self.run(prepared)
+
+    def band_accumulator(self, plan, blend: str):
+        """The accumulator that `infer`'s patches are added into (see geometry.band_accumulator)."""
+        return geometry.band_accumulator(plan, blend)
+
+    def close(self) -> None:
         """Release sessions and device memory."""

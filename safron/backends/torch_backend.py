@@ -1,23 +1,39 @@
-"""PyTorch backend: runs a training checkpoint directly, the reference that exported models are checked against.
+"""PyTorch backend: runs a training checkpoint or a safron-exported ONNX model with PyTorch.
+
+It is the reference that exported models are checked against, and the GPU path on machines without TensorRT.
+An ONNX file written by safron-export carries the generator's config in its metadata and its weights as
+initializers named after the PyTorch parameters, so the same network is rebuilt from it exactly; the embedded
+default model therefore runs here too.
 
 On CPU it computes in fp32, as the export check does. On a CUDA GPU it runs in fp16 autocast with channels-last
 tensors (the layout tensor cores want), except the normalisation layers, which stay in fp32: instance
-statistics over a 256x256 map lose accuracy in fp16, the same reason the TensorRT build pins them.
+statistics over a 256x256 map lose accuracy in fp16, the same reason the TensorRT build pins them. When safron
+was built with its CUDA kernels the render is device-resident: uint8 label windows go up (1 byte per mask pixel
+instead of 12 for the ±1 float input), are one-hot encoded on the GPU, and the fp16 patches go straight into the
+CUDA band accumulator (`safron.cuda_band`); only finished uint8 pixels come back.
 
 This module imports torch at import time; `create_backend` imports it only once torch is known to be installed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 import torch
 from torch import nn
 
+from .. import _core
 from ..errors import ModelError
-from ..export import load_generator
-from ..models import normalisation_layers
+from ..export import (
+    CONFIG_METADATA_KEY,
+    is_checkpoint_path,
+    load_generator,
+    load_weights,
+)
+from ..masks import MODEL_INPUT_CLASSES
+from ..models import Generator, normalisation_layers
 from .base import Backend, ModelSignature
 
 # Patches per call. On CPU, as ONNX Runtime: larger batches only add latency. On a GPU, enough windows to fill
@@ -46,25 +62,66 @@ def keep_normalisation_fp32(model: nn.Module) -> nn.Module:
     return model
 
 
+def load_onnx_generator(path: str | os.PathLike) -> Generator:
+    """The generator a safron-exported ONNX file holds, rebuilt in PyTorch (CPU, eval mode, no gradients)."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise ModelError(f"{path}: reading an ONNX model into PyTorch needs the 'onnx' package (pip install onnx)") from None
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError, OSError, ... for unreadable files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: not a readable ONNX model ({reason})") from None
+    metadata = {entry.key: entry.value for entry in model.metadata_props}
+    if CONFIG_METADATA_KEY not in metadata:
+        raise ModelError(
+            f"{path}: not exported by safron-export (no {CONFIG_METADATA_KEY!r} metadata), so PyTorch cannot "
+            f"rebuild it; use --backend onnxruntime"
+        )
+    generator = Generator.from_config(json.loads(metadata[CONFIG_METADATA_KEY]))
+    weights = {tensor.name: torch.from_numpy(numpy_helper.to_array(tensor).copy()) for tensor in model.graph.initializer}
+    return load_weights(generator, weights, path)
+
+
+def encode_labels(labels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 labels [N, h, w] -> the ±1 one-hot model input [N, 3, h, w], as masks.labels_to_model_input, on the
+    labels' device."""
+    classes = torch.tensor(MODEL_INPUT_CLASSES, dtype=labels.dtype, device=labels.device).view(1, -1, 1, 1)
+    return (labels.unsqueeze(1) == classes).to(dtype) * 2 - 1
+
+
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, checkpoint: str | os.PathLike, threads: int | None = None, device: str | None = None):
+    def __init__(
+        self, model_path: str | os.PathLike, threads: int | None = None, device: str | None = None,
+        device_resident: bool | None = None,
+    ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        generator = load_generator(checkpoint)
+        generator = load_generator(model_path) if is_checkpoint_path(model_path) else load_onnx_generator(model_path)
         if generator.in_channels != 3 or generator.out_channels != 3:
             raise ModelError(
-                f"{checkpoint}: the engine feeds 3 mask channels and reads 3 image channels, this generator has "
+                f"{model_path}: the engine feeds 3 mask channels and reads 3 image channels, this generator has "
                 f"{generator.in_channels} and {generator.out_channels}"
             )
         self.signature = ModelSignature(window=generator.window, patch=generator.patch)
-        self._mixed_precision = self.device.type == "cuda"
-        if self._mixed_precision:
+        on_gpu = self.device.type == "cuda"
+        self._mixed_precision = on_gpu
+        if on_gpu:
             generator = keep_normalisation_fp32(generator).to(self.device, memory_format=torch.channels_last)
             self.default_batch_size = CUDA_BATCH_SIZE
         else:
             generator = generator.to(self.device)
             self.default_batch_size = CPU_BATCH_SIZE
+        # Device-resident rendering needs safron's own CUDA kernels; without them a GPU still runs the generator
+        # and the patches take the host path.
+        can_stay = on_gpu and bool(_core.build_info()["cuda"])
+        if device_resident and not can_stay:
+            raise ModelError("device-resident rendering needs a CUDA device and safron built with its CUDA kernels")
+        self.device_resident = can_stay if device_resident is None else device_resident
+        self._stream = torch.cuda.Stream(self.device) if on_gpu else None
         self._generator = generator
         # torch's CPU thread count is per process: set it for this backend's lifetime and restore it on close.
         self._threads_before = None
@@ -72,16 +129,45 @@ class TorchBackend(Backend):
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(threads)
 
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        if not self._mixed_precision:
+            return self._generator(batch)
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type="cuda", dtype=torch.float16):
+            return self._generator(batch)
+
     def run(self, masks: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            batch = torch.from_numpy(masks).to(self.device)
-            if self._mixed_precision:
-                batch = batch.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device_type="cuda", dtype=torch.float16):
-                    images = self._generator(batch)
-            else:
-                images = self._generator(batch)
+            images = self._forward(torch.from_numpy(masks).to(self.device))
             return images.float().contiguous().cpu().numpy()
+
+    # -- the engine's device-resident path (see the module docstring) -------------------------------------------
+    def prepare(self, labels: np.ndarray):
+        if not self.device_resident:
+            return super().prepare(labels)
+        # Pinned, so that the upload in `infer` is an asynchronous DMA.
+        return torch.from_numpy(labels).pin_memory()
+
+    def infer(self, prepared):
+        if not self.device_resident:
+            return super().infer(prepared)
+        from ..cuda_band import DevicePatches
+
+        with torch.inference_mode(), torch.cuda.stream(self._stream):
+            labels = prepared.to(self.device, non_blocking=True)
+            images = self._forward(encode_labels(labels, torch.float16))
+            # The accumulator reads NCHW; fp16 halves what it reads and is what autocast produced anyway.
+            images = images.to(torch.float16).contiguous()
+            ready = torch.cuda.Event()
+            ready.record(self._stream)
+        return DevicePatches(images, ready)
+
+    def band_accumulator(self, plan, blend: str):
+        if not self.device_resident:
+            return super().band_accumulator(plan, blend)
+        from ..cuda_band import CudaBand
+
+        return CudaBand(plan, blend, self.device)
 
     def close(self) -> None:
         self._generator = None
@@ -89,4 +175,6 @@ class TorchBackend(Backend):
             torch.set_num_threads(self._threads_before)
             self._threads_before = None
         if self.device.type == "cuda":
+            if self._stream is not None:
+                self._stream.synchronize()
             torch.cuda.empty_cache()

@@ -1,0 +1,99 @@
+"""The engine's band accumulator on the GPU, fed with PyTorch CUDA tensors: patches never leave the device.
+
+`CudaBand` gives `_core.CudaBandAccumulator` (raw device pointers and a cudaStream_t) the interface the engine
+uses for the CPU `BandAccumulator`: `add(patches, ys, xs, image_height)`, `finalise(y0, y1, out, x0, x1)`,
+`discard(...)`, `block_cols`. Patches arrive as `DevicePatches`: a CUDA tensor plus the event recorded on the
+inference stream after the generator wrote it, so the accumulate kernel waits for exactly that work and no
+more, and inference of the next batch runs on its own stream meanwhile.
+
+Finished rows are written by the finalise kernel straight into a pinned host buffer (the accumulator accepts
+pinned memory as output), then copied into the caller's array (the memory-mapped canvas): uint8 pixels are the
+only thing that crosses PCIe, 3 bytes per output pixel against the 12 or 6 of the float patches.
+
+PyTorch is imported lazily by the callers' modules; this one needs it at call time only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _core
+
+
+@dataclass(frozen=True)
+class DevicePatches:
+    """Generator output on the GPU: fp16 or fp32 NCHW contiguous, valid once `ready` has completed."""
+
+    tensor: object  # torch.Tensor [n, 3, patch, patch] on a CUDA device
+    ready: object  # torch.cuda.Event recorded after the producing kernels
+
+    def __getitem__(self, index: slice) -> DevicePatches:
+        if not isinstance(index, slice):
+            raise TypeError("DevicePatches are sliced along the batch axis only (a gather would copy on the GPU)")
+        return DevicePatches(self.tensor[index], self.ready)
+
+    def __len__(self) -> int:
+        return int(self.tensor.shape[0])
+
+
+class CudaBand:
+    """A band accumulator in device memory on `device`, with its own CUDA stream."""
+
+    def __init__(self, plan, blend: str, device):
+        import torch
+
+        self._torch = torch
+        self.width = plan.width
+        with torch.cuda.device(device):
+            # Same capacity as the CPU band (geometry.band_accumulator): the engine adds one patch row at a time.
+            self._band = _core.CudaBandAccumulator(plan.width, plan.patch, plan.patch, plan.overlap, blend)
+            self._stream = torch.cuda.Stream()
+        self._pinned = None  # grown on demand, reused across finalise calls
+
+    @property
+    def block_cols(self) -> int:
+        return self._band.block_cols
+
+    def set_num_threads(self, threads: int) -> None:
+        """Host threads do not apply: the kernels run on the GPU."""
+
+    def add(self, patches: DevicePatches, ys, xs, image_height: int) -> None:
+        torch = self._torch
+        tensor = patches.tensor
+        if not (tensor.is_cuda and tensor.is_contiguous()):
+            raise ValueError("CudaBand.add takes contiguous CUDA tensors (DevicePatches from a device backend)")
+        dtype = {torch.float16: "float16", torch.float32: "float32"}.get(tensor.dtype)
+        if dtype is None:
+            raise ValueError(f"patches must be float16 or float32, not {tensor.dtype}")
+        self._stream.wait_event(patches.ready)
+        # The tensor was allocated on the inference stream; without this the caching allocator could hand its
+        # memory to the next batch while our kernel still reads it. (Inference mode: it is an inference tensor.)
+        with torch.inference_mode():
+            tensor.record_stream(self._stream)
+        self._band.add(
+            tensor.data_ptr(), dtype, len(patches), np.asarray(ys), np.asarray(xs), image_height,
+            self._stream.cuda_stream,
+        )
+
+    def finalise(self, row_begin: int, row_end: int, out: np.ndarray, col_begin: int = 0, col_end=None) -> int:
+        col_end = self.width if col_end is None else col_end
+        rows, cols = row_end - row_begin, col_end - col_begin
+        if out.shape != (rows, cols, 3) or out.dtype != np.uint8:
+            raise ValueError(f"out must be uint8 ({rows}, {cols}, 3), got {out.dtype} {out.shape}")
+        staging = self._staging(rows * cols * 3)
+        # finalise synchronises the stream (it returns the uncovered count), so the pinned bytes are complete.
+        uncovered = self._band.finalise(
+            row_begin, row_end, staging.data_ptr(), col_begin, col_end, cols * 3, self._stream.cuda_stream
+        )
+        np.copyto(out, staging.numpy()[: rows * cols * 3].reshape(rows, cols, 3))
+        return uncovered
+
+    def discard(self, row_begin: int, row_end: int, col_begin: int = 0, col_end=None) -> None:
+        self._band.discard(row_begin, row_end, col_begin, col_end, self._stream.cuda_stream)
+
+    def _staging(self, size: int):
+        if self._pinned is None or self._pinned.numel() < size:
+            self._pinned = self._torch.empty(size, dtype=self._torch.uint8, pin_memory=True)
+        return self._pinned
