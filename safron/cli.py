@@ -96,7 +96,12 @@ def render_parser() -> argparse.ArgumentParser:
     p.add_argument("mask", metavar="MASK", help="tissue component mask to render")
     p.add_argument("out", metavar="OUT", help="output pyramidal BigTIFF (written under a temporary name, renamed when complete)")
     p.add_argument("--model", metavar="ONNX", help="generator: an ONNX file meeting the model contract, or a training run directory / .safetensors checkpoint for --backend torch (default: the embedded model)")
-    p.add_argument("--backend", choices=BACKEND_NAMES, default="auto", help="inference backend (default: %(default)s)")
+    p.add_argument(
+        "--backend", choices=BACKEND_NAMES, default="auto",
+        help="inference backend (default: %(default)s = tensorrt if installed and a GPU is present; else torch on a "
+             "GPU for checkpoints and safron-exported ONNX, rendering on the device; else onnxruntime on the CPU; "
+             "torch also runs checkpoints on the CPU)",
+    )
     p.add_argument("--batch-size", type=_positive_int, metavar="N", help="patches per inference call (default: backend's choice)")
     p.add_argument("--blend", choices=BLENDS, default="uniform",
                    help="weights for overlapping patches: uniform = the paper's average; linear/cosine ramp across the overlap (default: %(default)s)")
