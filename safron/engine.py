@@ -14,6 +14,7 @@ batch composition. That is what makes `resume=True` byte-identical.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import time
@@ -25,7 +26,7 @@ import numpy as np
 
 from . import geometry, masks
 from .backends import Backend, create_backend
-from .canvas import Canvas, Journal, side_paths
+from .canvas import Canvas, Journal, JournalThread, side_paths
 from .errors import ModelError, SafronInputError
 from .pipeline import StageClock, prefetch
 from .slide_io import check_output_path
@@ -253,10 +254,10 @@ class _ArraySink:
 
 
 class _FileSink:
-    """Finished blocks go into the canvas; whole finished rows are journalled and handed to the encoder,
-    which reads its tiles back from the canvas (so no stage holds full-width rows in memory)."""
+    """Finished blocks go into the canvas; whole finished rows are journalled (in the background) and handed to
+    the encoder, which reads its tiles back from the canvas (so no stage holds full-width rows in memory)."""
 
-    def __init__(self, canvas: Canvas, journal: Journal, writer):
+    def __init__(self, canvas: Canvas, journal: JournalThread, writer):
         self.canvas, self.journal, self.writer = canvas, journal, writer
 
     def finalise(self, accumulator, y0, y1, x0, x1):
@@ -264,7 +265,7 @@ class _FileSink:
             _finalise_into(accumulator, y0, y1, x0, x1, rows[:, x0:x1])
 
     def rows_final(self, y1):
-        self.journal.record(y1)
+        self.journal.submit(y1)
         self.writer.rows_ready(y1)
 
 
@@ -379,17 +380,24 @@ def render(
                 canvas=canvas.path,
             )
             started = time.perf_counter()
+            recorder = JournalThread(canvas, journal)
             try:
                 # The TIFF is always rewritten whole; on resume the finished rows are read from the canvas.
                 if journal.rows_done:
                     writer.rows_ready(journal.rows_done)
-                renderer.run(_FileSink(canvas, journal, writer), journal.rows_done, progress, desc=mask_path.name)
+                renderer.run(_FileSink(canvas, recorder, writer), journal.rows_done, progress, desc=mask_path.name)
+                recorder.close()
                 writer.close()
                 seconds = time.perf_counter() - started
                 renderer.clock.seconds["encode"] = writer.busy_seconds
             except BaseException as exc:
                 writer.abort()
+                # Journal what is on the canvas so far, so that a resume loses as little as possible; a failure of
+                # the journal itself must not hide the exception being handled.
+                with contextlib.suppress(Exception):
+                    recorder.close()
                 journal.close()
+                canvas.close()
                 # A user error (bad colour found mid-mask) will recur on resume: keep nothing. An interruption or
                 # an internal error keeps canvas and journal so that `resume=True` continues.
                 if isinstance(exc, SafronInputError):

@@ -1,0 +1,54 @@
+"""The canvas and its journal: finished rows are journalled only after the canvas is synced, off the main thread."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from safron.canvas import Canvas, Journal, JournalThread
+
+
+def journalled_rows(path) -> list[int]:
+    return [json.loads(line)["rows_done"] for line in path.read_text().splitlines()[1:]]
+
+
+def test_rows_are_journalled_after_a_sync_and_the_last_request_survives_close(tmp_path, monkeypatch):
+    canvas = Canvas(tmp_path / "c", 8, 5, create=True)
+    journal = Journal(tmp_path / "j", {"format": 1}, resume=False)
+    events = []
+    monkeypatch.setattr(canvas, "sync", lambda: events.append("sync"))
+    real_record = journal.record
+    monkeypatch.setattr(journal, "record", lambda rows: (events.append(rows), real_record(rows)))
+    recorder = JournalThread(canvas, journal)
+    with canvas.rows(0, 4) as rows:
+        rows[:] = 7
+    for rows_done in (2, 4, 8):
+        recorder.submit(rows_done)
+    recorder.close()
+    # Requests may coalesce, but every record follows a sync, they only grow, and the last one is kept.
+    recorded = [event for event in events if event != "sync"]
+    assert recorded == sorted(recorded) and recorded[-1] == 8
+    assert all(events[events.index(rows) - 1] == "sync" for rows in recorded)
+    assert journalled_rows(tmp_path / "j") == recorded
+    journal.close()
+    canvas.close()
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "c", np.uint8).reshape(8, 5, 3)[:4], 7)
+
+
+def test_a_failed_sync_is_raised_in_the_render_thread_and_nothing_is_journalled(tmp_path, monkeypatch):
+    canvas = Canvas(tmp_path / "c", 4, 4, create=True)
+    journal = Journal(tmp_path / "j", {"format": 1}, resume=False)
+
+    def full_disk():
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(canvas, "sync", full_disk)
+    recorder = JournalThread(canvas, journal)
+    recorder.submit(4)
+    with pytest.raises(OSError, match="No space left"):
+        recorder.close()
+    journal.close()
+    canvas.close()
+    assert journalled_rows(tmp_path / "j") == []
