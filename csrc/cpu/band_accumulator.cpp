@@ -47,6 +47,19 @@ ReleasableFloats::~ReleasableFloats() {
   if (data_) munmap(data_, bytes_);
 }
 
+void ReleasableFloats::populate(float* begin, std::size_t count) {
+#if defined(MADV_POPULATE_WRITE)
+  const std::uintptr_t page = page_size();
+  const auto first = reinterpret_cast<std::uintptr_t>(begin) / page * page;
+  const auto last = reinterpret_cast<std::uintptr_t>(begin + count);
+  // A hint: kernels before 5.14 refuse it (EINVAL) and the pages fault in one by one as before.
+  madvise(reinterpret_cast<void*>(first), last - first, MADV_POPULATE_WRITE);
+#else
+  (void)begin;
+  (void)count;
+#endif
+}
+
 void ReleasableFloats::zero(float* begin, std::size_t count) {
   auto* first = reinterpret_cast<std::byte*>(begin);
   std::byte* const last = first + count * sizeof(float);
@@ -75,6 +88,8 @@ ReleasableFloats::ReleasableFloats(std::size_t count)
 
 ReleasableFloats::~ReleasableFloats() = default;
 
+void ReleasableFloats::populate(float*, std::size_t) {}
+
 void ReleasableFloats::zero(float* begin, std::size_t count) {
   std::fill_n(begin, count, 0.0f);
 }
@@ -82,6 +97,32 @@ void ReleasableFloats::zero(float* begin, std::size_t count) {
 #endif
 
 }  // namespace detail
+
+namespace {
+
+inline float sample_value(float value) { return value; }
+inline float sample_value(std::uint16_t half) { return detail::half_to_float(half); }
+
+// One row of one patch into one band row: add_patch_sample's arithmetic on `count` consecutive
+// pixels (w = ramp[ty] * ramp[tx], then sum += w * value per channel, weight += w, unfused), with
+// the dtype and the row's addresses resolved once instead of per pixel, so the loop vectorises.
+// `values` is channel 0 of the row's first pixel; channels are `plane` values apart.
+template <class T>
+void add_patch_row(const T* values, std::int64_t plane, float ramp_y, const float* ramp_x,
+                   std::int64_t count, float* sums, float* weights) {
+  const T* red = values;
+  const T* green = values + plane;
+  const T* blue = values + 2 * plane;
+  for (std::int64_t i = 0; i < count; ++i) {
+    const float w = ramp_y * ramp_x[i];
+    sums[3 * i] += w * sample_value(red[i]);
+    sums[3 * i + 1] += w * sample_value(green[i]);
+    sums[3 * i + 2] += w * sample_value(blue[i]);
+    weights[i] += w;
+  }
+}
+
+}  // namespace
 
 BandAccumulator::BandAccumulator(std::int64_t width, std::int64_t capacity_rows, int patch,
                                  int overlap, BlendMode blend)
@@ -117,20 +158,35 @@ void BandAccumulator::add(const void* patches, DType dtype, std::int64_t n, cons
   if (rows.empty()) return;
   slots_.check_patches(n, ys, xs, patch_, image_height, "add");
   slots_.mark_patches(n, ys, xs, patch_, image_height);
-  const detail::PatchBatch batch{patches, dtype, n, ys, xs, patch_, ramp_.data()};
   // Threads own disjoint output rows and visit the patches in batch order, so every pixel receives
   // exactly the additions, in exactly the order, of the CUDA gather kernel.
+  const detail::IndexRange touched_columns = detail::columns_touched_by_batch(n, xs, patch_, width_);
   const auto add_rows = [&](std::int64_t first, std::int64_t last) {
     for (std::int64_t y = first; y < last; ++y) {
       float* sums = sum_row(y);
       float* weights = weight_row(y);
+      sums_.populate(sums + 3 * touched_columns.begin,
+                     static_cast<std::size_t>(3 * touched_columns.size()));
+      weights_.populate(weights + touched_columns.begin,
+                        static_cast<std::size_t>(touched_columns.size()));
       for (std::int64_t k = 0; k < n; ++k) {
         const std::int64_t ty = y - ys[k];
         if (ty < 0 || ty >= patch_) continue;
         const std::int64_t x_begin = std::max<std::int64_t>(xs[k], 0);
         const std::int64_t x_end = std::min<std::int64_t>(xs[k] + patch_, width_);
-        for (std::int64_t x = x_begin; x < x_end; ++x) {
-          detail::add_patch_sample(batch, k, ty, x - xs[k], sums + 3 * x, weights + x);
+        if (x_begin >= x_end) continue;
+        const std::int64_t tx_begin = x_begin - xs[k];
+        const std::int64_t plane = static_cast<std::int64_t>(patch_) * patch_;
+        const std::int64_t first_value = (k * 3 * patch_ + ty) * patch_ + tx_begin;  // channel 0
+        const float* ramp_x = ramp_.data() + tx_begin;
+        if (dtype == DType::F16) {
+          add_patch_row(static_cast<const std::uint16_t*>(patches) + first_value, plane,
+                        ramp_[static_cast<std::size_t>(ty)], ramp_x, x_end - x_begin,
+                        sums + 3 * x_begin, weights + x_begin);
+        } else {
+          add_patch_row(static_cast<const float*>(patches) + first_value, plane,
+                        ramp_[static_cast<std::size_t>(ty)], ramp_x, x_end - x_begin,
+                        sums + 3 * x_begin, weights + x_begin);
         }
       }
     }
