@@ -30,11 +30,13 @@ needs neither torch nor its multi-GB CUDA wheels. Each backend owns one CUDA str
 engine's input and output at the maximum batch, and pinned host buffers; `run` copies a batch in, enqueues the
 engine and copies the result out on that stream, then waits for it.
 
-Device-resident path. In the full GPU pipeline the engine's output stays on the device: `image` is bound to a
-device buffer that the CUDA band accumulator (`safron._core`) reads directly on the same stream, the finished
-uint8 rows are copied out asynchronously through pinned memory, and two sets of buffers alternate so that
-inference of batch k+1 overlaps accumulation of batch k and the encoding of earlier rows. The engine built here is
-the same one that path binds; only the host-side `run` interface below copies float patches to the host.
+Not yet device-resident. The torch backend keeps a render on the GPU (uint8 labels up, fp16 patches straight into
+the CUDA band accumulator, uint8 pixels down: see torch_backend and safron.cuda_band). This backend still returns
+float patches to the host through `run`, and the engine accumulates them on the CPU. Making it resident means
+implementing the Backend hooks (`prepare`, `infer`, `band_accumulator`) with two sets of device output buffers that
+alternate under CUDA events (the accumulator's stream waits for the engine's, and the engine waits for the
+accumulator before reusing a buffer); it has not been done because TensorRT cannot be run on any machine this
+project is developed on.
 """
 
 from __future__ import annotations
