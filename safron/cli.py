@@ -77,7 +77,7 @@ _tile_side = _argument_type(int, "a positive multiple of 16", lambda v: v >= 16 
 
 def render_parser() -> argparse.ArgumentParser:
     from .backends import BACKEND_NAMES
-    from .engine import BLENDS
+    from .engine import BLENDS, DEFAULT_BLEND
     from .pyramid_tiff import COMPRESSIONS
 
     p = _Parser(
@@ -103,8 +103,8 @@ def render_parser() -> argparse.ArgumentParser:
              "torch also runs checkpoints on the CPU)",
     )
     p.add_argument("--batch-size", type=_positive_int, metavar="N", help="patches per inference call (default: backend's choice)")
-    p.add_argument("--blend", choices=BLENDS, default="uniform",
-                   help="weights for overlapping patches: uniform = the paper's average; linear/cosine ramp across the overlap (default: %(default)s)")
+    p.add_argument("--blend", choices=BLENDS, default=DEFAULT_BLEND,
+                   help="weights for overlapping patches: uniform = the paper's average; linear/cosine ramp across the overlap, which hides patch seams (default: %(default)s)")
     p.add_argument("--compression", choices=COMPRESSIONS, default="jpeg", help="tile compression (default: %(default)s)")
     p.add_argument("--quality", type=_quality, default=90, metavar="Q", help="JPEG quality 1..100 (default: %(default)s)")
     p.add_argument("--mpp", type=_positive_float, metavar="UM", help="microns per pixel to record (default: taken from the mask)")
