@@ -102,8 +102,33 @@ std::int64_t column_end(const Accumulator& band, std::int64_t col_begin,
   return end;
 }
 
+// Raw band rows as (sums [rows, width, 3], weights [rows, width]); `read` fills the two buffers
+// with the GIL released.
+template <class Accumulator, class Read>
+py::tuple band_rows(const Accumulator& band, std::int64_t row_begin, std::int64_t row_end,
+                    const Read& read) {
+  require(row_end >= row_begin, "invalid row range [", row_begin, ", ", row_end, ")");
+  py::array_t<float> sums({row_end - row_begin, band.width(), std::int64_t{3}});
+  py::array_t<float> weights({row_end - row_begin, band.width()});
+  float* sums_data = sums.mutable_data();
+  float* weights_data = weights.mutable_data();
+  {
+    py::gil_scoped_release release;
+    read(sums_data, weights_data);
+  }
+  return py::make_tuple(sums, weights);
+}
+
+// What the CPU and CUDA accumulators share in Python: the constructor and the band's properties.
 template <class Accumulator>
-void bind_band_properties(py::class_<Accumulator>& cls) {
+void bind_band_common(py::class_<Accumulator>& cls) {
+  cls.def(py::init([](std::int64_t width, std::int64_t capacity_rows, int patch, int overlap,
+                      const std::string& blend) {
+            return std::make_unique<Accumulator>(width, capacity_rows, patch, overlap,
+                                                 safron::parse_blend_mode(blend));
+          }),
+          py::arg("width"), py::arg("capacity_rows"), py::arg("patch") = 256,
+          py::arg("overlap") = 20, py::arg("blend") = "uniform");
   cls.def_property_readonly("width", &Accumulator::width)
       .def_property_readonly_static(
           "block_cols", [](const py::object&) { return safron::kBlockCols; },
@@ -182,14 +207,8 @@ void bind_cpu_accumulator(py::module_& m) {
   using safron::BandAccumulator;
   py::class_<BandAccumulator> cls(
       m, "BandAccumulator", "Rolling band of fp32 sums and weights on the CPU (see accumulate.h).");
-  cls.def(py::init([](std::int64_t width, std::int64_t capacity_rows, int patch, int overlap,
-                      const std::string& blend) {
-            return std::make_unique<BandAccumulator>(width, capacity_rows, patch, overlap,
-                                                     safron::parse_blend_mode(blend));
-          }),
-          py::arg("width"), py::arg("capacity_rows"), py::arg("patch") = 256,
-          py::arg("overlap") = 20, py::arg("blend") = "uniform")
-      .def(
+  bind_band_common(cls);
+  cls.def(
           "add",
           [](BandAccumulator& self, const py::array& patches, const py::object& ys,
              const py::object& xs, std::int64_t image_height) {
@@ -231,23 +250,15 @@ void bind_cpu_accumulator(py::module_& m) {
       .def(
           "read_rows",
           [](const BandAccumulator& self, std::int64_t row_begin, std::int64_t row_end) {
-            require(row_end >= row_begin, "invalid row range [", row_begin, ", ", row_end, ")");
-            py::array_t<float> sums({row_end - row_begin, self.width(), std::int64_t{3}});
-            py::array_t<float> weights({row_end - row_begin, self.width()});
-            float* sums_data = sums.mutable_data();
-            float* weights_data = weights.mutable_data();
-            {
-              py::gil_scoped_release release;
-              self.read_rows(row_begin, row_end, sums_data, weights_data);
-            }
-            return py::make_tuple(sums, weights);
+            return band_rows(self, row_begin, row_end, [&](float* sums, float* weights) {
+              self.read_rows(row_begin, row_end, sums, weights);
+            });
           },
           py::arg("row_begin"), py::arg("row_end"),
           "(sums float32 [R, W, 3], weights float32 [R, W]) copies of band rows, for diagnostics.")
       .def("set_num_threads", &BandAccumulator::set_num_threads, py::arg("num_threads"),
            "Worker threads for add/finalise; 0 = one per hardware thread (the default).")
       .def_property_readonly("num_threads", &BandAccumulator::num_threads);
-  bind_band_properties(cls);
 }
 
 void bind_cuda_accumulator(py::module_& m) {
@@ -256,14 +267,8 @@ void bind_cuda_accumulator(py::module_& m) {
       m, "CudaBandAccumulator",
       "The band accumulator in device memory; takes raw device pointers and a cudaStream_t as int. "
       "Raises RuntimeError when built without CUDA or when no GPU is usable.");
-  cls.def(py::init([](std::int64_t width, std::int64_t capacity_rows, int patch, int overlap,
-                      const std::string& blend) {
-            return std::make_unique<CudaBandAccumulator>(width, capacity_rows, patch, overlap,
-                                                         safron::parse_blend_mode(blend));
-          }),
-          py::arg("width"), py::arg("capacity_rows"), py::arg("patch") = 256,
-          py::arg("overlap") = 20, py::arg("blend") = "uniform")
-      .def(
+  bind_band_common(cls);
+  cls.def(
           "add",
           [](CudaBandAccumulator& self, std::uintptr_t patches_ptr, const std::string& dtype,
              std::int64_t n, const py::object& ys, const py::object& xs, std::int64_t image_height,
@@ -310,20 +315,12 @@ void bind_cuda_accumulator(py::module_& m) {
           "read_rows",
           [](const CudaBandAccumulator& self, std::int64_t row_begin, std::int64_t row_end,
              std::uintptr_t stream) {
-            require(row_end >= row_begin, "invalid row range [", row_begin, ", ", row_end, ")");
-            py::array_t<float> sums({row_end - row_begin, self.width(), std::int64_t{3}});
-            py::array_t<float> weights({row_end - row_begin, self.width()});
-            float* sums_data = sums.mutable_data();
-            float* weights_data = weights.mutable_data();
-            {
-              py::gil_scoped_release release;
-              self.read_rows(row_begin, row_end, sums_data, weights_data, as_stream(stream));
-            }
-            return py::make_tuple(sums, weights);
+            return band_rows(self, row_begin, row_end, [&](float* sums, float* weights) {
+              self.read_rows(row_begin, row_end, sums, weights, as_stream(stream));
+            });
           },
           py::arg("row_begin"), py::arg("row_end"), py::arg("stream") = 0)
       .def_property_readonly("device", &CudaBandAccumulator::device);
-  bind_band_properties(cls);
 }
 
 }  // namespace
