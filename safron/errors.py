@@ -12,3 +12,9 @@ class MaskError(SafronInputError):
 
 class ModelError(SafronInputError):
     """A model file that is missing, unreadable, or does not meet the model contract."""
+
+
+def first_line(exc: BaseException) -> str:
+    """A library exception reduced to what fits in a one-line message: its first line, else its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import __version__, masks
 from .cli import _Parser, _positive_float, _positive_int, run_main
-from .errors import ModelError, SafronInputError
+from .errors import ModelError, SafronInputError, first_line
 from .slide_io import check_output_path
 
 CHECKPOINT_SUFFIX = ".safetensors"
@@ -108,7 +108,7 @@ def _read_metadata(weights: Path) -> dict[str, str]:
         with safe_open(str(weights), framework="numpy") as f:
             return dict(f.metadata() or {})
     except Exception as exc:  # safetensors raises its own error types for a damaged header
-        raise ModelError(f"{weights}: not a readable safetensors file ({_first_line(exc)})") from None
+        raise ModelError(f"{weights}: not a readable safetensors file ({first_line(exc)})") from None
 
 
 def _read_config(weights: Path, embedded: str | None) -> dict[str, Any]:
@@ -130,11 +130,6 @@ def _read_config(weights: Path, embedded: str | None) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ModelError(f"{source}: generator config must be a JSON object")
     return config
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def save_checkpoint(generator, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
@@ -173,7 +168,7 @@ def _load(checkpoint: Checkpoint):
     try:
         tensors = load_file(str(checkpoint.weights), device="cpu")
     except Exception as exc:
-        raise ModelError(f"{checkpoint.weights}: not a readable safetensors file ({_first_line(exc)})") from None
+        raise ModelError(f"{checkpoint.weights}: not a readable safetensors file ({first_line(exc)})") from None
     if any(name.startswith(GENERATOR_PREFIX) for name in tensors):
         tensors = {name[len(GENERATOR_PREFIX):]: t for name, t in tensors.items() if name.startswith(GENERATOR_PREFIX)}
     return load_weights(generator, tensors, checkpoint.weights)

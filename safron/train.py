@@ -50,7 +50,7 @@ from tqdm import tqdm
 from . import geometry, masks
 from .cli import _non_negative_int, _Parser, _positive_float, _positive_int, run_main
 from .data import TileDataset, TrainingTile
-from .errors import ModelError, SafronInputError
+from .errors import ModelError, SafronInputError, first_line
 from .export import CONFIG_METADATA_KEY, GENERATOR_PREFIX, RUN_DIR_CHECKPOINT, load_generator, save_checkpoint
 from .models import Discriminator, Generator
 from .pipeline import prefetch
@@ -390,7 +390,7 @@ class Trainer:
         try:
             tensors = load_file(str(weights), device="cpu")
         except Exception as exc:  # safetensors raises its own error types for damaged files
-            raise ModelError(f"{weights}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
+            raise ModelError(f"{weights}: unreadable checkpoint ({first_line(exc)})") from None
         try:
             for prefix, model in ((GENERATOR_PREFIX, self.generator), (_DISCRIMINATOR_PREFIX, self.discriminator)):
                 model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
@@ -399,7 +399,7 @@ class Trainer:
                     _unflatten_optimiser(_OPTIMISER_PREFIXES[name], tensors, state["optimisers"][name])
                 )
         except (KeyError, RuntimeError, ValueError) as exc:
-            raise ModelError(f"{weights}: does not match its run's models ({str(exc).splitlines()[0]})") from None
+            raise ModelError(f"{weights}: does not match its run's models ({first_line(exc)})") from None
         if state["grad_scaler"] is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["grad_scaler"])
         self.step = int(state["step"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 from .base import Backend, ModelSignature
 
 
@@ -68,8 +68,7 @@ class OnnxRuntimeBackend(Backend):
                 str(self.model_path), sess_options=options, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # ORT raises its own exception types for unreadable/invalid graphs
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{self.model_path}: not a loadable ONNX model ({first_line})") from None
+            raise ModelError(f"{self.model_path}: not a loadable ONNX model ({first_line(exc)})") from None
         self.signature = signature_from_session(self._session, self.model_path)
 
     def run(self, masks: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import _core
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 from ..export import (
     CONFIG_METADATA_KEY,
     is_checkpoint_path,
@@ -72,8 +72,7 @@ def load_onnx_generator(path: str | os.PathLike) -> Generator:
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError, OSError, ... for unreadable files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: not a readable ONNX model ({reason})") from None
+        raise ModelError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
     metadata = {entry.key: entry.value for entry in model.metadata_props}
     if CONFIG_METADATA_KEY not in metadata:
         raise ModelError(
