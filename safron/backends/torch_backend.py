@@ -107,7 +107,6 @@ class TorchBackend(Backend):
             )
         self.signature = ModelSignature(window=generator.window, patch=generator.patch)
         on_gpu = self.device.type == "cuda"
-        self._mixed_precision = on_gpu
         if on_gpu:
             generator = keep_normalisation_fp32(generator).to(self.device, memory_format=torch.channels_last)
             self.default_batch_size = CUDA_BATCH_SIZE
@@ -129,7 +128,7 @@ class TorchBackend(Backend):
             torch.set_num_threads(threads)
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        if not self._mixed_precision:
+        if self.device.type != "cuda":  # CPU: fp32, as the export check
             return self._generator(batch)
         batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type="cuda", dtype=torch.float16):
@@ -173,7 +172,6 @@ class TorchBackend(Backend):
         if self._threads_before is not None:
             torch.set_num_threads(self._threads_before)
             self._threads_before = None
-        if self.device.type == "cuda":
-            if self._stream is not None:
-                self._stream.synchronize()
+        if self._stream is not None:
+            self._stream.synchronize()
             torch.cuda.empty_cache()
