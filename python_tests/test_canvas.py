@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -52,3 +54,34 @@ def test_a_failed_sync_is_raised_in_the_render_thread_and_nothing_is_journalled(
     journal.close()
     canvas.close()
     assert journalled_rows(tmp_path / "j") == []
+
+
+@pytest.mark.parametrize("record_pending", [True, False])
+def test_close_records_the_pending_request_only_when_asked(tmp_path, monkeypatch, record_pending):
+    canvas = Canvas(tmp_path / "c", 4, 4, create=True)
+    journal = Journal(tmp_path / "j", {"format": 1}, resume=False)
+    syncing, release = threading.Event(), threading.Event()
+
+    def slow_sync():
+        syncing.set()
+        assert release.wait(10)
+
+    monkeypatch.setattr(canvas, "sync", slow_sync)
+    recorder = JournalThread(canvas, journal)
+    recorder.submit(2)
+    assert syncing.wait(10)  # the thread holds request 2, so request 4 stays pending
+    recorder.submit(4)
+
+    def release_once_closing():  # let sync 2 finish only after close has decided about request 4
+        deadline = time.monotonic() + 10
+        while not recorder._closing and time.monotonic() < deadline:
+            time.sleep(0.001)
+        release.set()
+
+    releaser = threading.Thread(target=release_once_closing)
+    releaser.start()
+    recorder.close(record_pending=record_pending)
+    releaser.join()
+    journal.close()
+    canvas.close()
+    assert journalled_rows(tmp_path / "j") == ([2, 4] if record_pending else [2])

@@ -120,7 +120,8 @@ class JournalThread:
 
     `submit(rows_done)` returns at once. Requests that arrive while a sync runs collapse into the latest, so a
     slow disk costs resume granularity, never render speed. An error in the thread (a full disk) is raised by
-    the next `submit` or by `close`, which also records the last request before returning.
+    the next `submit` or by `close`, which records the last request first unless told the journal is no longer
+    wanted (a finished render deletes it, so syncing the canvas then would be wasted disk work).
     """
 
     def __init__(self, canvas: Canvas, journal: Journal):
@@ -138,8 +139,10 @@ class JournalThread:
             self._pending = rows_done
             self._wake.notify()
 
-    def close(self) -> None:
+    def close(self, record_pending: bool = True) -> None:
         with self._wake:
+            if not record_pending:
+                self._pending = None
             self._closing = True
             self._wake.notify()
         self._thread.join()

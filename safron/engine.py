@@ -390,7 +390,7 @@ def render(
                 if journal.rows_done:
                     writer.rows_ready(journal.rows_done)
                 renderer.run(_FileSink(canvas, recorder, writer), journal.rows_done, progress, desc=mask_path.name)
-                recorder.close()
+                recorder.close(record_pending=False)  # complete: canvas and journal are removed below
                 writer.close()
                 seconds = time.perf_counter() - started
                 renderer.clock.seconds["encode"] = writer.busy_seconds
