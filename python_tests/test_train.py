@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
+import json
 import shutil
 import signal
 import subprocess
@@ -280,6 +282,87 @@ def test_resume_refuses_other_settings_and_new_runs_refuse_old_directories(tmp_p
     assert quick_train(tmp_path / "run", moved, 2, config=config, resume=True).step == 2
 
 
+class _CentreCrop(torch.nn.Module):
+    """A stand-in generator: the mask window's centre, times a learnable gain (so that the G step has a graph),
+    plus an optional fixed pattern that is the same in every patch -- texture locked to the patch grid."""
+
+    def __init__(self, window: int, patch: int, pattern: torch.Tensor | None = None):
+        super().__init__()
+        self.window, self.patch, self.margin = window, patch, (window - patch) // 2
+        self.gain = torch.nn.Parameter(torch.ones(()))
+        self.pattern = pattern
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        m, p = self.margin, self.patch
+        out = windows[:, :, m:m + p, m:m + p] * self.gain
+        return out if self.pattern is None else out + self.pattern
+
+
+@pytest.fixture(scope="module")
+def big_tile_dir(tmp_path_factory) -> Path:
+    """One pair large enough for 492 px tiles (2 x 2 patches), where the extra patch has room to move."""
+    root = tmp_path_factory.mktemp("big_tile")
+    write_pair(root, "big", blocky_labels(540, 560, seed=4))
+    return root
+
+
+def test_shift_loss_is_zero_for_a_shift_consistent_generator_and_not_for_a_grid_locked_one(big_tile_dir):
+    config = TrainConfig(data=str(big_tile_dir), tile=492, lambda_shift=1.0, **TINY)
+    assert config.loss_names == (*LOSS_NAMES, "shift")
+    dataset = TileDataset(big_tile_dir, 492, seed=0)
+    pattern = torch.from_numpy(np.random.default_rng(0).uniform(-0.5, 0.5, (3, 256, 256)).astype(np.float32))
+    shifts = {}
+    for name, locked in (("consistent", None), ("grid-locked", pattern)):
+        trainer = Trainer(config, dataset, torch.device("cpu"))
+        trainer.generator = _CentreCrop(trainer.plan.window, trainer.plan.patch, locked)
+        shifts[name] = [trainer.train_step(dataset.tile_at(step))["shift"] for step in range(3)]
+    # The centre crop of every window is the mask itself, wherever the window is: stitched and extra patch agree.
+    assert max(shifts["consistent"]) < 1e-6, shifts
+    # The same pattern in every patch lands at another phase in the extra patch than in the stitched tile.
+    assert min(shifts["grid-locked"]) > 0.05, shifts
+
+
+def test_shift_loss_is_off_by_default_and_changes_nothing_then(big_tile_dir):
+    config = TrainConfig(data=str(big_tile_dir), tile=492, **TINY)
+    assert config.lambda_shift == 0 and config.loss_names == LOSS_NAMES
+    dataset = TileDataset(big_tile_dir, 492, seed=0)
+    losses = {}
+    for weight in (0.0, 1.0):
+        trainer = Trainer(dataclasses.replace(config, lambda_shift=weight), dataset, torch.device("cpu"))
+        losses[weight] = trainer.train_step(dataset.tile_at(0))
+    assert set(losses[0.0]) == set(LOSS_NAMES)
+    # With the term on, the generator's loss holds it on top of the same kind of L1 and adversarial terms.
+    on = losses[1.0]
+    assert on["loss_g"] == pytest.approx(config.lambda_l1 * on["l1"] + config.lambda_adv * on["adv"] + on["shift"],
+                                         rel=1e-5)
+
+
+def test_init_starts_a_new_run_from_another_runs_models_and_optimisers(tmp_path, data_dir):
+    quick_train(tmp_path / "base", data_dir, 3)
+    base_state = latest_checkpoint(tmp_path / "base")
+    config = TrainConfig(data=str(data_dir), tile=256, lr=3e-4, lambda_shift=2.0, **TINY)
+    dataset = TileDataset(data_dir, 256, seed=0)
+    trainer = Trainer(config, dataset, torch.device("cpu"))
+    trainer.load(base_state, restore_step=False)
+    assert trainer.step == 0
+    expected = load_generator(tmp_path / "base").state_dict()
+    for name, tensor in trainer.generator.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
+    assert trainer.optimiser_g.state, "Adam's moments come along"
+    # The new run's learning rate, not the stored one.
+    assert {g["lr"] for o in (trainer.optimiser_g, trainer.optimiser_d) for g in o.param_groups} == {3e-4}
+
+    result = quick_train(tmp_path / "tuned", data_dir, 2, config=config, init=tmp_path / "base")
+    assert result.step == 2
+    stored = json.loads(latest_checkpoint(tmp_path / "tuned").read_text())["training"]
+    assert stored["init"] == str(base_state.resolve()) and stored["lambda_shift"] == 2.0
+    assert "shift" in read_losses(tmp_path / "tuned")[0]
+    with pytest.raises(SafronInputError, match="give one of them"):
+        quick_train(tmp_path / "tuned", data_dir, 3, config=None, resume=True, init=tmp_path / "base")
+    with pytest.raises(SafronInputError, match="not a run directory or a training checkpoint"):
+        quick_train(tmp_path / "other", data_dir, 1, init=tmp_path / "base" / "losses.csv")
+
+
 # --- command line --------------------------------------------------------------------------------------------------
 
 def run_main(capsys, *args) -> tuple[int, str]:
@@ -372,6 +455,23 @@ def test_cli_trains_resumes_and_refuses_changed_settings(tmp_path, capsys, data_
     assert code == 2 and "already holds a run" in err
     code, err = run_main(capsys, "--out", tmp_path / "new")
     assert code == 2 and "--data DIR is required" in err
+
+
+def test_cli_init_takes_the_runs_settings_unless_given_and_refuses_other_widths(tmp_path, capsys, data_dir):
+    base = tmp_path / "base"
+    assert run_main(capsys, "--data", data_dir, "--out", base, "--steps", 1, "--tile", 256, "--ngf", 4, "--ndf", 4,
+                    "--lr", 2e-4, "--quiet") == (0, "")
+    tuned = tmp_path / "tuned"
+    assert run_main(capsys, "--init", base, "--out", tuned, "--steps", 1, "--lambda-shift", 5, "--quiet") == (0, "")
+    stored = json.loads(latest_checkpoint(tuned).read_text())["training"]
+    assert (stored["ngf"], stored["lr"], stored["lambda_shift"], stored["tile"]) == (4, 2e-4, 5.0, 256)
+    assert stored["data"] == str(data_dir.resolve()) and stored["init"] == str(latest_checkpoint(base).resolve())
+    code, err = run_main(capsys, "--init", base, "--out", tmp_path / "wider", "--steps", 1, "--ngf", 8, "--quiet")
+    assert code == 2 and err.count("\n") == 1 and "does not match its run's models" in err, err
+    code, err = run_main(capsys, "--init", tmp_path / "nowhere", "--out", tmp_path / "x", "--quiet")
+    assert code == 2 and err.count("\n") == 1 and "not a run directory or a training checkpoint" in err, err
+    code, err = run_main(capsys, "--init", base, "--out", tuned, "--resume", "--steps", 2, "--quiet")
+    assert code == 2 and "give one of them" in err, err
 
 
 def test_ctrl_c_finishes_the_step_saves_and_exits_130(tmp_path, data_dir):

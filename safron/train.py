@@ -7,7 +7,14 @@ One step, on one tile (DESIGN.md, "The method"):
      engine's C++ accumulator does, so the loss sees the seams a render will have;
   3. discriminator step: BCE-with-logits of the PatchGAN on (mask, real tile) -> 1 and (mask, stitched) -> 0;
   4. generator step: lambda_l1 * L1(real, stitched) + lambda_adv * BCE(D(mask, stitched) -> 1), the
-     non-saturating loss, with the discriminator as updated in step 3.
+     non-saturating loss, with the discriminator as updated in step 3;
+  5. optional (lambda_shift > 0, not in the paper): one more window at a random position inside the tile goes
+     through the generator in the same batch, and lambda_shift * L1(its patch, the stitched tile under it) is
+     added to the generator's loss. A render places patches at positions that bear no relation to the image
+     content (the grid is spread evenly over each image size), so overlapping patches agree only if the generator
+     is shift-consistent. Without this term a small generator learns textures locked to its patch grid (white
+     dots every 32 px in uniform regions: the stride of its 8x8 decoder level) that double up where patches
+     overlap at another phase.
 Adam (lr 1e-4, beta1 0.5) for both. Mixed precision (bf16, or fp16 with a gradient scaler) on CUDA only.
 
 Reproducibility: the models are initialised from the seed, tile `k` is a pure function of (seed, k) (see
@@ -58,13 +65,14 @@ from .stitch import BLENDS, cut_windows, stitch
 
 __all__ = [
     "TrainConfig", "TrainResult", "Trainer", "FourierContextConvolution", "check_config", "train", "load_generator",
-    "latest_checkpoint", "to_uint8", "LOSS_NAMES", "train_parser", "main",
+    "latest_checkpoint", "training_checkpoint", "to_uint8", "LOSS_NAMES", "SHIFT_LOSS", "train_parser", "main",
 ]
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINTS_FOLDER, SAMPLES_FOLDER, TENSORBOARD_FOLDER = "checkpoints", "samples", "tensorboard"
 LOSSES_CSV = "losses.csv"
 LOSS_NAMES = ("loss_g", "l1", "adv", "loss_d", "d_real", "d_fake")
+SHIFT_LOSS = "shift"  # logged after LOSS_NAMES by runs with lambda_shift > 0
 _DISCRIMINATOR_PREFIX = "discriminator."
 _OPTIMISER_PREFIXES = {"generator": "optimiser.generator.", "discriminator": "optimiser.discriminator."}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -87,9 +95,15 @@ class TrainConfig:
     beta2: float = 0.999
     lambda_l1: float = 100.0
     lambda_adv: float = 1.0
+    lambda_shift: float = 0.0  # shift-consistency weight (module docstring, step 5); 0 = the paper's method
     blend: str = "uniform"
     overlap: int = geometry.OVERLAP
     seed: int = 0
+    init: str | None = None  # the training checkpoint a fine-tuning run started from (its .json), for the record
+
+    @property
+    def loss_names(self) -> tuple[str, ...]:
+        return LOSS_NAMES + ((SHIFT_LOSS,) if self.lambda_shift else ())
 
 
 @dataclass(frozen=True)
@@ -191,6 +205,23 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return max(complete, key=lambda p: p.name, default=None)
 
 
+def training_checkpoint(path: str | os.PathLike) -> Path:
+    """The training-state JSON that `path` names: a run directory (its latest checkpoint), or a checkpoint's
+    .json or .safetensors (both must be there)."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise SafronInputError(f"{path}: no training checkpoint in this run directory "
+                                   f"(expected {CHECKPOINTS_FOLDER}/step-*.json)")
+        return found
+    state = path.with_suffix(".json")
+    if path.suffix in (".json", ".safetensors") and state.is_file() and state.with_suffix(".safetensors").is_file():
+        return state
+    raise SafronInputError(f"{path}: not a run directory or a training checkpoint (a {CHECKPOINTS_FOLDER}/step-N.json "
+                           f"beside its .safetensors)")
+
+
 def _read_state(path: Path) -> dict:
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
@@ -252,6 +283,8 @@ def check_config(config: TrainConfig) -> None:
         raise SafronInputError(
             f"lambda_l1 and lambda_adv must be >= 0 and not both 0, got {config.lambda_l1} and {config.lambda_adv}"
         )
+    if not config.lambda_shift >= 0:
+        raise SafronInputError(f"lambda_shift must be >= 0, got {config.lambda_shift}")
 
 
 class Trainer:
@@ -285,28 +318,40 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self._autocast_type, enabled=self._autocast_type is not None)
 
     def _tensors(self, tile: TrainingTile) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(generator windows [N, 3, window, window], mask tile [1, 3, T, T], real tile [1, 3, T, T])."""
+        """(mask context [3, T + 2 margin, T + 2 margin], mask tile [1, 3, T, T], real tile [1, 3, T, T])."""
         context = torch.from_numpy(masks.labels_to_model_input(tile.context)).to(self.device)
         margin, size = self.plan.margin, self.plan.height
         mask_tile = context[None, :, margin:margin + size, margin:margin + size]
         real = torch.from_numpy(tile.image).to(self.device).permute(2, 0, 1)[None].float() / 127.5 - 1
-        return cut_windows(context, self.plan), mask_tile, real
+        return context, mask_tile, real
 
-    def _stitched(self, windows: torch.Tensor) -> torch.Tensor:
+    def _stitched(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the tile [1, 3, T, T] stitched from the patches of the plan's windows, which come first in `windows`;
+        the patches of the windows after them)."""
         with self._autocast():
             patches = self.generator(windows)
         ys, xs = self._origins
-        return stitch(patches, ys, xs, self.plan.height, self.plan.width, self.config.blend, self.plan.overlap)[None]
+        count = len(ys)
+        stitched = stitch(patches[:count], ys, xs, self.plan.height, self.plan.width, self.config.blend,
+                          self.plan.overlap)
+        return stitched[None], patches[count:]
 
     def train_step(self, tile: TrainingTile) -> dict[str, float]:
-        """One D step and one G step on `tile`; returns the losses (see LOSS_NAMES) and keeps the stitched output
+        """One D step and one G step on `tile`; returns the losses (`config.loss_names`) and keeps the stitched output
         in `last_output` ([3, T, T], detached)."""
         config, bce = self.config, nn.functional.binary_cross_entropy_with_logits
         torch.manual_seed(_step_seed(config.seed, self.step))
         self.generator.train()
         self.discriminator.train()
-        windows, mask_tile, real = self._tensors(tile)
-        fake = self._stitched(windows)
+        context, mask_tile, real = self._tensors(tile)
+        windows = cut_windows(context, self.plan)
+        if config.lambda_shift:
+            # Any position, so that patterns locked to the patch grid at any period disagree with the stitched
+            # tile; drawn from the step's seed, and in the same batch (InstanceNorm is per patch).
+            y, x = torch.randint(0, self.plan.height - self.plan.patch + 1, (2,)).tolist()
+            window = self.plan.window
+            windows = torch.cat([windows, context[None, :, y:y + window, x:x + window]])
+        fake, extra = self._stitched(windows)
 
         # Real and fake go through the discriminator as one batch: InstanceNorm keeps the two independent.
         with self._autocast():
@@ -325,6 +370,12 @@ class Trainer:
                 adv = bce(fake_logits, torch.ones_like(fake_logits))
             l1 = (fake - real).abs().mean()
             loss_g = config.lambda_l1 * l1 + config.lambda_adv * adv
+            values = [l1, adv]
+            if config.lambda_shift:
+                patch = self.plan.patch
+                shift = (extra[0].float() - fake[0, :, y:y + patch, x:x + patch]).abs().mean()
+                loss_g = loss_g + config.lambda_shift * shift
+                values.append(shift)
             self.optimiser_g.zero_grad(set_to_none=True)
             self.scaler.scale(loss_g).backward()
             self.scaler.step(self.optimiser_g)
@@ -333,15 +384,15 @@ class Trainer:
             self.discriminator.requires_grad_(True)
         self.step += 1
         self.last_output = fake.detach()[0]
-        values = (loss_g, l1, adv, loss_d, d_real, d_fake)
-        return dict(zip(LOSS_NAMES, torch.stack([v.detach().float() for v in values]).tolist()))
+        values = (loss_g, *values[:2], loss_d, d_real, d_fake, *values[2:])
+        return dict(zip(config.loss_names, torch.stack([v.detach().float() for v in values]).tolist()))
 
     @torch.no_grad()
     def generate(self, tile: TrainingTile) -> torch.Tensor:
         """The stitched image [3, T, T] of `tile`'s mask, in eval mode (no dropout), as a render would make it."""
         self.generator.eval()
         try:
-            return self._stitched(self._tensors(tile)[0])[0]
+            return self._stitched(cut_windows(self._tensors(tile)[0], self.plan))[0][0]
         finally:
             self.generator.train()
 
@@ -383,8 +434,9 @@ class Trainer:
             old.with_suffix(".safetensors").unlink(missing_ok=True)
         return weights
 
-    def load(self, state_path: Path) -> None:
-        """Restore models, optimisers, scaler and step from a checkpoint written by `save`."""
+    def load(self, state_path: Path, restore_step: bool = True) -> None:
+        """Restore models, optimisers, scaler and (with `restore_step`) the step from a checkpoint written by
+        `save`. The optimisers keep this run's learning rate and betas: a fine-tuning run may change them."""
         state = _read_state(state_path)
         weights = state_path.with_suffix(".safetensors")
         try:
@@ -400,9 +452,14 @@ class Trainer:
                 )
         except (KeyError, RuntimeError, ValueError) as exc:
             raise ModelError(f"{weights}: does not match its run's models ({first_line(exc)})") from None
+        betas = (self.config.beta1, self.config.beta2)
+        for optimiser in (self.optimiser_g, self.optimiser_d):
+            for group in optimiser.param_groups:
+                group["lr"], group["betas"] = self.config.lr, betas
         if state["grad_scaler"] is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["grad_scaler"])
-        self.step = int(state["step"])
+        if restore_step:
+            self.step = int(state["step"])
 
 
 def _sample_grid(trainer: Trainer, rows: list[tuple[TrainingTile, torch.Tensor]]) -> np.ndarray:
@@ -426,7 +483,7 @@ def _sample_grid(trainer: Trainer, rows: list[tuple[TrainingTile, torch.Tensor]]
 class _Logs:
     """losses.csv, TensorBoard events (when tensorboard is installed) and sample PNGs of one run."""
 
-    def __init__(self, run_dir: Path, start_step: int, note: Callable[[str], None]):
+    def __init__(self, run_dir: Path, start_step: int, loss_names: tuple[str, ...], note: Callable[[str], None]):
         self.run_dir = run_dir
         csv_path = run_dir / LOSSES_CSV
         # Rows beyond the checkpoint we resume from (a run killed between checkpoints) are replaced by the rerun.
@@ -435,7 +492,7 @@ class _Logs:
             with open(csv_path, newline="", encoding="utf-8") as f:
                 kept = [row for row in csv.DictReader(f) if int(row["step"]) <= start_step]
         self._csv_file = open(csv_path, "w", newline="", encoding="utf-8")
-        self._csv = csv.DictWriter(self._csv_file, fieldnames=("step", *LOSS_NAMES, "seconds"))
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=("step", *loss_names, "seconds"))
         self._csv.writeheader()
         self._csv.writerows(kept)
         self._csv_file.flush()
@@ -509,6 +566,7 @@ def train(
     threads: int | None = None,
     progress: bool = True,
     note: Callable[[str], None] | None = _stderr_note,
+    init: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train until `steps` steps are done in all, checkpointing into `run_dir`.
 
@@ -516,7 +574,9 @@ def train(
     checkpoint; a `config` given then must equal the stored one except for `data`. Checkpoints are written every
     `save_every` steps (0: only at the end) and when training stops, Ctrl-C included (the step under way is
     finished first; KeyboardInterrupt is then re-raised); sample grids every `sample_every` steps (0: never).
-    `note` receives one-line remarks (None: silence).
+    `note` receives one-line remarks (None: silence). `init` starts a new run from the models and optimiser
+    states of another run's checkpoint (a run directory or a checkpoint file; `training_checkpoint`), to
+    fine-tune it with `config`: same widths, any other settings. Its step count starts again at 0.
     """
     note = note or (lambda text: None)
     run_dir = Path(run_dir)
@@ -534,6 +594,14 @@ def train(
         raise SafronInputError(f"{run_dir}: run directory path is a file")
 
     state_path = latest_checkpoint(run_dir)
+    init_path = None
+    if init is not None:
+        if resume:
+            raise SafronInputError("init starts a new run from another run's checkpoint and resume continues this "
+                                   "one: give one of them")
+        init_path = training_checkpoint(init).resolve()
+        if config is not None:
+            config = dataclasses.replace(config, init=str(init_path))
     if resume:
         if state_path is None:
             raise SafronInputError(f"{run_dir}: no checkpoint to resume (expected {CHECKPOINTS_FOLDER}/step-*.json)")
@@ -572,13 +640,16 @@ def train(
     trainer = Trainer(config, dataset, torch_device, precision)
     if state_path is not None:
         trainer.load(state_path)
+    elif init_path is not None:
+        trainer.load(init_path, restore_step=False)
+        note(f"starting from {init_path} (step {_read_state(init_path)['step']} of its run)")
     run_dir.mkdir(parents=True, exist_ok=True)
     if trainer.step >= steps:
         note(f"{run_dir}: already at step {trainer.step} of {steps}; nothing to do")
         return TrainResult(run_dir, trainer.step, state_path.with_suffix(".safetensors"), None)
 
     preview = dataset.preview()
-    logs = _Logs(run_dir, trainer.step, note)
+    logs = _Logs(run_dir, trainer.step, config.loss_names, note)
     checkpoint, losses, saved_step = None, None, None
     tiles = prefetch((dataset.tile_at(step) for step in range(trainer.step, steps)), depth=2, name="safron-tiles")
     bar = tqdm(total=steps, initial=trainer.step, unit="step", desc="train", disable=not progress,
@@ -624,7 +695,8 @@ def _non_negative_float(text):
 
 
 # CLI options that define a run (TrainConfig fields); they default to None so that --resume can tell the ones given.
-_RUN_OPTIONS = ("data", "tile", "stride", "ngf", "ndf", "lr", "beta1", "lambda_l1", "lambda_adv", "blend", "seed")
+_RUN_OPTIONS = ("data", "tile", "stride", "ngf", "ndf", "lr", "beta1", "lambda_l1", "lambda_adv", "lambda_shift",
+                "blend", "seed")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -659,6 +731,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-l1", type=_non_negative_float, metavar="W", help=f"L1 loss weight (default: {defaults.lambda_l1:g})")
     p.add_argument("--lambda-adv", type=_non_negative_float, metavar="W",
                    help=f"adversarial loss weight (default: {defaults.lambda_adv:g})")
+    p.add_argument("--lambda-shift", type=_non_negative_float, metavar="W",
+                   help=f"weight of the shift-consistency loss: one extra patch at a random position must match the "
+                        f"stitched tile under it; suppresses textures locked to the patch grid (default: "
+                        f"{defaults.lambda_shift:g}, off, as in the paper)")
     p.add_argument("--blend", choices=BLENDS,
                    help=f"weights of overlapping patches, as safron-render --blend (default: {defaults.blend})")
     p.add_argument("--seed", type=_non_negative_int, metavar="S", help=f"seed of initialisation, tiles and dropout (default: {defaults.seed})")
@@ -669,6 +745,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=_positive_int, default=DEFAULT_KEEP, metavar="K",
                    help="training checkpoints kept, newest first (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its latest checkpoint")
+    p.add_argument("--init", metavar="RUN_OR_CHECKPOINT",
+                   help="start this new run from another run's models and optimiser states (its run directory or a "
+                        "checkpoints/step-N.json), with its settings unless given here: to fine-tune")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto = bf16 (or fp16) mixed precision on CUDA, fp32 on the CPU (default: %(default)s)")
@@ -681,6 +760,8 @@ def _config_from_args(args) -> TrainConfig | None:
     given = {name: getattr(args, name) for name in _RUN_OPTIONS if getattr(args, name) is not None}
     if args.no_augment:
         given["augment"] = False
+    if args.init is not None and not args.resume:  # with --resume too, train() says they exclude each other
+        return dataclasses.replace(_stored_config(training_checkpoint(args.init)), **given)
     if args.resume:
         if not given:
             return None
@@ -695,14 +776,14 @@ def main(argv=None) -> int:
     """safron-train: exit 0 done, 2 bad input or usage, 1 internal error, 130 interrupted."""
     parser = train_parser()
     args = parser.parse_args(argv)
-    if args.data is None and not args.resume:
-        parser.error("--data DIR is required for a new run")
+    if args.data is None and not (args.resume or args.init):
+        parser.error("--data DIR is required for a new run (or --init, to take it from another run)")
 
     def command() -> None:
         result = train(
             args.out, _config_from_args(args), steps=args.steps, resume=args.resume, save_every=args.save_every,
             sample_every=args.sample_every, keep=args.keep, device=args.device, precision=args.precision,
-            threads=args.threads, progress=not args.quiet, note=None if args.quiet else _stderr_note,
+            threads=args.threads, progress=not args.quiet, note=None if args.quiet else _stderr_note, init=args.init,
         )
         if not args.quiet:
             _stderr_note(f"step {result.step}; checkpoint {result.checkpoint}")
