@@ -292,3 +292,51 @@ def test_default_max_batch_comes_from_gpu_memory(tmp_path):
         assert backend.default_batch_size == backend.max_batch
     finally:
         backend.close()
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.needs_tensorrt
+@pytest.mark.needs_cuda
+@pytest.mark.skipif(not _torch_cuda(), reason="the device-resident TensorRT path needs a CUDA build of PyTorch")
+def test_device_resident_render_reproduces_the_mask_with_a_centre_crop_model(tmp_path):
+    from safron import engine, masks
+
+    model = onnx_models.centre_crop(tmp_path / "crop.onnx")
+    labels = np.random.default_rng(8).integers(0, 3, (700, 900), dtype=np.uint8)
+    backend = _tensorrt(model, tmp_path / "cache", max_batch=4)
+    try:
+        assert backend.device_resident
+        image = engine.render_array(labels, backend=backend, blend="cosine")
+    finally:
+        backend.close()
+    # Patches carry the mask's ±1 colours exactly (exact in fp16 too), so any blend of them is the mask again.
+    np.testing.assert_array_equal(image, masks.labels_to_colour(labels))
+
+
+@pytest.mark.needs_tensorrt
+@pytest.mark.needs_cuda
+@pytest.mark.skipif(not _torch_cuda(), reason="the device-resident TensorRT path needs a CUDA build of PyTorch")
+def test_device_resident_render_matches_the_host_path_of_the_same_engine(tmp_path):
+    from safron import engine
+
+    model = _instance_norm_model(tmp_path / "model.onnx")
+    labels = np.random.default_rng(9).integers(0, 3, (600, 1000), dtype=np.uint8)
+    resident = _tensorrt(model, tmp_path / "cache", max_batch=8)
+    host = _tensorrt(model, tmp_path / "cache", max_batch=8, device_resident=False)
+    try:
+        assert resident.device_resident and not host.device_resident
+        on_device = engine.render_array(labels, backend=resident)
+        through_host = engine.render_array(labels, backend=host)
+    finally:
+        resident.close()
+        host.close()
+    difference = np.abs(on_device.astype(int) - through_host.astype(int))
+    # The same engine's float32 patches, accumulated in the same fp32 order on the GPU and on the CPU.
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3

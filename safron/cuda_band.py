@@ -1,4 +1,9 @@
-"""The engine's band accumulator on the GPU, fed with PyTorch CUDA tensors: patches never leave the device.
+"""The engine's device-resident path on the GPU, with PyTorch CUDA tensors: patches never leave the device.
+
+`pin_labels` and `infer_on_device` are the two halves of a GPU backend's `prepare` and `infer` hooks: uint8
+label windows in pinned host memory go up (1 byte per mask pixel instead of 12 for the ±1 float input), are
+one-hot encoded on the GPU and run through the backend's generator on its stream. The torch backend and the
+TensorRT backend differ only in that generator call.
 
 `CudaBand` gives `_core.CudaBandAccumulator` (raw device pointers and a cudaStream_t) the interface the engine
 uses for the CPU `BandAccumulator`: `add(patches, ys, xs, image_height)`, `finalise(y0, y1, out, x0, x1)`,
@@ -20,6 +25,38 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _core
+from .masks import MODEL_INPUT_CLASSES
+
+
+def encode_labels(labels, dtype=None):
+    """uint8 labels [N, h, w] (a torch tensor) -> the ±1 one-hot model input [N, 3, h, w] of `dtype` (default
+    float32), as masks.labels_to_model_input, on the labels' device."""
+    import torch
+
+    classes = torch.tensor(MODEL_INPUT_CLASSES, dtype=labels.dtype, device=labels.device).view(1, -1, 1, 1)
+    return (labels.unsqueeze(1) == classes).to(dtype or torch.float32) * 2 - 1
+
+
+def pin_labels(labels: np.ndarray):
+    """uint8 label windows as a tensor in pinned host memory, so that `infer_on_device`'s upload is an
+    asynchronous DMA. (Torch's pinned allocator reuses a block only once the copies reading it are done.)"""
+    import torch
+
+    return torch.from_numpy(labels).pin_memory()
+
+
+def infer_on_device(stream, labels, forward, input_dtype) -> DevicePatches:
+    """On `stream`: upload pinned `labels` to the stream's device, encode them as `input_dtype`, run
+    `forward(windows)` -> patches [N, 3, P, P] (float16 or float32); return them with the event that marks them
+    written. The caller's next batch may start at once: the accumulator waits for this event only."""
+    import torch
+
+    with torch.inference_mode(), torch.cuda.stream(stream):
+        windows = encode_labels(labels.to(stream.device, non_blocking=True), input_dtype)
+        patches = forward(windows).contiguous()
+        ready = torch.cuda.Event()
+        ready.record(stream)
+    return DevicePatches(patches, ready)
 
 
 @dataclass(frozen=True)

@@ -25,18 +25,24 @@ Concurrent renders of a new model build it once: the builder holds an exclusive 
 file, the others wait and then read its result, and the engine appears under its name only complete (written to a
 temporary file, then `os.replace`).
 
-Execution. CUDA is driven through cuda-python (`cuda.bindings.runtime`), not PyTorch, so that TensorRT rendering
-needs neither torch nor its multi-GB CUDA wheels. Each backend owns one CUDA stream, device buffers for the
-engine's input and output at the maximum batch, and pinned host buffers; `run` copies a batch in, enqueues the
-engine and copies the result out on that stream, then waits for it.
+Execution, host path. CUDA is driven through cuda-python (`cuda.bindings.runtime`), not PyTorch, so that
+TensorRT rendering needs neither torch nor its multi-GB CUDA wheels. The backend owns one CUDA stream, device
+buffers for the engine's input and output at the maximum batch, and pinned host buffers; `run` copies a batch
+in, enqueues the engine and copies the result out on that stream, then waits for it; the engine accumulates the
+float patches on the CPU.
 
-Not yet device-resident. The torch backend keeps a render on the GPU (uint8 labels up, fp16 patches straight into
-the CUDA band accumulator, uint8 pixels down: see torch_backend and safron.cuda_band). This backend still returns
-float patches to the host through `run`, and the engine accumulates them on the CPU. Making it resident means
-implementing the Backend hooks (`prepare`, `infer`, `band_accumulator`) with two sets of device output buffers that
-alternate under CUDA events (the accumulator's stream waits for the engine's, and the engine waits for the
-accumulator before reusing a buffer); it has not been done because TensorRT cannot be run on any machine this
-project is developed on.
+Execution, device-resident (the default when PyTorch with CUDA is installed beside TensorRT and safron was built
+with its CUDA kernels): the engine's hooks go through `safron.cuda_band`, exactly as the torch backend's do --
+uint8 label windows up through pinned memory, one-hot encoding on the GPU, then `execute_async_v3` on a torch
+stream with its input and output bound to stream-ordered torch allocations, and the float32 patches straight into
+the CUDA band accumulator on its own stream; only finished uint8 rows come back. Each batch gets fresh buffers
+from torch's caching allocator, and the accumulator marks the ones it reads (`record_stream`), so the engine can
+run batch k+1 while batch k is accumulated without either overwriting what the other reads: that is the double
+buffering, with as many buffers in flight as the pipeline holds. PyTorch serves here as a well-kept stream-ordered
+allocator; writing one on cuda-python would duplicate it.
+
+TensorRT has not been run on any machine this project is developed on (none has it): the `needs_tensorrt` tests
+check both paths against ONNX Runtime wherever it is installed.
 """
 
 from __future__ import annotations
@@ -261,8 +267,10 @@ class TensorRTBackend(Backend):
         precision: str = "fp16",
         max_batch: int | None = None,
         cache_dir: str | os.PathLike | None = None,
+        device_resident: bool | None = None,
     ):
-        """`threads` is accepted for the common backend interface; inference runs on the GPU."""
+        """`threads` is accepted for the common backend interface; inference runs on the GPU. `device_resident`:
+        None = when possible (module docstring), True = required, False = the host path."""
         if precision not in PRECISIONS:
             raise SafronInputError(f"TensorRT precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
         if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
@@ -309,11 +317,36 @@ class TensorRTBackend(Backend):
                 f"(free {free_bytes / 2**30:.1f} GiB); pass a smaller max_batch"
             )
         self._stream = self._device_in = self._device_out = self._host_in = self._host_out = None
+        self._torch_stream = None
         try:
             self._allocate()
+            self.device_resident = self._open_device_path(device_resident)
         except BaseException:
             self.close()
             raise
+
+    def _open_device_path(self, wanted: bool | None) -> bool:
+        """Whether the engine's hooks stay on the device (module docstring); creates their torch stream."""
+        if wanted is False:
+            return False
+        from .. import _core
+
+        try:
+            import torch
+        except ImportError:
+            torch = None
+        missing = (
+            "PyTorch" if torch is None
+            else "a CUDA build of PyTorch" if not torch.cuda.is_available()
+            else "safron built with its CUDA kernels" if not _core.build_info()["cuda"]
+            else None
+        )
+        if missing:
+            if wanted:
+                raise ModelError(f"device-resident TensorRT rendering needs {missing}")
+            return False
+        self._torch_stream = torch.cuda.Stream(torch.device("cuda", self._device))
+        return True
 
     def _cached_engine(self, trt, logger, precision, max_batch, gpu_name, free_bytes, cache_dir) -> bytes:
         """The serialised engine, from the cache or built into it; sets `max_batch`, `engine_path` and
@@ -370,9 +403,6 @@ class TensorRTBackend(Backend):
         # Pinned host memory: the copies run at full bus speed and truly asynchronously on the stream.
         self._host_in = self._pinned(n, self._in_shape)
         self._host_out = self._pinned(n, self._out_shape)
-        if not (self._context.set_tensor_address("mask", self._device_in)
-                and self._context.set_tensor_address("image", self._device_out)):
-            raise RuntimeError("TensorRT refused the device buffers for 'mask' and 'image'")
 
     def _pinned(self, count: int, shape: tuple[int, ...]) -> tuple[int, np.ndarray]:
         values = count * int(np.prod(shape))
@@ -393,6 +423,18 @@ class TensorRTBackend(Backend):
             images[start:stop] = self._run_chunk(masks[start:stop])
         return images
 
+    def _enqueue(self, count: int, input_pointer: int, output_pointer: int, stream: int) -> None:
+        """Enqueue the engine on `stream` for `count` windows between two device buffers. (TensorRT reads the
+        addresses at enqueue time, so the next call may bind others while this one runs.)"""
+        context = self._context
+        bound = context.set_tensor_address("mask", input_pointer) and context.set_tensor_address("image", output_pointer)
+        if not bound:
+            raise RuntimeError("TensorRT refused the device buffers for 'mask' and 'image'")
+        if self.signature.fixed_batch is None and not context.set_input_shape("mask", (count, *self._in_shape)):
+            raise RuntimeError(f"TensorRT refused a batch of {count} (the engine's profile is 1..{self._capacity})")
+        if not context.execute_async_v3(stream):
+            raise RuntimeError("TensorRT inference failed (see its messages above)")
+
     def _run_chunk(self, masks: np.ndarray) -> np.ndarray:
         cudart, n = self._cudart, len(masks)
         (host_in_pointer, host_in), (host_out_pointer, host_out) = self._host_in, self._host_out
@@ -400,17 +442,53 @@ class TensorRTBackend(Backend):
         to_device, to_host = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         _cuda_call(cudart, cudart.cudaMemcpyAsync(self._device_in, host_in_pointer, n * self._in_bytes, to_device,
                                                   self._stream), "cudaMemcpyAsync")
-        if self.signature.fixed_batch is None and not self._context.set_input_shape("mask", (n, *self._in_shape)):
-            raise RuntimeError(f"TensorRT refused a batch of {n} (the engine's profile is 1..{self._capacity})")
-        if not self._context.execute_async_v3(int(self._stream)):
-            raise RuntimeError("TensorRT inference failed (see its messages above)")
+        self._enqueue(n, self._device_in, self._device_out, int(self._stream))
         _cuda_call(cudart, cudart.cudaMemcpyAsync(host_out_pointer, self._device_out, n * self._out_bytes, to_host,
                                                   self._stream), "cudaMemcpyAsync")
         _cuda_call(cudart, cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
         # A copy: the pinned buffer is overwritten by the next batch while the engine still holds this one.
         return host_out[:n].copy()
 
+    # -- the engine's device-resident path (module docstring) ---------------------------------------------------
+    def prepare(self, labels: np.ndarray):
+        if not self.device_resident:
+            return super().prepare(labels)
+        from ..cuda_band import pin_labels
+
+        return pin_labels(labels)
+
+    def infer(self, prepared):
+        if not self.device_resident:
+            return super().infer(prepared)
+        import torch
+
+        from ..cuda_band import infer_on_device
+
+        if len(prepared) > self._capacity or (self.signature.fixed_batch not in (None, len(prepared))):
+            raise ValueError(f"a batch of {len(prepared)} windows does not fit this engine (batch "
+                             f"{self.signature.fixed_batch or f'1..{self._capacity}'})")
+
+        def forward(windows):
+            # Allocated on the stream the engine runs on: the caching allocator hands it out again only after
+            # the accumulator's stream, which records its use, is done with it.
+            images = torch.empty((len(windows), *self._out_shape), dtype=torch.float32, device=windows.device)
+            self._enqueue(len(windows), windows.data_ptr(), images.data_ptr(), self._torch_stream.cuda_stream)
+            return images
+
+        # The contract's input is float32 (the engine casts inside where it runs fp16).
+        return infer_on_device(self._torch_stream, prepared, forward, torch.float32)
+
+    def band_accumulator(self, plan, blend: str):
+        if not self.device_resident:
+            return super().band_accumulator(plan, blend)
+        from ..cuda_band import CudaBand
+
+        return CudaBand(plan, blend, self._device)
+
     def close(self) -> None:
+        if self._torch_stream is not None:
+            self._torch_stream.synchronize()
+            self._torch_stream = None
         cudart = self._cudart
         if self._stream is not None:
             cudart.cudaStreamSynchronize(self._stream)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .. import _core
+from ..cuda_band import encode_labels, infer_on_device, pin_labels  # noqa: F401 - encode_labels: re-exported
 from ..errors import ModelError, first_line
 from ..export import (
     CONFIG_METADATA_KEY,
@@ -32,7 +33,6 @@ from ..export import (
     load_generator,
     load_weights,
 )
-from ..masks import MODEL_INPUT_CLASSES
 from ..models import Generator, normalisation_layers
 from .base import Backend, ModelSignature
 
@@ -82,13 +82,6 @@ def load_onnx_generator(path: str | os.PathLike) -> Generator:
     generator = Generator.from_config(json.loads(metadata[CONFIG_METADATA_KEY]))
     weights = {tensor.name: torch.from_numpy(numpy_helper.to_array(tensor).copy()) for tensor in model.graph.initializer}
     return load_weights(generator, weights, path)
-
-
-def encode_labels(labels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 labels [N, h, w] -> the ±1 one-hot model input [N, 3, h, w], as masks.labels_to_model_input, on the
-    labels' device."""
-    classes = torch.tensor(MODEL_INPUT_CLASSES, dtype=labels.dtype, device=labels.device).view(1, -1, 1, 1)
-    return (labels.unsqueeze(1) == classes).to(dtype) * 2 - 1
 
 
 class TorchBackend(Backend):
@@ -141,24 +134,13 @@ class TorchBackend(Backend):
 
     # -- the engine's device-resident path (see the module docstring) -------------------------------------------
     def prepare(self, labels: np.ndarray):
-        if not self.device_resident:
-            return super().prepare(labels)
-        # Pinned, so that the upload in `infer` is an asynchronous DMA.
-        return torch.from_numpy(labels).pin_memory()
+        return pin_labels(labels) if self.device_resident else super().prepare(labels)
 
     def infer(self, prepared):
         if not self.device_resident:
             return super().infer(prepared)
-        from ..cuda_band import DevicePatches
-
-        with torch.inference_mode(), torch.cuda.stream(self._stream):
-            labels = prepared.to(self.device, non_blocking=True)
-            images = self._forward(encode_labels(labels, torch.float16))
-            # The accumulator reads NCHW; fp16 halves what it reads and is what autocast produced anyway.
-            images = images.to(torch.float16).contiguous()
-            ready = torch.cuda.Event()
-            ready.record(self._stream)
-        return DevicePatches(images, ready)
+        # The accumulator reads NCHW; fp16 halves what it reads and is what autocast produced anyway.
+        return infer_on_device(self._stream, prepared, lambda x: self._forward(x).to(torch.float16), torch.float16)
 
     def band_accumulator(self, plan, blend: str):
         if not self.device_resident:
