@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnx_models
 import pytest
+from gpu_checks import assert_resident_render_matches_host_path
 from onnx import TensorProto, helper, numpy_helper
 
 from safron import backends
@@ -324,19 +325,8 @@ def test_device_resident_render_reproduces_the_mask_with_a_centre_crop_model(tmp
 @pytest.mark.needs_cuda
 @pytest.mark.skipif(not _torch_cuda(), reason="the device-resident TensorRT path needs a CUDA build of PyTorch")
 def test_device_resident_render_matches_the_host_path_of_the_same_engine(tmp_path):
-    from safron import engine
-
     model = _instance_norm_model(tmp_path / "model.onnx")
     labels = np.random.default_rng(9).integers(0, 3, (600, 1000), dtype=np.uint8)
     resident = _tensorrt(model, tmp_path / "cache", max_batch=8)
     host = _tensorrt(model, tmp_path / "cache", max_batch=8, device_resident=False)
-    try:
-        assert resident.device_resident and not host.device_resident
-        on_device = engine.render_array(labels, backend=resident)
-        through_host = engine.render_array(labels, backend=host)
-    finally:
-        resident.close()
-        host.close()
-    difference = np.abs(on_device.astype(int) - through_host.astype(int))
-    # The same engine's float32 patches, accumulated in the same fp32 order on the GPU and on the CPU.
-    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+    assert assert_resident_render_matches_host_path(resident, host, labels).std() > 5
