@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU benchmark and test run for a lent GPU machine (no network): build with SAFRON_CUDA=ON, run the C++ tests
 # and the needs_cuda/needs_tensorrt pytest suites, then compare the bare generator's throughput with end-to-end
-# renders of square synthetic masks (PyTorch CUDA backend; TensorRT too where installed).
+# renders of square synthetic masks (PyTorch CUDA backend; TensorRT too where installed), and time one training
+# step per tile size if time is left.
 #
 #   OUT=/some/dir bench/gpu.sh                       # on the GPU machine, from the repository root
 #   SAFRON_GPU_DRY_RUN=1 OUT=/tmp/x bench/gpu.sh     # on a CPU: the same flow at tiny sizes, to test the script
@@ -233,5 +234,18 @@ EOF
   rm -f "$WORK/mask_$size.tif"
   previous_pixels=$pixels previous_seconds=$((SECONDS - size_start + 1))
 done
+# One training step per tile size at the paper's width, against its claim of constant training memory (0.35 GB):
+# last, and only with time left, since the renders are this script's main figures.
+if [[ $DRY_RUN == 1 ]]; then
+  train_args=(--device cpu --tiles 492 --ngf 4 --ndf 4 --steps 1 --threads 2)
+else
+  train_args=(--device cuda --tiles 492 728 1200 --ngf 64 --ndf 64 --steps 3)
+fi
+if ((SECONDS - SCRIPT_START + 90 <= BUDGET_S)) || [[ $DRY_RUN == 1 ]]; then
+  stage train_step python bench/train_step.py "${train_args[@]}" || true
+  grep -E "^ +[0-9]+ " "$OUT/train_step.log" | sed 's/^/train step: /' | tee -a "$SUMMARY" || true
+else
+  say "train step: skipped ($((SECONDS - SCRIPT_START)) s of ${BUDGET_S} s used)"
+fi
 say "total: $((SECONDS - SCRIPT_START)) s, failed test stages: $failures"
 ((failures == 0))
