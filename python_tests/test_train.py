@@ -363,6 +363,53 @@ def test_init_starts_a_new_run_from_another_runs_models_and_optimisers(tmp_path,
         quick_train(tmp_path / "other", data_dir, 1, init=tmp_path / "base" / "losses.csv")
 
 
+def _parameters(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_ema_moves_towards_the_generator_after_each_step(data_dir):
+    config = TrainConfig(data=str(data_dir), tile=256, ema_decay=0.9, **TINY)
+    dataset = TileDataset(data_dir, 256, seed=0)
+    trainer = Trainer(config, dataset, torch.device("cpu"))
+    average = _parameters(trainer.generator)
+    for step in range(2):
+        trainer.train_step(dataset.tile_at(step))
+        average = [0.9 * a + 0.1 * p for a, p in zip(average, _parameters(trainer.generator))]
+    for got, expected in zip(trainer.generator_ema.parameters(), average):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    assert trainer.published_generator is trainer.generator_ema
+    assert not any(p.requires_grad for p in trainer.generator_ema.parameters())
+    assert Trainer(dataclasses.replace(config, ema_decay=0.0), dataset, torch.device("cpu")).generator_ema is None
+
+
+def test_ema_is_checkpointed_resumed_exactly_and_published(tmp_path, data_dir):
+    config = TrainConfig(data=str(data_dir), tile=256, ema_decay=0.8, **TINY)
+    quick_train(tmp_path / "straight", data_dir, 4, config=config)
+    quick_train(tmp_path / "resumed", data_dir, 2, config=config)
+    quick_train(tmp_path / "resumed", data_dir, 4, config=None, resume=True)
+    straight, resumed = load_generator(tmp_path / "straight"), load_generator(tmp_path / "resumed")
+    for name, tensor in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=0, atol=0)
+    # The run directory's generator and the training checkpoint's are both the average, not the raw weights.
+    checkpoint = latest_checkpoint(tmp_path / "straight").with_suffix(".safetensors")
+    from safetensors.torch import load_file
+
+    stored = load_file(str(checkpoint))
+    for name, tensor in straight.state_dict().items():
+        torch.testing.assert_close(stored["generator_ema." + name], tensor, rtol=0, atol=0)
+        torch.testing.assert_close(load_generator(checkpoint).state_dict()[name], tensor, rtol=0, atol=0)
+    assert any(not torch.equal(stored["generator." + n], t) for n, t in straight.state_dict().items())
+
+
+def test_init_starts_the_average_at_the_loaded_generator(tmp_path, data_dir):
+    quick_train(tmp_path / "base", data_dir, 2)
+    config = TrainConfig(data=str(data_dir), tile=256, ema_decay=0.5, **TINY)
+    trainer = Trainer(config, TileDataset(data_dir, 256, seed=0), torch.device("cpu"))
+    trainer.load(latest_checkpoint(tmp_path / "base"), restore_step=False)
+    for name, tensor in load_generator(tmp_path / "base").state_dict().items():
+        torch.testing.assert_close(trainer.generator_ema.state_dict()[name], tensor, rtol=0, atol=0)
+
+
 # --- command line --------------------------------------------------------------------------------------------------
 
 def run_main(capsys, *args) -> tuple[int, str]:

@@ -38,6 +38,9 @@ CHECKPOINT_SUFFIX = ".safetensors"
 CONFIG_METADATA_KEY = "safron.generator_config"
 # A checkpoint holding more than the generator (a training state) prefixes the generator's tensors so.
 GENERATOR_PREFIX = "generator."
+# A training run with an exponential moving average of the generator's weights stores it under this prefix too;
+# it is the generator the run publishes (what export and the torch backend load).
+EMA_PREFIX = "generator_ema."
 # The file a run directory keeps its latest generator checkpoint in.
 RUN_DIR_CHECKPOINT = "generator.safetensors"
 
@@ -169,8 +172,10 @@ def _load(checkpoint: Checkpoint):
         tensors = load_file(str(checkpoint.weights), device="cpu")
     except Exception as exc:
         raise ModelError(f"{checkpoint.weights}: not a readable safetensors file ({first_line(exc)})") from None
-    if any(name.startswith(GENERATOR_PREFIX) for name in tensors):
-        tensors = {name[len(GENERATOR_PREFIX):]: t for name, t in tensors.items() if name.startswith(GENERATOR_PREFIX)}
+    for prefix in (EMA_PREFIX, GENERATOR_PREFIX):  # a training checkpoint: its published generator
+        if any(name.startswith(prefix) for name in tensors):
+            tensors = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+            break
     return load_weights(generator, tensors, checkpoint.weights)
 
 

@@ -15,7 +15,9 @@ One step, on one tile (DESIGN.md, "The method"):
      is shift-consistent. Without this term a small generator learns textures locked to its patch grid (white
      dots every 32 px in uniform regions: the stride of its 8x8 decoder level) that double up where patches
      overlap at another phase.
-Adam (lr 1e-4, beta1 0.5) for both. Mixed precision (bf16, or fp16 with a gradient scaler) on CUDA only.
+Adam (lr 1e-4, beta1 0.5) for both. Optional (ema_decay > 0, not in the paper): after each step an exponential
+moving average of the generator's weights moves towards them, and the run publishes the average (samples,
+RUN_DIR/generator.safetensors, export): it smooths the step-to-step oscillation of GAN training. Mixed precision (bf16, or fp16 with a gradient scaler) on CUDA only.
 
 Reproducibility: the models are initialised from the seed, tile `k` is a pure function of (seed, k) (see
 `safron.data`), and the torch RNG (dropout) is reseeded from (seed, k) before step k. So on a CPU the same seed
@@ -23,10 +25,11 @@ gives the same losses, and a resumed run continues with exactly the losses an un
 On CUDA runs are seeded but cuDNN may pick non-deterministic kernels.
 
 A run directory holds
-  checkpoints/step-NNNNNNNN.safetensors  generator, discriminator and both Adam states (no pickle), with the
-                                         generator config in its metadata, so `safron-export` reads it too
+  checkpoints/step-NNNNNNNN.safetensors  generator, discriminator, both Adam states (no pickle) and the average
+                                         (if any), with the generator config in its metadata, so `safron-export`
+                                         reads it too
   checkpoints/step-NNNNNNNN.json         the training state: configs, step, optimiser settings, grad scaler
-  generator.safetensors                  the latest generator alone (`export.load_generator(RUN_DIR)`)
+  generator.safetensors                  the latest published generator alone (`export.load_generator(RUN_DIR)`)
   losses.csv, tensorboard/, samples/step-NNNNNNNN.png (mask | real | generated)
 """
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import dataclasses
 import json
@@ -58,7 +62,9 @@ from . import geometry, masks
 from .cli import _non_negative_int, _Parser, _positive_float, _positive_int, run_main
 from .data import TileDataset, TrainingTile
 from .errors import ModelError, SafronInputError, first_line
-from .export import CONFIG_METADATA_KEY, GENERATOR_PREFIX, RUN_DIR_CHECKPOINT, load_generator, save_checkpoint
+from .export import (
+    CONFIG_METADATA_KEY, EMA_PREFIX, GENERATOR_PREFIX, RUN_DIR_CHECKPOINT, load_generator, save_checkpoint,
+)
 from .models import Discriminator, Generator
 from .pipeline import prefetch
 from .stitch import BLENDS, cut_windows, stitch
@@ -100,6 +106,7 @@ class TrainConfig:
     overlap: int = geometry.OVERLAP
     seed: int = 0
     init: str | None = None  # the training checkpoint a fine-tuning run started from (its .json), for the record
+    ema_decay: float = 0.0  # > 0: also keep an exponential moving average of the generator, which the run publishes
 
     @property
     def loss_names(self) -> tuple[str, ...]:
@@ -285,6 +292,8 @@ def check_config(config: TrainConfig) -> None:
         )
     if not config.lambda_shift >= 0:
         raise SafronInputError(f"lambda_shift must be >= 0, got {config.lambda_shift}")
+    if not 0 <= config.ema_decay < 1:
+        raise SafronInputError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
 
 
 class Trainer:
@@ -313,6 +322,24 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.step = 0
         self.last_output: torch.Tensor | None = None
+        self.generator_ema = self._new_average() if config.ema_decay else None
+
+    def _new_average(self) -> Generator:
+        """A copy of the generator, outside autograd, that `_update_average` moves towards it after each step."""
+        average = copy.deepcopy(self.generator).requires_grad_(False)
+        return average.eval()
+
+    @torch.no_grad()
+    def _update_average(self) -> None:
+        weight = 1 - self.config.ema_decay
+        for average, current in zip(self.generator_ema.parameters(), self.generator.parameters()):
+            average.lerp_(current.detach(), weight)
+
+    @property
+    def published_generator(self) -> Generator:
+        """The generator the run publishes (samples, RUN_DIR/generator.safetensors, export): the moving average
+        when the run keeps one."""
+        return self.generator_ema if self.generator_ema is not None else self.generator
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self._autocast_type, enabled=self._autocast_type is not None)
@@ -325,11 +352,11 @@ class Trainer:
         real = torch.from_numpy(tile.image).to(self.device).permute(2, 0, 1)[None].float() / 127.5 - 1
         return context, mask_tile, real
 
-    def _stitched(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stitched(self, windows: torch.Tensor, generator: Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(the tile [1, 3, T, T] stitched from the patches of the plan's windows, which come first in `windows`;
-        the patches of the windows after them)."""
+        the patches of the windows after them), by `generator` (default: the one being trained)."""
         with self._autocast():
-            patches = self.generator(windows)
+            patches = (generator or self.generator)(windows)
         ys, xs = self._origins
         count = len(ys)
         stitched = stitch(patches[:count], ys, xs, self.plan.height, self.plan.width, self.config.blend,
@@ -382,6 +409,8 @@ class Trainer:
             self.scaler.update()
         finally:
             self.discriminator.requires_grad_(True)
+        if self.generator_ema is not None:
+            self._update_average()
         self.step += 1
         self.last_output = fake.detach()[0]
         values = (loss_g, *values[:2], loss_d, d_real, d_fake, *values[2:])
@@ -389,17 +418,22 @@ class Trainer:
 
     @torch.no_grad()
     def generate(self, tile: TrainingTile) -> torch.Tensor:
-        """The stitched image [3, T, T] of `tile`'s mask, in eval mode (no dropout), as a render would make it."""
-        self.generator.eval()
+        """The stitched image [3, T, T] of `tile`'s mask by the published generator, in eval mode (no dropout), as
+        a render would make it."""
+        generator = self.published_generator
+        mode = generator.training
+        generator.eval()
         try:
-            return self._stitched(cut_windows(self._tensors(tile)[0], self.plan))[0][0]
+            return self._stitched(cut_windows(self._tensors(tile)[0], self.plan), generator)[0][0]
         finally:
-            self.generator.train()
+            generator.train(mode)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors for safetensors, JSON-able training state) of the current step."""
         tensors = {GENERATOR_PREFIX + k: v for k, v in self.generator.state_dict().items()}
+        if self.generator_ema is not None:
+            tensors |= {EMA_PREFIX + k: v for k, v in self.generator_ema.state_dict().items()}
         tensors |= {_DISCRIMINATOR_PREFIX + k: v for k, v in self.discriminator.state_dict().items()}
         optimisers = {}
         for name, optimiser in (("generator", self.optimiser_g), ("discriminator", self.optimiser_d)):
@@ -425,7 +459,10 @@ class Trainer:
         weights = folder / f"step-{self.step:08d}.safetensors"
         metadata = {CONFIG_METADATA_KEY: json.dumps(self.generator.config(), sort_keys=True)}
         _write_atomically(weights, lambda path: save_file(tensors, str(path), metadata=metadata))
-        save_checkpoint(self.generator, run_dir / RUN_DIR_CHECKPOINT, metadata={"safron.step": str(self.step)})
+        published = {"safron.step": str(self.step)}
+        if self.generator_ema is not None:
+            published["safron.ema_decay"] = repr(self.config.ema_decay)
+        save_checkpoint(self.published_generator, run_dir / RUN_DIR_CHECKPOINT, metadata=published)
         # The JSON goes last: it is what marks the checkpoint complete.
         text = json.dumps(state, indent=2, sort_keys=True) + "\n"
         _write_atomically(weights.with_suffix(".json"), lambda path: path.write_text(text, encoding="utf-8"))
@@ -446,6 +483,10 @@ class Trainer:
         try:
             for prefix, model in ((GENERATOR_PREFIX, self.generator), (_DISCRIMINATOR_PREFIX, self.discriminator)):
                 model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            if self.generator_ema is not None:
+                # A checkpoint of a run without an average (fine-tuning with --init) starts it at its generator.
+                stored = {k[len(EMA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMA_PREFIX)}
+                self.generator_ema.load_state_dict(stored or self.generator.state_dict())
             for name, optimiser in (("generator", self.optimiser_g), ("discriminator", self.optimiser_d)):
                 optimiser.load_state_dict(
                     _unflatten_optimiser(_OPTIMISER_PREFIXES[name], tensors, state["optimisers"][name])
@@ -696,7 +737,7 @@ def _non_negative_float(text):
 
 # CLI options that define a run (TrainConfig fields); they default to None so that --resume can tell the ones given.
 _RUN_OPTIONS = ("data", "tile", "stride", "ngf", "ndf", "lr", "beta1", "lambda_l1", "lambda_adv", "lambda_shift",
-                "blend", "seed")
+                "ema_decay", "blend", "seed")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -735,6 +776,9 @@ def train_parser() -> argparse.ArgumentParser:
                    help=f"weight of the shift-consistency loss: one extra patch at a random position must match the "
                         f"stitched tile under it; suppresses textures locked to the patch grid (default: "
                         f"{defaults.lambda_shift:g}, off, as in the paper)")
+    p.add_argument("--ema-decay", type=_non_negative_float, metavar="D",
+                   help="also keep an exponential moving average of the generator's weights (e.g. 0.999) and publish "
+                        "it: samples, RUN_DIR/generator.safetensors and safron-export use it (default: 0, off)")
     p.add_argument("--blend", choices=BLENDS,
                    help=f"weights of overlapping patches, as safron-render --blend (default: {defaults.blend})")
     p.add_argument("--seed", type=_non_negative_int, metavar="S", help=f"seed of initialisation, tiles and dropout (default: {defaults.seed})")
