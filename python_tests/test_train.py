@@ -514,7 +514,7 @@ def test_cli_init_takes_the_runs_settings_unless_given_and_refuses_other_widths(
     assert (stored["ngf"], stored["lr"], stored["lambda_shift"], stored["tile"]) == (4, 2e-4, 5.0, 256)
     assert stored["data"] == str(data_dir.resolve()) and stored["init"] == str(latest_checkpoint(base).resolve())
     code, err = run_main(capsys, "--init", base, "--out", tmp_path / "wider", "--steps", 1, "--ngf", 8, "--quiet")
-    assert code == 2 and err.count("\n") == 1 and "does not match its run's models" in err, err
+    assert code == 2 and err.count("\n") == 1 and "does not fit the models of this run (generator ngf 4 there, 8 here)" in err, err
     code, err = run_main(capsys, "--init", tmp_path / "nowhere", "--out", tmp_path / "x", "--quiet")
     assert code == 2 and err.count("\n") == 1 and "not a run directory or a training checkpoint" in err, err
     code, err = run_main(capsys, "--init", base, "--out", tuned, "--resume", "--steps", 2, "--quiet")

@@ -471,6 +471,17 @@ class Trainer:
             old.with_suffix(".safetensors").unlink(missing_ok=True)
         return weights
 
+    def _difference(self, state: dict, failure: BaseException) -> str:
+        """What makes a checkpoint's models differ from this run's: the settings, else the loader's message."""
+        differing = [
+            f"{name} {key} {stored[key]!r} there, {value!r} here"
+            for name, model in (("generator", self.generator), ("discriminator", self.discriminator))
+            for stored in [state.get(name) or {}]
+            for key, value in model.config().items()
+            if key in stored and stored[key] != value
+        ]
+        return "; ".join(differing) or first_line(failure)
+
     def load(self, state_path: Path, restore_step: bool = True) -> None:
         """Restore models, optimisers, scaler and (with `restore_step`) the step from a checkpoint written by
         `save`. The optimisers keep this run's learning rate and betas: a fine-tuning run may change them."""
@@ -492,7 +503,7 @@ class Trainer:
                     _unflatten_optimiser(_OPTIMISER_PREFIXES[name], tensors, state["optimisers"][name])
                 )
         except (KeyError, RuntimeError, ValueError) as exc:
-            raise ModelError(f"{weights}: does not match its run's models ({first_line(exc)})") from None
+            raise ModelError(f"{weights}: does not fit the models of this run ({self._difference(state, exc)})") from None
         betas = (self.config.beta1, self.config.beta2)
         for optimiser in (self.optimiser_g, self.optimiser_d):
             for group in optimiser.param_groups:
