@@ -477,6 +477,9 @@ BAD_OPTIONS = [
     (["--beta1", "1"], "beta1 must be in [0, 1)"),
     (["--precision", "fp16", "--device", "cpu"], "precision fp16 needs a CUDA device"),
     (["--seed", "-1"], "--seed: expected a non-negative integer"),
+    (["--ema-decay", "1"], "ema_decay must be in [0, 1)"),
+    (["--lambda-shift", "-2"], "--lambda-shift: expected a number >= 0"),
+    (["--init", "nowhere"], "nowhere: not a run directory or a training checkpoint"),
 ]
 if not torch.cuda.is_available():
     BAD_OPTIONS.append((["--device", "cuda"], "device cuda: no CUDA GPU is usable"))

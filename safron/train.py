@@ -17,7 +17,8 @@ One step, on one tile (DESIGN.md, "The method"):
      overlap at another phase.
 Adam (lr 1e-4, beta1 0.5) for both. Optional (ema_decay > 0, not in the paper): after each step an exponential
 moving average of the generator's weights moves towards them, and the run publishes the average (samples,
-RUN_DIR/generator.safetensors, export): it smooths the step-to-step oscillation of GAN training. Mixed precision (bf16, or fp16 with a gradient scaler) on CUDA only.
+RUN_DIR/generator.safetensors, export): it smooths the step-to-step oscillation of GAN training.
+Mixed precision (bf16, or fp16 with a gradient scaler) on CUDA only.
 
 Reproducibility: the models are initialised from the seed, tile `k` is a pure function of (seed, k) (see
 `safron.data`), and the torch RNG (dropout) is reseeded from (seed, k) before step k. So on a CPU the same seed
@@ -397,12 +398,11 @@ class Trainer:
                 adv = bce(fake_logits, torch.ones_like(fake_logits))
             l1 = (fake - real).abs().mean()
             loss_g = config.lambda_l1 * l1 + config.lambda_adv * adv
-            values = [l1, adv]
+            shift = None
             if config.lambda_shift:
                 patch = self.plan.patch
                 shift = (extra[0].float() - fake[0, :, y:y + patch, x:x + patch]).abs().mean()
                 loss_g = loss_g + config.lambda_shift * shift
-                values.append(shift)
             self.optimiser_g.zero_grad(set_to_none=True)
             self.scaler.scale(loss_g).backward()
             self.scaler.step(self.optimiser_g)
@@ -413,7 +413,7 @@ class Trainer:
             self._update_average()
         self.step += 1
         self.last_output = fake.detach()[0]
-        values = (loss_g, *values[:2], loss_d, d_real, d_fake, *values[2:])
+        values = (loss_g, l1, adv, loss_d, d_real, d_fake) + ((shift,) if shift is not None else ())
         return dict(zip(config.loss_names, torch.stack([v.detach().float() for v in values]).tolist()))
 
     @torch.no_grad()
