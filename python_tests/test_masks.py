@@ -47,21 +47,47 @@ def blob_labels(height, width, seed=0):
 
 
 def expected_region(labels, y0, x0, h, w):
-    """What read_labels must return: the labels where the region overlaps the image, background elsewhere."""
-    out = np.zeros((h, w), np.uint8)
-    for y in range(h):
-        for x in range(w):
-            yy, xx = y0 + y, x0 + x
-            if 0 <= yy < labels.shape[0] and 0 <= xx < labels.shape[1]:
-                out[y, x] = labels[yy, xx]
-    return out
+    """What read_labels must return: the labels where the region overlaps the image and, beyond its border, the
+    image mirrored about it (numpy.pad's "symmetric" mode, which repeats the reflection as far as needed)."""
+    pad = max(-y0, -x0, y0 + h - labels.shape[0], x0 + w - labels.shape[1], 0)
+    padded = np.pad(labels, pad, mode="symmetric")
+    return padded[y0 + pad:y0 + pad + h, x0 + pad:x0 + pad + w]
+
+
+def test_mirror_index_folds_positions_onto_the_axis():
+    # Half-sample symmetric with period 2 * size: ... 1 0 | 0 1 2 3 | 3 2 1 0 | 0 ...
+    positions = np.arange(-6, 10)
+    assert masks.mirror_index(positions, 4).tolist() == [2, 3, 3, 2, 1, 0, 0, 1, 2, 3, 3, 2, 1, 0, 0, 1]
+    assert masks.mirror_index(positions, 1).tolist() == [0] * 16
+    wide = np.arange(-1000, 1000)
+    assert (masks.mirror_index(wide, 7) == np.pad(np.arange(7), 1000, mode="symmetric")[wide + 1000]).all()
+
+
+def test_a_region_beyond_the_border_reads_the_mirrored_mask_without_reading_more_than_it_spans():
+    labels = blob_labels(40, 60, seed=9)
+    reads = []
+
+    class CountingRaster(slide_io.ArrayRaster):
+        def read(self, y0, x0, h, w):
+            reads.append((h, w))
+            return super().read(y0, x0, h, w)
+
+    mask = masks.Mask(CountingRaster(labels, path="counting"))
+    np.testing.assert_array_equal(mask.read_labels(-20, -20, 30, 100), expected_region(labels, -20, -20, 30, 100))
+    assert reads and all(h <= 30 and w <= 60 for h, w in reads), reads
+    # A class edge that touches the border continues across it instead of meeting a background frame.
+    edge = np.zeros((10, 10), np.uint8)
+    edge[:, 5:] = masks.GLAND
+    edge[:, :5] = masks.STROMA
+    np.testing.assert_array_equal(masks.from_array(edge).read_labels(-3, 0, 16, 10)[:3], edge[:3][::-1])
 
 
 def random_regions(height, width, count, seed=1):
     """Regions inside, straddling and wholly outside the image, including 1-pixel and full-size ones."""
     rng = np.random.default_rng(seed)
     regions = [(0, 0, height, width), (-5, -7, height + 12, width + 3), (height, width, 4, 4),
-               (-20, -20, 10, 10), (height - 1, width - 1, 1, 1), (0, 0, 1, 1)]
+               (-20, -20, 10, 10), (height - 1, width - 1, 1, 1), (0, 0, 1, 1),
+               (-2 * height - 3, 5, 3 * height, 7), (4, -3 * width, 9, 5 * width)]  # more than one reflection
     for _ in range(count):
         h, w = rng.integers(1, max(2, height // 2)), rng.integers(1, max(2, width // 2))
         y0 = rng.integers(-h - 3, height + 3)

@@ -92,12 +92,12 @@ def quick_train(run_dir: Path, data: Path, steps: int, **options):
 
 # --- data ----------------------------------------------------------------------------------------------------------
 
-def test_tile_context_is_the_real_surroundings_and_background_beyond_the_border(data_dir):
+def test_tile_context_is_the_real_surroundings_and_the_mirrored_mask_beyond_the_border(data_dir):
     dataset = TileDataset(data_dir, 256, augment=False)
     labels = blocky_labels(300, 330, seed=1)
     image = CLASS_RGB[labels]
     margin = dataset.margin
-    padded = np.pad(labels, margin, constant_values=masks.BACKGROUND)
+    padded = np.pad(labels, margin, mode="symmetric")  # the engine's convention, masks.Mask.read_labels
     for y, x in [(0, 0), (44, 74), (20, 31)]:
         tile = dataset.read_tile(0, y, x)
         np.testing.assert_array_equal(tile.image, image[y:y + 256, x:x + 256])

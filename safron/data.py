@@ -15,7 +15,8 @@ before it starts, with one line naming the file. Decoded pairs stay in a cache o
 
 Tile `step` is a pure function of (seed, step): resuming a run replays exactly the tiles it would have seen.
 Tiles are square; the mask context around a tile is read with `Mask.read_labels`, so it is the real mask where
-the image continues and BACKGROUND beyond the image border -- the convention the engine renders with.
+the image continues and the mask mirrored about the image border beyond it -- the convention the engine renders
+with.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """SAFRON training: a patch generator trained through a tile-level discriminator on stitched tiles.
 
 One step, on one tile (DESIGN.md, "The method"):
-  1. the tile's mask context (real surroundings, BACKGROUND beyond the image border) is cut into the generator's
-     windows at the engine's patch positions (`geometry.plan(tile, tile).origins()`);
+  1. the tile's mask context (real surroundings, the mask mirrored beyond the image border) is cut into the
+     generator's windows at the engine's patch positions (`geometry.plan(tile, tile).origins()`);
   2. the generator maps all windows of the tile as one batch; `stitch.stitch` blends the patches exactly as the
      engine's C++ accumulator does, so the loss sees the seams a render will have;
   3. discriminator step: BCE-with-logits of the PatchGAN on (mask, real tile) -> 1 and (mask, stitched) -> 0;
