@@ -46,7 +46,7 @@ def _read_mask(path: Path) -> np.ndarray:
         return np.asarray(image)
 
 
-def render_testa(model, blend: str, threads: int | None, out_dir: Path, testa: Path) -> list[Path]:
+def render_testa(model, blend: str, threads: int | None, out_dir: Path, testa: Path, overlap: int) -> list[Path]:
     from PIL import Image
 
     from safron import engine, masks
@@ -60,7 +60,9 @@ def render_testa(model, blend: str, threads: int | None, out_dir: Path, testa: P
             image = _read_rgb(image_path)
             labels = masks.labels_from_gland_mask(image, _read_mask(testa / "masks" / image_path.name))
             out = out_dir / image_path.name
-            Image.fromarray(engine.render_array(labels, backend=backend, blend=blend or engine.DEFAULT_BLEND)).save(out)
+            rendered_image = engine.render_array(labels, backend=backend, blend=blend or engine.DEFAULT_BLEND,
+                                                 overlap=overlap)
+            Image.fromarray(rendered_image).save(out)
             rendered.append(out)
     finally:
         backend.close()
@@ -104,6 +106,7 @@ def main() -> None:
     parser.add_argument("--model", help="ONNX model, run directory or checkpoint (default: the embedded model)")
     parser.add_argument("--blend", default=None, choices=["uniform", "linear", "cosine"],
                         help="default: the engine's default blend")
+    parser.add_argument("--overlap", type=int, default=None, help="least patch overlap (default: the engine's)")
     parser.add_argument("--threads", type=int, help="CPU threads for rendering and features (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "_work" / "glas_eval", help="rendered images")
     parser.add_argument("--data", type=Path, default=GLAS, help="the GlaS folder with train/ and testA/")
@@ -120,8 +123,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     real = sorted((testa / "images").glob("*.png"))
     started = time.perf_counter()
-    generated = render_testa(args.model, args.blend, args.threads, args.out, testa)
-    print(f"rendered {len(generated)} testA masks ({args.blend or 'default'} blend) in {time.perf_counter() - started:.0f} s "
+    from safron import engine
+
+    overlap = engine.DEFAULT_OVERLAP if args.overlap is None else args.overlap
+    generated = render_testa(args.model, args.blend, args.threads, args.out, testa, overlap)
+    print(f"rendered {len(generated)} testA masks ({args.blend or 'default'} blend, overlap {overlap}) in {time.perf_counter() - started:.0f} s "
           f"into {args.out}")
     print(f"model vs real testA ({len(generated)} vs {len(real)}): "
           f"{scores(real, generated, args.subsets, args.subset_size)}")
