@@ -18,9 +18,9 @@ from safron import backends, engine, geometry, masks  # noqa: E402
 from safron.backends.onnx_runtime import OnnxRuntimeBackend  # noqa: E402
 from safron.backends.torch_backend import (  # noqa: E402
     TorchBackend,
-    encode_labels,
     load_onnx_generator,
 )
+from safron.cuda_band import encode_labels  # noqa: E402
 from safron.errors import ModelError, SafronInputError  # noqa: E402
 from safron.export import CONFIG_METADATA_KEY, PARITY_TOLERANCE, random_masks  # noqa: E402
 

@@ -33,8 +33,8 @@ from .slide_io import check_output_path
 
 BLENDS = ("uniform", "linear", "cosine")
 # Not the paper's plain average: the embedded generator's patch edges leave a thin line wherever a patch
-# starts or ends inside another with "uniform", which the cosine ramp hides (GlaS testA with the embedded
-# model: FID 235.2 / KID 0.144 cosine against 238.5 / 0.148 uniform, and the lines gone; MODEL_CARD.md).
+# starts or ends inside another with "uniform", which the cosine ramp hides (GlaS testA with the step-6741
+# generator: FID 235.2 / KID 0.144 cosine against 238.5 / 0.148 uniform, and the lines gone; MODEL_CARD.md).
 DEFAULT_BLEND = "cosine"
 DEFAULT_OVERLAP = 20
 

@@ -135,6 +135,11 @@ def _read_config(weights: Path, embedded: str | None) -> dict[str, Any]:
     return config
 
 
+def tensors_under(tensors: dict, prefix: str) -> dict:
+    """The tensors whose names start with `prefix`, named without it (one model's part of a training state)."""
+    return {name[len(prefix):]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
+
+
 def save_checkpoint(generator, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write `generator`'s weights with its config embedded, in the format `load_generator` reads.
 
@@ -174,7 +179,7 @@ def _load(checkpoint: Checkpoint):
         raise ModelError(f"{checkpoint.weights}: not a readable safetensors file ({first_line(exc)})") from None
     for prefix in (EMA_PREFIX, GENERATOR_PREFIX):  # a training checkpoint: its published generator
         if any(name.startswith(prefix) for name in tensors):
-            tensors = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+            tensors = tensors_under(tensors, prefix)
             break
     return load_weights(generator, tensors, checkpoint.weights)
 

@@ -65,6 +65,7 @@ from .data import TileDataset, TrainingTile
 from .errors import ModelError, SafronInputError, first_line
 from .export import (
     CONFIG_METADATA_KEY, EMA_PREFIX, GENERATOR_PREFIX, RUN_DIR_CHECKPOINT, load_generator, save_checkpoint,
+    tensors_under,
 )
 from .models import Discriminator, Generator
 from .pipeline import prefetch
@@ -482,9 +483,10 @@ class Trainer:
         ]
         return "; ".join(differing) or first_line(failure)
 
-    def load(self, state_path: Path, restore_step: bool = True) -> None:
+    def load(self, state_path: Path, restore_step: bool = True) -> int:
         """Restore models, optimisers, scaler and (with `restore_step`) the step from a checkpoint written by
-        `save`. The optimisers keep this run's learning rate and betas: a fine-tuning run may change them."""
+        `save`; return the checkpoint's step. The optimisers keep this run's learning rate and betas: a
+        fine-tuning run may change them."""
         state = _read_state(state_path)
         weights = state_path.with_suffix(".safetensors")
         try:
@@ -493,17 +495,17 @@ class Trainer:
             raise ModelError(f"{weights}: unreadable checkpoint ({first_line(exc)})") from None
         try:
             for prefix, model in ((GENERATOR_PREFIX, self.generator), (_DISCRIMINATOR_PREFIX, self.discriminator)):
-                model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+                model.load_state_dict(tensors_under(tensors, prefix))
             if self.generator_ema is not None:
                 # A checkpoint of a run without an average (fine-tuning with --init) starts it at its generator.
-                stored = {k[len(EMA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMA_PREFIX)}
-                self.generator_ema.load_state_dict(stored or self.generator.state_dict())
+                self.generator_ema.load_state_dict(tensors_under(tensors, EMA_PREFIX) or self.generator.state_dict())
             for name, optimiser in (("generator", self.optimiser_g), ("discriminator", self.optimiser_d)):
                 optimiser.load_state_dict(
                     _unflatten_optimiser(_OPTIMISER_PREFIXES[name], tensors, state["optimisers"][name])
                 )
         except (KeyError, RuntimeError, ValueError) as exc:
-            raise ModelError(f"{weights}: does not fit the models of this run ({self._difference(state, exc)})") from None
+            difference = self._difference(state, exc)
+            raise ModelError(f"{weights}: does not fit the models of this run ({difference})") from None
         betas = (self.config.beta1, self.config.beta2)
         for optimiser in (self.optimiser_g, self.optimiser_d):
             for group in optimiser.param_groups:
@@ -512,6 +514,7 @@ class Trainer:
             self.scaler.load_state_dict(state["grad_scaler"])
         if restore_step:
             self.step = int(state["step"])
+        return int(state["step"])
 
 
 def _sample_grid(trainer: Trainer, rows: list[tuple[TrainingTile, torch.Tensor]]) -> np.ndarray:
@@ -693,8 +696,8 @@ def train(
     if state_path is not None:
         trainer.load(state_path)
     elif init_path is not None:
-        trainer.load(init_path, restore_step=False)
-        note(f"starting from {init_path} (step {_read_state(init_path)['step']} of its run)")
+        init_step = trainer.load(init_path, restore_step=False)
+        note(f"starting from {init_path} (step {init_step} of its run)")
     run_dir.mkdir(parents=True, exist_ok=True)
     if trainer.step >= steps:
         note(f"{run_dir}: already at step {trainer.step} of {steps}; nothing to do")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import _core
-from ..cuda_band import encode_labels, infer_on_device, pin_labels  # noqa: F401 - encode_labels: re-exported
+from ..cuda_band import infer_on_device, pin_labels
 from ..errors import ModelError, first_line
 from ..export import (
     CONFIG_METADATA_KEY,
