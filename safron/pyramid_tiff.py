@@ -9,10 +9,11 @@ compression batch: independent of the image width and height.
 * Level 0 is always read from a raw uint8 file, height x width x 3, row-major: either the caller's
   canvas (``canvas=path``; the caller announces final rows with `rows_ready`), or a temporary copy
   the writer makes of the rows given to `write_rows`.
-* A background thread waits for each complete tile row, reads it block by block (``tile`` rows x
-  `_BLOCK_TILES` tiles), appends each block's 2x2 reduction to the next level's raw file, then
-  hands the block's tiles to tifffile's ``TiffWriter.write`` (which compresses them on ``workers``
-  threads). Level k >= 1 is then streamed the same way from its raw file, building level k+1.
+* A background thread waits for each complete tile row and hands its tiles, in order, to tifffile's
+  ``TiffWriter.write`` (which compresses them on ``workers`` threads). The tiles come from blocks
+  (``tile`` rows x `_BLOCK_TILES` tiles) that a few more threads read back, reduce 2x2 into the
+  next level's raw file and cut into tiles, a few blocks ahead. Level k >= 1 is then streamed the
+  same way from its raw file, building level k+1.
 * Raw files are accessed with plain reads and writes at offsets, never a memory map: pages touched
   through a map count towards the process's resident memory, while a block read into its own
   buffer is freed once encoded.
@@ -51,13 +52,16 @@ import os
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import tifffile
 
+from . import _core
 from .errors import SafronInputError
 from .slide_io import check_output_path
 
@@ -68,13 +72,10 @@ COMPRESSIONS = tuple(_TIFFFILE_COMPRESSION)
 
 _SAMPLES = 3
 _CENTIMETRE_IN_MICRONS = 1e4
-# Columns processed per step of the 2x2 reduction: bounds its uint16 temporaries to a few MB
-# however wide the image is. Even, so chunks never split a 2x2 block.
-_HALVING_CHUNK_COLUMNS = 4096
 # Tiles per block read from a raw level file: wide enough that each row segment is one sizeable
-# read (3 KB at 256-pixel tiles), narrow enough that a block and its reduction stay about 1 MB
-# whatever the image width.
-_BLOCK_TILES = 4
+# read (12 KB at 256-pixel tiles; 4 tiles made reading a quarter of the encoder's time in
+# syscalls), narrow enough that a block and its reduction stay about 4 MB whatever the image width.
+_BLOCK_TILES = 16
 # Tiles per encoding worker that tifffile gathers before handing a batch to its thread pool;
 # enough to keep every worker busy across a batch, small enough to stay a few MB per worker.
 _TILES_BUFFERED_PER_WORKER = 16
@@ -97,40 +98,23 @@ def pyramid_shapes(height: int, width: int, tile: int = 256) -> list[tuple[int, 
 def halve(band: np.ndarray) -> np.ndarray:
     """2x2 mean of a uint8 (h, w, 3) band, rounded to nearest (halves up), ceil(h/2) x ceil(w/2).
 
-    Repeating the last row/column of an odd-sized band before taking 2x2 means gives exactly the
-    mean over the pixels that exist (e.g. (2a + 2b + 2) >> 2 == (a + b + 1) >> 1), so edges need
-    no separate formula.
+    An odd last row/column counts as repeated, which gives exactly the mean over the pixels that exist
+    (e.g. (2a + 2b + 2) >> 2 == (a + b + 1) >> 1), so edges need no separate formula. In the C++ core
+    (csrc/cpu/pyramid.cpp), with the GIL released: in numpy it was the encoder's largest cost.
     """
-    height, width = band.shape[:2]
-    top_rows = band[0::2]
-    bottom_rows = band[1::2]
-    if height % 2:
-        bottom_rows = np.concatenate((bottom_rows, band[-1:]))
-    reduced = np.empty((top_rows.shape[0], (width + 1) // 2, _SAMPLES), np.uint8)
-    for x0 in range(0, width, _HALVING_CHUNK_COLUMNS):
-        x1 = min(x0 + _HALVING_CHUNK_COLUMNS, width)
-        column_pairs = top_rows[:, x0:x1].astype(np.uint16)
-        column_pairs += bottom_rows[:, x0:x1]
-        left = column_pairs[:, 0::2]
-        right = column_pairs[:, 1::2]
-        if (x1 - x0) % 2:
-            right = np.concatenate((right, column_pairs[:, -1:]), axis=1)
-        block_sums = left + right
-        block_sums += 2
-        block_sums >>= 2
-        reduced[:, x0 // 2 : (x1 + 1) // 2] = block_sums
-    return reduced
+    return _core.halve_rgb(band)
 
 
 def _full_tile(block: np.ndarray, tile: int) -> np.ndarray:
     """A tile x tile x 3 array from a block at most that size, padded by edge repetition.
 
-    Always a copy, so the block it came from can be freed while tifffile still queues the tile.
+    A full tile is a view of its block, not a copy: the block is freed once tifffile has taken all of its tiles,
+    which holds as much memory as copies would, without the copying.
     """
     missing_rows, missing_columns = tile - block.shape[0], tile - block.shape[1]
     if missing_rows or missing_columns:
         return np.pad(block, ((0, missing_rows), (0, missing_columns), (0, 0)), mode="edge")
-    return block.copy()
+    return block
 
 
 class _RawImageFile:
@@ -166,22 +150,23 @@ class _RawImageFile:
     def _offset(self, y: int, x: int) -> int:
         return y * self._row_bytes + x * _SAMPLES
 
+    # Positional reads and writes (pread/pwrite), never seek + read: blocks are read and reduced on several
+    # threads at once, each at its own offsets of the same file, and the calls release the GIL.
     def _read_into(self, offset: int, destination: np.ndarray) -> None:
         view = memoryview(destination).cast("B")
         end = offset + len(view)
-        self._file.seek(offset)
         while view:
-            count = self._file.readinto(view)
+            count = os.preadv(self._file.fileno(), [view], offset)
             if not count:
                 raise RuntimeError(f"{self.path}: raw image file ends before byte {end} (truncated?)")
-            view = view[count:]
+            view, offset = view[count:], offset + count
 
     def _write_from(self, offset: int, source: np.ndarray) -> None:
         # A write may be short (the disk filling up); the next one then raises the OSError.
         view = memoryview(source).cast("B")
-        self._file.seek(offset)
         while view:
-            view = view[self._file.write(view) :]
+            count = os.pwritev(self._file.fileno(), [view], offset)
+            view, offset = view[count:], offset + count
 
 
 class PyramidTiffWriter:
@@ -210,9 +195,10 @@ class PyramidTiffWriter:
     "openslide.comment").
 
     Neither `rows_ready` nor `write_rows` waits for the encoder, which simply lags behind; `close`
-    waits for it. Memory: a block of `tile` rows x 4 tiles and its reduction, plus 16 tiles per
-    worker buffered by tifffile, whatever the image size (tifffile also keeps 16 bytes per tile
-    for the offset tables).
+    waits for it. Memory: about one block of `tile` rows x 16 tiles (with its reduction and tiles)
+    per block-preparing thread and as many again prepared ahead, plus 16 tiles per worker buffered
+    by tifffile, whatever the image size (tifffile also keeps 16 bytes per tile for the offset
+    tables). `workers` // 2 threads (at least one) prepare blocks.
     Errors: a path that cannot be written, a disk that cannot hold the temporary files, or a canvas
     that is missing or of the wrong size raises `SafronInputError` here. Any failure of the
     background thread is raised by the next `rows_ready`, `write_rows` or `close`, after the
@@ -519,6 +505,10 @@ class PyramidTiffWriter:
 
     def _write_levels(self, tiff: tifffile.TiffWriter) -> None:
         source = self._level0_reader
+        # Reading blocks back, reducing them and copying out their tiles is numpy and file I/O that releases the
+        # GIL: done on its own threads, it overlaps tifffile's compression instead of running between its batches
+        # (on one thread it capped the encoder at about 40 MP/s whatever the number of compression workers).
+        preparers = ThreadPoolExecutor(max_workers=self._preparer_count(), thread_name_prefix="safron-tiff-blocks")
         try:
             for level, (height, width) in enumerate(self.level_shapes):
                 reduced = None
@@ -526,7 +516,7 @@ class PyramidTiffWriter:
                     reduced = _RawImageFile(self._level_paths[level + 1], self.level_shapes[level + 1][1], "w+b")
                 try:
                     tiff.write(
-                        self._tiles(level, source, reduced),
+                        self._tiles(level, source, reduced, preparers),
                         shape=(height, width, _SAMPLES),
                         dtype=np.uint8,
                         **self._write_options(level),
@@ -539,8 +529,14 @@ class PyramidTiffWriter:
                 if level > 0 or self._owns_level0:
                     self._level_paths[level].unlink()
         finally:
+            preparers.shutdown(wait=True, cancel_futures=True)
             if source is not None:
                 source.close()
+
+    def _preparer_count(self) -> int:
+        """Threads that prepare blocks for the compression workers: half as many, at least one (which still
+        overlaps preparing with compressing)."""
+        return max(1, (self._workers or tifffile.TIFF.MAXWORKERS) // 2)
 
     def _write_options(self, level: int) -> dict:
         options = dict(
@@ -568,27 +564,53 @@ class PyramidTiffWriter:
         return options
 
     def _tiles(
-        self, level: int, source: _RawImageFile, reduced: _RawImageFile | None
+        self, level: int, source: _RawImageFile, reduced: _RawImageFile | None, preparers: ThreadPoolExecutor
     ) -> Iterator[np.ndarray]:
         """The level's tiles in TIFF order (tile rows top to bottom, left to right), writing the
-        2x2 reduction of each block into `reduced` on the way."""
+        2x2 reduction of each block into `reduced` on the way.
+
+        Blocks are prepared on `preparers`, a few ahead of the one being yielded (bounded memory); the tiles come
+        out in order whatever order the blocks finish in."""
         height, width = self.level_shapes[level]
         block_columns = _BLOCK_TILES * self._tile
-        for y0 in range(0, height, self._tile):
-            y1 = min(y0 + self._tile, height)
-            if level == 0:
-                self._wait_for_rows(y1)
-            elif self._abort_requested.is_set():
-                raise _Aborted
-            for x0 in range(0, width, block_columns):
-                block = source.read_block(y0, y1, x0, min(x0 + block_columns, width))
-                # Reduce before yielding: tifffile stops pulling after the last tile, so work placed
-                # after the final yield would never run. Blocks start on even rows and columns, so
-                # each one's reduction is exactly its part of the reduced level.
-                if reduced is not None:
-                    reduced.write_block(y0 // 2, x0 // 2, halve(block))
-                for tile_x0 in range(0, block.shape[1], self._tile):
-                    yield _full_tile(block[:, tile_x0 : tile_x0 + self._tile], self._tile)
+        ahead = self._preparer_count() + 1  # one block in the works per thread, and one ready
+        pending: deque = deque()
+        try:
+            for y0 in range(0, height, self._tile):
+                y1 = min(y0 + self._tile, height)
+                if level == 0 and self._rows_ready < y1:
+                    # Hand over what is prepared before waiting for the renderer, not after.
+                    while pending:
+                        yield from pending.popleft().result()
+                    self._wait_for_rows(y1)
+                elif self._abort_requested.is_set():
+                    raise _Aborted
+                for x0 in range(0, width, block_columns):
+                    pending.append(preparers.submit(self._prepare_block, source, reduced, y0, y1, x0,
+                                                    min(x0 + block_columns, width)))
+                    if len(pending) > ahead:
+                        yield from pending.popleft().result()
+            # Every block is reduced before its tiles are yielded, and the last tiles come from the last block:
+            # tifffile stops pulling after the last tile, so nothing may be left to do after the final yield.
+            while pending:
+                yield from pending.popleft().result()
+        finally:
+            # Aborted or failed: blocks still being prepared must finish before their files are closed.
+            for future in pending:
+                future.cancel()
+            for future in pending:
+                if not future.cancelled():
+                    future.exception()
+
+    def _prepare_block(
+        self, source: _RawImageFile, reduced: _RawImageFile | None, y0: int, y1: int, x0: int, x1: int
+    ) -> list[np.ndarray]:
+        block = source.read_block(y0, y1, x0, x1)
+        # Blocks start on even rows and columns, so each one's reduction is exactly its part of the reduced level.
+        if reduced is not None:
+            reduced.write_block(y0 // 2, x0 // 2, halve(block))
+        return [_full_tile(block[:, tile_x0 : tile_x0 + self._tile], self._tile)
+                for tile_x0 in range(0, block.shape[1], self._tile)]
 
     def _wait_for_rows(self, rows: int) -> None:
         started = time.perf_counter()

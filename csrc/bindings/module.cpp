@@ -17,6 +17,7 @@
 #include "safron/build_info.h"
 #include "safron/errors.h"
 #include "safron/grid.h"
+#include "safron/pyramid.h"
 
 namespace py = pybind11;
 using safron::concat;
@@ -337,6 +338,26 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("mode"), py::arg("patch") = 256, py::arg("overlap") = 20,
       "The 1-D blend ramp r(t), float32 [patch]; the 2-D window is r(ty) * r(tx).");
+  m.def(
+      "halve_rgb",
+      [](const py::array_t<std::uint8_t>& image) {
+        require(image.ndim() == 3 && image.shape(2) == 3 && image.shape(0) > 0 && image.shape(1) > 0,
+                "halve_rgb takes a non-empty uint8 (height, width, 3) array, got ", describe(image));
+        require(image.strides(2) == 1 && image.strides(1) == 3 && image.strides(0) > 0,
+                "halve_rgb needs contiguous pixels within each row, got strides ", dims(image, image.strides()));
+        const py::ssize_t height = image.shape(0), width = image.shape(1);
+        py::array_t<std::uint8_t> reduced({(height + 1) / 2, (width + 1) / 2, py::ssize_t{3}});
+        const std::uint8_t* in = image.data();
+        std::uint8_t* out = reduced.mutable_data();
+        const py::ssize_t in_stride = image.strides(0), out_stride = reduced.strides(0);
+        {
+          py::gil_scoped_release release;
+          safron::halve_rgb(in, height, width, in_stride, out, out_stride);
+        }
+        return reduced;
+      },
+      py::arg("image"),
+      "2x2 mean of a uint8 (h, w, 3) image, rounded half up, ceil(h/2) x ceil(w/2); rows may be strided.");
   m.def("blend_modes", [] {
     std::vector<std::string> names;
     for (std::string_view name : safron::blend_mode_names()) names.emplace_back(name);
