@@ -178,6 +178,7 @@ EOF
 
 stage bare_generator python - "$WORK" "$DRY_RUN" <<'EOF'
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -188,7 +189,8 @@ from safron.backends import available_backends, create_backend
 
 work, dry_run = Path(sys.argv[1]), sys.argv[2] == "1"
 seconds = 1.0 if dry_run else 15.0
-candidates = [("torch", work / "generator.safetensors")]
+# "torch-eager": the torch backend with its CUDA graphs off (SAFRON_CUDA_GRAPHS=0), to show what they buy.
+candidates = [("torch", work / "generator.safetensors"), ("torch-eager", work / "generator.safetensors")]
 if available_backends()["tensorrt"]:
     candidates.append(("tensorrt", work / "generator.onnx"))
 def synchronise():
@@ -200,7 +202,8 @@ def synchronise():
 
 
 for name, model in candidates:
-    backend = create_backend(name, model)
+    os.environ["SAFRON_CUDA_GRAPHS"] = "0" if name == "torch-eager" else "1"
+    backend = create_backend(name.removesuffix("-eager"), model)
     try:
         # The engine's own hooks on ready label windows: for a device-resident backend that is label upload,
         # encoding and the generator, with the patches left on the GPU, which is what the render feeds on.
@@ -232,7 +235,7 @@ for name, model in candidates:
 EOF
 grep "^bare" "$OUT/bare_generator.log" | tee -a "$SUMMARY"
 
-render_backends=(torch)
+render_backends=(torch torch-eager)
 if [[ -f $WORK/bare_tensorrt.txt ]]; then render_backends+=(tensorrt); fi
 
 previous_pixels=0 previous_seconds=0
@@ -258,6 +261,7 @@ for size in $SIZES; do
     model=$WORK/generator.safetensors
     [[ $backend == tensorrt ]] && model=$WORK/generator.onnx
     stage "render_${backend}_$size" python - "$WORK" "$size" "$backend" "$model" <<'EOF'
+import os
 import sys
 import time
 from pathlib import Path
@@ -265,9 +269,10 @@ from pathlib import Path
 from safron.engine import render
 
 work, size, backend, model = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+os.environ["SAFRON_CUDA_GRAPHS"] = "0" if backend == "torch-eager" else "1"
 out = work / f"render_{backend}_{size}.tif"
 start = time.perf_counter()
-result = render(work / f"mask_{size}.tif", out, model=model, backend=backend, progress=False)
+result = render(work / f"mask_{size}.tif", out, model=model, backend=backend.removesuffix("-eager"), progress=False)
 seconds = time.perf_counter() - start
 bare = float((work / f"bare_{backend}.txt").read_text())
 patches_per_second = result.patches / seconds

@@ -228,6 +228,36 @@ def test_device_resident_render_matches_the_host_path_on_the_same_gpu():
     assert assert_resident_render_matches_host_path(resident, host, labels).std() > 5
 
 
+def test_cuda_graphs_apply_only_to_the_device_resident_path():
+    cpu = TorchBackend(DEFAULT_MODEL, device="cpu", cuda_graphs=True)
+    try:
+        assert not cpu.cuda_graphs
+        engine.render_array(block_labels(300, 300, seed=1), backend=cpu, batch_size=1)
+        assert cpu.graph_replays == 0
+    finally:
+        cpu.close()
+
+
+@pytest.mark.needs_cuda
+@needs_torch_cuda
+def test_cuda_graph_replays_render_like_eager_launches():
+    labels = block_labels(700, 1300, seed=8)
+    graphed = TorchBackend(DEFAULT_MODEL, device="cuda", cuda_graphs=True)
+    eager = TorchBackend(DEFAULT_MODEL, device="cuda", cuda_graphs=False)
+    try:
+        # Batches of 4: the first is eager, the second is captured, the rest are replays; the last is partial.
+        with_graphs = engine.render_array(labels, backend=graphed, batch_size=4)
+        without = engine.render_array(labels, backend=eager, batch_size=4)
+        replays = graphed.graph_replays
+    finally:
+        graphed.close()
+        eager.close()
+    assert replays >= 2 and eager.graph_replays == 0
+    assert with_graphs.std() > 5
+    difference = np.abs(with_graphs.astype(int) - without.astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, (difference.max(), (difference > 0).mean())
+
+
 @pytest.mark.needs_cuda
 @needs_torch_cuda
 def test_device_resident_render_matches_onnx_runtime_within_fp16_rounding():

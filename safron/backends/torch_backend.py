@@ -12,6 +12,11 @@ was built with its CUDA kernels the render is device-resident: uint8 label windo
 instead of 12 for the ±1 float input), are one-hot encoded on the GPU, and the fp16 patches go straight into the
 CUDA band accumulator (`safron.cuda_band`); only finished uint8 pixels come back.
 
+On that path the generator's forward is captured as a CUDA graph per batch size (once a size has been seen
+twice; a render's last, partial batch stays eager) and replayed: one launch per batch instead of one Python
+dispatch per layer. A render runs its reader, encoder and accumulator in Python threads too, and under that GIL
+contention the eager launches, not the GPU, set the pace. `cuda_graphs=False` or SAFRON_CUDA_GRAPHS=0 turns it off.
+
 This module imports torch at import time; `create_backend` imports it only once torch is known to be installed.
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -40,6 +46,34 @@ from .base import Backend, ModelSignature
 # the device (a 296 window of a width-64 generator needs well under 100 MB of fp16 activations).
 CPU_BATCH_SIZE = 8
 CUDA_BATCH_SIZE = 32
+CUDA_GRAPHS_ENV = "SAFRON_CUDA_GRAPHS"
+
+
+class _GraphedForward:
+    """`forward` on a fixed input shape, captured once as a CUDA graph and replayed on the current stream."""
+
+    def __init__(self, forward, example: torch.Tensor):
+        self._input = torch.empty_like(example)
+        self._input.copy_(example)
+        # Warm-up on a side stream, as capture requires: kernel selection and allocations happen before it.
+        side = torch.cuda.Stream(example.device)
+        side.wait_stream(torch.cuda.current_stream(example.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                forward(self._input)
+        torch.cuda.current_stream(example.device).wait_stream(side)
+        self._graph = torch.cuda.CUDAGraph()
+        # thread_local: the render's other threads keep synchronising and allocating (finalise, pinned uploads)
+        # while this one captures; only this thread's own calls must stay capture-safe.
+        with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
+            self._output = forward(self._input)
+
+    def __call__(self, windows: torch.Tensor) -> torch.Tensor:
+        self._input.copy_(windows)
+        self._graph.replay()
+        # The next replay overwrites the graph's output buffer while the accumulator may still be reading this
+        # batch: hand out a copy (a device-to-device copy of one batch, microseconds).
+        return self._output.clone()
 
 
 class _Float32Normalisation(nn.Module):
@@ -89,7 +123,7 @@ class TorchBackend(Backend):
 
     def __init__(
         self, model_path: str | os.PathLike, threads: int | None = None, device: str | None = None,
-        device_resident: bool | None = None,
+        device_resident: bool | None = None, cuda_graphs: bool | None = None,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         generator = load_generator(model_path) if is_checkpoint_path(model_path) else load_onnx_generator(model_path)
@@ -114,6 +148,12 @@ class TorchBackend(Backend):
         self.device_resident = can_stay if device_resident is None else device_resident
         self._stream = torch.cuda.Stream(self.device) if on_gpu else None
         self._generator = generator
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get(CUDA_GRAPHS_ENV, "1") != "0"
+        self.cuda_graphs = bool(cuda_graphs) and self.device_resident
+        self._graphs: dict[tuple, _GraphedForward] = {}
+        self._shapes_seen: set[tuple] = set()
+        self.graph_replays = 0
         # torch's CPU thread count is per process: set it for this backend's lifetime and restore it on close.
         self._threads_before = None
         if threads and self.device.type == "cpu":
@@ -124,7 +164,8 @@ class TorchBackend(Backend):
         if self.device.type != "cuda":  # CPU: fp32, as the export check
             return self._generator(batch)
         batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type="cuda", dtype=torch.float16):
+        # No autocast weight cache: it would hold casts made during a graph capture.
+        with torch.autocast(device_type="cuda", dtype=torch.float16, cache_enabled=False):
             return self._generator(batch)
 
     def run(self, masks: np.ndarray) -> np.ndarray:
@@ -140,7 +181,30 @@ class TorchBackend(Backend):
         if not self.device_resident:
             return super().infer(prepared)
         # The accumulator reads NCHW; fp16 halves what it reads and is what autocast produced anyway.
-        return infer_on_device(self._stream, prepared, lambda x: self._forward(x).to(torch.float16), torch.float16)
+        return infer_on_device(self._stream, prepared, self._device_forward, torch.float16)
+
+    def _forward_fp16(self, windows: torch.Tensor) -> torch.Tensor:
+        return self._forward(windows).to(torch.float16)
+
+    def _device_forward(self, windows: torch.Tensor) -> torch.Tensor:
+        """fp16 patches of `windows` on the inference stream: a graph replay for a batch shape seen before."""
+        eager = self._forward_fp16
+        if not self.cuda_graphs:
+            return eager(windows)
+        key = tuple(windows.shape)
+        graphed = self._graphs.get(key)
+        if graphed is None:
+            if key not in self._shapes_seen:  # a shape seen once (a render's last batch) is not worth a capture
+                self._shapes_seen.add(key)
+                return eager(windows)
+            try:
+                graphed = self._graphs[key] = _GraphedForward(eager, windows)
+            except RuntimeError as exc:  # a PyTorch or driver that cannot capture this model: stay eager
+                warnings.warn(f"CUDA graph capture failed, running eagerly: {first_line(exc)}", stacklevel=2)
+                self.cuda_graphs = False
+                return eager(windows)
+        self.graph_replays += 1
+        return graphed(windows)
 
     def band_accumulator(self, plan, blend: str):
         if not self.device_resident:
@@ -151,6 +215,7 @@ class TorchBackend(Backend):
 
     def close(self) -> None:
         self._generator = None
+        self._graphs.clear()
         if self._threads_before is not None:
             torch.set_num_threads(self._threads_before)
             self._threads_before = None
