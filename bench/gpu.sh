@@ -13,7 +13,8 @@
 #
 # Everything (logs, figures) goes under $OUT; figures are in $OUT/summary.txt. Sizes that would not finish
 # within SAFRON_GPU_BUDGET_S (default 420 s, the whole script) are skipped, judged from the previous size's
-# time per pixel, so the script stays under 8 minutes.
+# time per pixel (pessimistic: small renders pay a fixed start-up), so the script stays under 8 minutes.
+# SAFRON_GPU_SIZES overrides the sizes, SAFRON_GPU_TRAIN_STEP=0 leaves out the training-step timing.
 set -euo pipefail
 
 : "${OUT:?set OUT to the directory that receives logs and figures}"
@@ -260,6 +261,12 @@ for size in $SIZES; do
   for backend in "${render_backends[@]}"; do
     model=$WORK/generator.safetensors
     [[ $backend == tensorrt ]] && model=$WORK/generator.onnx
+    # GPU utilisation sampled every 200 ms during the render: is the GPU the bottleneck or waiting?
+    sampler=
+    if command -v nvidia-smi >/dev/null; then
+      nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 200 >"$WORK/utilisation.txt" &
+      sampler=$!
+    fi
     stage "render_${backend}_$size" python - "$WORK" "$size" "$backend" "$model" <<'EOF'
 import os
 import sys
@@ -292,6 +299,12 @@ print(result.profile())
 out.unlink()
 EOF
     grep "^render" "$OUT/render_${backend}_$size.log" | tee -a "$SUMMARY"
+    if [[ -n $sampler ]]; then
+      kill "$sampler" 2>/dev/null || true
+      wait "$sampler" 2>/dev/null || true
+      awk '{ sum += $1; n += 1 } END { if (n) printf "    GPU utilisation: mean %.0f %% over %d samples\n", sum / n, n }' \
+        "$WORK/utilisation.txt" | tee -a "$SUMMARY"
+    fi
     grep -E "^  [a-z]+ " "$OUT/render_${backend}_$size.log" | sed "s/^/  /" | tee -a "$SUMMARY" || true
   done
   rm -f "$WORK/mask_$size.tif"
@@ -307,7 +320,9 @@ if [[ $DRY_RUN == 1 ]]; then
 else
   train_args=(--device cuda --tiles 492 728 1200 --ngf 64 --ndf 64 --steps 3)
 fi
-if ((SECONDS - SCRIPT_START + 90 <= BUDGET_S)) || [[ $DRY_RUN == 1 ]]; then
+if [[ ${SAFRON_GPU_TRAIN_STEP:-1} == 0 ]]; then
+  say "train step: not asked for (SAFRON_GPU_TRAIN_STEP=0)"
+elif ((SECONDS - SCRIPT_START + 90 <= BUDGET_S)) || [[ $DRY_RUN == 1 ]]; then
   stage train_step python bench/train_step.py "${train_args[@]}" || true
   grep -E "^ +[0-9]+ " "$OUT/train_step.log" | sed 's/^/train step: /' | tee -a "$SUMMARY" || true
 else
