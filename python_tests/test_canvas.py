@@ -85,3 +85,21 @@ def test_close_records_the_pending_request_only_when_asked(tmp_path, monkeypatch
     journal.close()
     canvas.close()
     assert journalled_rows(tmp_path / "j") == ([2, 4] if record_pending else [2])
+
+
+def test_write_puts_whole_rows_and_blocks_where_they_belong_and_refuses_what_does_not_fit(tmp_path):
+    height, width = 9, 7
+    canvas = Canvas(tmp_path / "c", height, width, create=True)
+    rng = np.random.default_rng(4)
+    whole_rows = rng.integers(0, 256, (3, width, 3), dtype=np.uint8)
+    block = rng.integers(0, 256, (4, 3, 3), dtype=np.uint8)
+    canvas.write(2, 0, whole_rows)
+    canvas.write(5, 4, block[:, ::-1])  # a strided view is written as its pixels
+    for bad_position, bad_pixels in (((7, 0), whole_rows), ((0, 5), block), ((0, 0), block.astype(np.uint16))):
+        with pytest.raises(ValueError, match="cannot write"):
+            canvas.write(*bad_position, bad_pixels)
+    canvas.close()
+    expected = np.zeros((height, width, 3), np.uint8)
+    expected[2:5] = whole_rows
+    expected[5:9, 4:7] = block[:, ::-1]
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "c", np.uint8).reshape(height, width, 3), expected)

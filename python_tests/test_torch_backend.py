@@ -8,6 +8,8 @@ import importlib.util
 import numpy as np
 import onnx
 import pytest
+import tifffile
+from PIL import Image
 
 torch = pytest.importorskip("torch", reason="the torch backend needs torch (pip install torch)")
 
@@ -183,6 +185,44 @@ def test_the_engine_goes_through_the_backend_hooks_and_gets_the_same_image(tmp_p
     np.testing.assert_array_equal(image, engine.render_array(labels, model=model, batch_size=batch_size))
 
 
+class _StagedBand(_Band):
+    """A band with a GPU accumulator's contract (see safron.cuda_band.CudaBand): whole rows per finalise, pixels
+    handed back in a buffer of its own, which the file sink writes to the canvas itself."""
+
+    def __init__(self, inner, width):
+        super().__init__(inner)
+        self.block_cols, self.width, self.staged_calls = width, width, 0
+
+    def finalise_staged(self, y0, y1, x0, x1):
+        self.staged_calls += 1
+        assert (x0, x1) == (0, self.width), "the engine finalised part of a row despite block_cols == width"
+        staging = np.full((y1 - y0, x1 - x0, 3), 17, np.uint8)  # reused memory is never clean
+        return staging, self.inner.finalise(y0, y1, staging, x0, x1)
+
+
+class _StagedBackend(_HookedBackend):
+    def band_accumulator(self, plan, blend):
+        self.band = _StagedBand(geometry.band_accumulator(plan, blend), plan.width)
+        return self.band
+
+
+def test_a_staged_accumulator_renders_the_same_file(tmp_path, monkeypatch):
+    """The file sink's GPU branch (finalise_staged + Canvas.write, whole rows), exercised on the CPU."""
+    model = centre_crop(tmp_path / "crop.onnx")
+    labels = block_labels(700, 1300, seed=9)
+    mask_path = tmp_path / "mask.png"
+    Image.fromarray(masks.labels_to_colour(labels)).save(mask_path)
+    staged = _StagedBackend(model, threads=1)
+    monkeypatch.setattr(engine, "create_backend", lambda *args, **kwargs: staged)
+    engine.render(mask_path, tmp_path / "staged.tif", model=model, progress=False, compression="none")
+    monkeypatch.undo()
+    engine.render(mask_path, tmp_path / "plain.tif", model=model, backend="onnxruntime", progress=False,
+                  compression="none")
+    assert staged.band.staged_calls == engine.geometry.plan(*labels.shape).rows
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "staged.tif"), tifffile.imread(tmp_path / "plain.tif"))
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "staged.tif"), masks.labels_to_colour(labels))
+
+
 # --- the device-resident path (GPU machines) ---------------------------------------------------------------------
 
 needs_torch_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="this torch has no CUDA device")
@@ -256,6 +296,24 @@ def test_cuda_graph_replays_render_like_eager_launches():
     assert with_graphs.std() > 5
     difference = np.abs(with_graphs.astype(int) - without.astype(int))
     assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, (difference.max(), (difference > 0).mean())
+
+
+@pytest.mark.needs_cuda
+@needs_torch_cuda
+def test_device_resident_render_to_a_file_matches_the_in_memory_render(tmp_path):
+    """The file sink's staged branch with the real CudaBand: whole-row finalises written from pinned memory."""
+    labels = block_labels(900, 1400, seed=10)
+    mask_path, out_path = tmp_path / "mask.png", tmp_path / "out.tif"
+    Image.fromarray(masks.labels_to_colour(labels)).save(mask_path)
+    engine.render(mask_path, out_path, model=DEFAULT_MODEL, backend="torch", compression="none", progress=False)
+    resident = TorchBackend(DEFAULT_MODEL, device="cuda")
+    try:
+        assert resident.device_resident
+        in_memory = engine.render_array(labels, backend=resident)
+    finally:
+        resident.close()
+    assert in_memory.std() > 5
+    np.testing.assert_array_equal(tifffile.imread(out_path), in_memory)
 
 
 @pytest.mark.needs_cuda

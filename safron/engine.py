@@ -265,6 +265,14 @@ class _FileSink:
         self.canvas, self.journal, self.writer = canvas, journal, writer
 
     def finalise(self, accumulator, y0, y1, x0, x1):
+        finalise_staged = getattr(accumulator, "finalise_staged", None)
+        if finalise_staged is not None:
+            # A GPU accumulator's pixels arrive in a host buffer of its own: written from there, not copied into
+            # a memory map (page faults made that most of the main thread's time on the GPU).
+            pixels, uncovered = finalise_staged(y0, y1, x0, x1)
+            _check_covered(uncovered, y0, y1)
+            self.canvas.write(y0, x0, pixels)
+            return
         with self.canvas.rows(y0, y1) as rows:
             _finalise_into(accumulator, y0, y1, x0, x1, rows[:, x0:x1])
 
@@ -274,7 +282,10 @@ class _FileSink:
 
 
 def _finalise_into(accumulator, y0, y1, x0, x1, out):
-    uncovered = accumulator.finalise(y0, y1, out, x0, x1)
+    _check_covered(accumulator.finalise(y0, y1, out, x0, x1), y0, y1)
+
+
+def _check_covered(uncovered: int, y0: int, y1: int) -> None:
     if uncovered:
         raise RuntimeError(f"internal error: {uncovered} pixels of rows {y0}..{y1} were covered by no patch")
 
