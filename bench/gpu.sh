@@ -14,7 +14,8 @@
 # Everything (logs, figures) goes under $OUT; figures are in $OUT/summary.txt. Sizes that would not finish
 # within SAFRON_GPU_BUDGET_S (default 420 s, the whole script) are skipped, judged from the previous size's
 # time per pixel (pessimistic: small renders pay a fixed start-up), so the script stays under 8 minutes.
-# SAFRON_GPU_SIZES overrides the sizes, SAFRON_GPU_TRAIN_STEP=0 leaves out the training-step timing.
+# SAFRON_GPU_SIZES overrides the sizes, SAFRON_GPU_RENDER_BACKENDS the renders ("torch torch-eager"; TensorRT is
+# added where installed), SAFRON_GPU_TRAIN_STEP=0 leaves out the training-step timing.
 set -euo pipefail
 
 : "${OUT:?set OUT to the directory that receives logs and figures}"
@@ -236,7 +237,7 @@ for name, model in candidates:
 EOF
 grep "^bare" "$OUT/bare_generator.log" | tee -a "$SUMMARY"
 
-render_backends=(torch torch-eager)
+read -r -a render_backends <<<"${SAFRON_GPU_RENDER_BACKENDS:-torch torch-eager}"
 if [[ -f $WORK/bare_tensorrt.txt ]]; then render_backends+=(tensorrt); fi
 
 previous_pixels=0 previous_seconds=0
