@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Issue 3's wider, longer training, on a lent GPU machine (no network, a few minutes): train from scratch for a
+# fixed time, then hand back what is needed to export, evaluate and ship the generator here.
+#
+#   here:   python bench/pack_training_data.py ../shared/data/glas/train .glas   # 26 MiB; .glas excluded in git
+#           # and the openslide wheels (bench/RESULTS.md, "bench/gpu.sh"); imagecodecs is not needed to train
+#   there:  SAFRON_TRAIN_DATA=.glas OUT=$OUT bench/gpu_train.sh --ngf 32 --ndf 64 --ema-decay 0.999
+#   dry run on a CPU:  SAFRON_GPU_DRY_RUN=1 SAFRON_TRAIN_DATA=DIR OUT=/tmp/x bench/gpu_train.sh
+#
+# Arguments after the script's name go to safron-train (--data, --out, --steps and --device are the script's).
+# SAFRON_TRAIN_SECONDS (default 360) bounds the training; it then gets Ctrl-C, on which safron-train saves its
+# last step. $OUT receives at most 8 files of at most 16 MB (the device tool's limits): the published generator
+# (RUN_DIR/generator.safetensors, the EMA one when --ema-decay is given) split into 15 MiB parts
+# (reassemble with `cat generator.safetensors.part-* > generator.safetensors`), the last checkpoint's JSON,
+# losses.csv, the last sample grid and summary.txt with the generator's sha256.
+set -euo pipefail
+
+: "${OUT:?set OUT to the directory that receives the results}"
+: "${SAFRON_TRAIN_DATA:?set SAFRON_TRAIN_DATA to a training folder with images/ and masks/}"
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+DATA=$(cd "$SAFRON_TRAIN_DATA" && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+DRY_RUN=${SAFRON_GPU_DRY_RUN:-0}
+TRAIN_SECONDS=${SAFRON_TRAIN_SECONDS:-360}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/safron-train.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+# Some images name their interpreter python3 only. A wrapper rather than a symlink, which would lose a venv.
+if ! command -v python >/dev/null; then
+  mkdir -p "$WORK/bin"
+  printf '#!/bin/sh\nexec python3 "$@"\n' >"$WORK/bin/python"
+  chmod +x "$WORK/bin/python"
+  PATH=$WORK/bin:$PATH
+fi
+SUMMARY=$OUT/summary.txt
+say() { echo "$*" | tee -a "$SUMMARY"; }
+: >"$SUMMARY"
+say "safron GPU training, $(date -u +%Y-%m-%dT%H:%M:%SZ), dry run $DRY_RUN, data $DATA, ${TRAIN_SECONDS} s"
+if command -v nvidia-smi >/dev/null; then say "GPU: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)"; fi
+
+if [[ $DRY_RUN == 1 ]]; then
+  device=cpu
+else
+  # Training needs the C++ core for the patch plan only, not the CUDA kernels: a quick CPU-only build.
+  device=cuda
+  cmake -S . -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSAFRON_CUDA=OFF \
+    -DPython_EXECUTABLE="$(python -c 'import sys; print(sys.executable)')" \
+    -Dpybind11_DIR="$(python -m pybind11 --cmakedir)" >"$WORK/build.log" 2>&1 &&
+    cmake --build "$WORK/build" -j "$(nproc)" >>"$WORK/build.log" 2>&1 || { tail -n 30 "$WORK/build.log"; exit 1; }
+  cp "$WORK"/build/_core*.so safron/
+  export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+run=$WORK/run
+start=$SECONDS
+status=0
+# SIGINT: safron-train saves the step it finished and exits; --kill-after ends a save that hangs.
+timeout -s INT -k 120 "$TRAIN_SECONDS" python -m safron.train --data "$DATA" --out "$run" --steps 100000000 \
+  --device "$device" --save-every 1000 --sample-every 500 --quiet "$@" >"$WORK/train.log" 2>&1 || status=$?
+say "training: exit $status after $((SECONDS - start)) s (124 or 130: stopped by the time limit, as planned)"
+tail -n 5 "$WORK/train.log" | tee -a "$SUMMARY"
+if [[ ! -f $run/generator.safetensors ]]; then
+  say "no generator was saved"
+  exit 1
+fi
+last_json=$(ls "$run"/checkpoints/step-*.json | tail -n 1)
+cp "$last_json" "$OUT/checkpoint.json"
+cp "$run/losses.csv" "$OUT/losses.csv"
+last_sample=$(ls "$run"/samples/*.png 2>/dev/null | tail -n 1 || true)
+if [[ -n $last_sample ]]; then cp "$last_sample" "$OUT/sample.png"; fi
+split -b 15M -d -a 1 "$run/generator.safetensors" "$OUT/generator.safetensors.part-"
+say "last checkpoint: $(basename "$last_json"); generator sha256 $(sha256sum "$run/generator.safetensors" | cut -d' ' -f1)"
+say "losses (last line): $(tail -n 1 "$run/losses.csv")"
+say "steps per second: $(python - "$run/losses.csv" "$((SECONDS - start))" <<'PYEOF'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+print(f"{int(rows[-1]['step']) / int(sys.argv[2]):.1f} ({rows[-1]['step']} steps)" if rows else "no steps")
+PYEOF
+)"
