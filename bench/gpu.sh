@@ -40,13 +40,9 @@ fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/safron-gpu.XXXXXX")
 # Ends the background mask writer too when a stage stops the script early.
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
-# Some images name their interpreter python3 only. A wrapper rather than a symlink, which would lose a venv.
-if ! command -v python >/dev/null; then
-  mkdir -p "$WORK/bin"
-  printf '#!/bin/sh\nexec python3 "$@"\n' >"$WORK/bin/python"
-  chmod +x "$WORK/bin/python"
-  PATH=$WORK/bin:$PATH
-fi
+# shellcheck source=bench/lent_machine.sh
+source "$ROOT/bench/lent_machine.sh"
+provide_python "$WORK/bin"
 SUMMARY=$OUT/summary.txt
 SCRIPT_START=$SECONDS
 

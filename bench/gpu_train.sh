@@ -26,13 +26,9 @@ DRY_RUN=${SAFRON_GPU_DRY_RUN:-0}
 TRAIN_SECONDS=${SAFRON_TRAIN_SECONDS:-360}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/safron-train.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
-# Some images name their interpreter python3 only. A wrapper rather than a symlink, which would lose a venv.
-if ! command -v python >/dev/null; then
-  mkdir -p "$WORK/bin"
-  printf '#!/bin/sh\nexec python3 "$@"\n' >"$WORK/bin/python"
-  chmod +x "$WORK/bin/python"
-  PATH=$WORK/bin:$PATH
-fi
+# shellcheck source=bench/lent_machine.sh
+source "$ROOT/bench/lent_machine.sh"
+provide_python "$WORK/bin"
 SUMMARY=$OUT/summary.txt
 say() { echo "$*" | tee -a "$SUMMARY"; }
 : >"$SUMMARY"
