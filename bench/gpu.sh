@@ -16,6 +16,13 @@
 # time per pixel (pessimistic: small renders pay a fixed start-up), so the script stays under 8 minutes.
 # SAFRON_GPU_SIZES overrides the sizes, SAFRON_GPU_RENDER_BACKENDS the renders ("torch torch-eager"; TensorRT is
 # added where installed), SAFRON_GPU_TRAIN_STEP=0 leaves out the training-step timing.
+#
+# Timings only compare within one call (lent machines differ). SAFRON_GPU_BASELINE=DIR adds, at every size, a
+# render by another version of safron: DIR holds its sources, e.g. made here with
+#   mkdir .baseline && git archive REV safron csrc cpp_tests CMakeLists.txt pyproject.toml \
+#     ':!safron/default_model/generator.onnx' | tar -x -C .baseline      # .baseline excluded in git, then carried
+# It is built beside this one and renders with the same model and mask ("baseline"). SAFRON_GPU_COMMIT names
+# this checkout in the summary (a lent machine's copy of .git may name an older commit).
 set -euo pipefail
 
 : "${OUT:?set OUT to the directory that receives logs and figures}"
@@ -62,7 +69,8 @@ stage() {
 }
 
 : >"$SUMMARY"
-say "safron GPU run, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), dry run $DRY_RUN"
+COMMIT=${SAFRON_GPU_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown) (from .git)}
+say "safron GPU run, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $COMMIT, dry run $DRY_RUN"
 if command -v nvidia-smi >/dev/null; then
   say "GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
 else
@@ -113,6 +121,17 @@ build() {
     cmake --build "$WORK/build" -j "$JOBS"
 }
 stage build build
+BASELINE=${SAFRON_GPU_BASELINE:-}
+if [[ -n $BASELINE ]]; then
+  BASELINE=$(cd "$BASELINE" && pwd)
+  build_baseline() {
+    cmake -S "$BASELINE" -B "$WORK/build-baseline" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSAFRON_CUDA="$CUDA_OPTION" \
+      -DSAFRON_BUILD_TESTS=OFF -DPython_EXECUTABLE="$(python -c 'import sys; print(sys.executable)')" \
+      -Dpybind11_DIR="$(python -m pybind11 --cmakedir)" && cmake --build "$WORK/build-baseline" -j "$JOBS" &&
+      cp "$WORK"/build-baseline/_core*.so "$BASELINE/safron/"
+  }
+  stage build_baseline build_baseline
+fi
 # The module goes beside the sources, which the Python stages import (nothing is installed into the machine's
 # interpreter, which may be read-only). A dry run keeps the developer's own installation as it is.
 if [[ $DRY_RUN != 1 ]]; then
@@ -235,6 +254,7 @@ grep "^bare" "$OUT/bare_generator.log" | tee -a "$SUMMARY"
 
 read -r -a render_backends <<<"${SAFRON_GPU_RENDER_BACKENDS:-torch torch-eager}"
 if [[ -f $WORK/bare_tensorrt.txt ]]; then render_backends+=(tensorrt); fi
+if [[ -n $BASELINE ]]; then render_backends+=(baseline); fi
 
 previous_pixels=0 previous_seconds=0
 for size in $SIZES; do
@@ -264,21 +284,27 @@ for size in $SIZES; do
       nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 200 >"$WORK/utilisation.txt" &
       sampler=$!
     fi
-    stage "render_${backend}_$size" python - "$WORK" "$size" "$backend" "$model" <<'EOF'
+    # The baseline's sources come first on the path (the torch backend, its own engine and kernels).
+    pythonpath=${PYTHONPATH:-}
+    [[ $backend == baseline ]] && pythonpath=$BASELINE${PYTHONPATH:+:$PYTHONPATH}
+    stage "render_${backend}_$size" env PYTHONPATH="$pythonpath" python - "$WORK" "$size" "$backend" "$model" <<'EOF'
 import os
 import sys
 import time
 from pathlib import Path
 
+import safron
 from safron.engine import render
 
 work, size, backend, model = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 os.environ["SAFRON_CUDA_GRAPHS"] = "0" if backend == "torch-eager" else "1"
 out = work / f"render_{backend}_{size}.tif"
+engine_backend = {"torch-eager": "torch", "baseline": "torch"}.get(backend, backend)
+print(f"safron from {Path(safron.__file__).parent}")
 start = time.perf_counter()
-result = render(work / f"mask_{size}.tif", out, model=model, backend=backend.removesuffix("-eager"), progress=False)
+result = render(work / f"mask_{size}.tif", out, model=model, backend=engine_backend, progress=False)
 seconds = time.perf_counter() - start
-bare = float((work / f"bare_{backend}.txt").read_text())
+bare = float((work / f"bare_{engine_backend}.txt").read_text())
 patches_per_second = result.patches / seconds
 gpu = ""
 try:
