@@ -284,10 +284,11 @@ for size in $SIZES; do
       nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 200 >"$WORK/utilisation.txt" &
       sampler=$!
     fi
-    # The baseline's sources come first on the path (the torch backend, its own engine and kernels).
-    pythonpath=${PYTHONPATH:-}
-    [[ $backend == baseline ]] && pythonpath=$BASELINE${PYTHONPATH:+:$PYTHONPATH}
-    stage "render_${backend}_$size" env PYTHONPATH="$pythonpath" python - "$WORK" "$size" "$backend" "$model" <<'EOF'
+    # The baseline's sources come first on the path (its engine, backends and kernels); -P keeps the working
+    # directory, this checkout, off the path (Python >= 3.11).
+    python_command=(python)
+    [[ $backend == baseline ]] && python_command=(env "PYTHONPATH=$BASELINE${PYTHONPATH:+:$PYTHONPATH}" python -P)
+    stage "render_${backend}_$size" "${python_command[@]}" - "$WORK" "$size" "$backend" "$model" <<'EOF'
 import os
 import sys
 import time
