@@ -241,6 +241,7 @@ def test_bad_checkpoints_exit_2_with_one_line_naming_the_file(tmp_path, capsys, 
         (["--opset", "3"], "opset must be in"),
         (["--check-samples", "many"], "expected a positive integer"),
         (["--tolerance", "-1"], "expected a positive number"),
+        (["--weights", "int8"], "invalid choice"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(run_dir, tmp_path, capsys, argv_tail, message):
@@ -294,6 +295,36 @@ def test_a_training_state_with_prefixed_generator_tensors_is_read(tmp_path, gene
     weights = tmp_path / "state.safetensors"
     save_file(tensors, str(weights), metadata={export.CONFIG_METADATA_KEY: json.dumps(generator.config())})
     assert _same_weights(load_generator(weights), generator)
+
+
+def test_float16_weights_halve_the_file_and_compute_like_the_rounded_generator(run_dir, exported, generator, tmp_path):
+    result = export.export_onnx(run_dir, tmp_path / "half.onnx", weights="float16")
+    assert result.weights == "float16"
+    assert result.out_path.stat().st_size < 0.6 * exported.out_path.stat().st_size
+    model = onnx.load(str(result.out_path))
+    assert {entry.key: entry.value for entry in model.metadata_props}[export.METADATA_WEIGHTS] == "float16"
+    assert all(init.data_type != onnx.TensorProto.FLOAT for init in model.graph.initializer)
+    # ONNX Runtime equals the generator whose weights were rounded to fp16, not the fp32 one.
+    rounded = copy.deepcopy(generator)
+    with torch.no_grad():
+        for tensor in rounded.state_dict().values():
+            tensor.copy_(tensor.half().float())
+    masks = random_masks(2, 296, seed=11)
+    onnx_out = ort_session(result.out_path).run(None, {"mask": masks})[0]
+    assert np.abs(onnx_out - torch_images(rounded, masks)).max() <= PARITY_TOLERANCE
+    full_difference = np.abs(onnx_out - torch_images(generator, masks)).max()
+    assert PARITY_TOLERANCE < full_difference < 0.05 and 0 < result.rounding_difference < 0.05
+    # The torch backend reads fp16-stored weights back under their names.
+    backend = create_backend("torch", result.out_path)
+    try:
+        assert np.abs(backend.run(masks) - onnx_out).max() <= PARITY_TOLERANCE
+    finally:
+        backend.close()
+
+
+def test_cli_says_how_far_float16_weights_moved_the_output(run_dir, tmp_path, capsys):
+    code, err = run_cli(capsys, run_dir, tmp_path / "half.onnx", "--weights", "float16")
+    assert code == 0 and "float16 weights" in err and "fp16 weights moved the output by at most" in err
 
 
 # --- the torch backend -----------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from ..export import (
     is_checkpoint_path,
     load_generator,
     load_weights,
+    onnx_weights,
 )
 from ..models import Generator, normalisation_layers
 from .base import Backend, ModelSignature
@@ -100,7 +101,6 @@ def load_onnx_generator(path: str | os.PathLike) -> Generator:
     """The generator a safron-exported ONNX file holds, rebuilt in PyTorch (CPU, eval mode, no gradients)."""
     try:
         import onnx
-        from onnx import numpy_helper
     except ImportError:
         raise ModelError(f"{path}: reading an ONNX model into PyTorch needs the 'onnx' package (pip install onnx)") from None
     try:
@@ -114,7 +114,7 @@ def load_onnx_generator(path: str | os.PathLike) -> Generator:
             f"rebuild it; use --backend onnxruntime"
         )
     generator = Generator.from_config(json.loads(metadata[CONFIG_METADATA_KEY]))
-    weights = {tensor.name: torch.from_numpy(numpy_helper.to_array(tensor).copy()) for tensor in model.graph.initializer}
+    weights = {name: torch.from_numpy(values.copy()) for name, values in onnx_weights(model).items()}
     return load_weights(generator, weights, path)
 
 
