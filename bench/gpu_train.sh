@@ -9,10 +9,12 @@
 #
 # Arguments after the script's name go to safron-train (--data, --out, --steps and --device are the script's).
 # SAFRON_TRAIN_SECONDS (default 360) bounds the training; it then gets Ctrl-C, on which safron-train saves its
-# last step. $OUT receives at most 8 files of at most 16 MB (the device tool's limits): the published generator
-# (RUN_DIR/generator.safetensors, the EMA one when --ema-decay is given) split into 15 MiB parts
-# (reassemble with `cat generator.safetensors.part-* > generator.safetensors`), the last checkpoint's JSON,
-# losses.csv, the last sample grid and summary.txt with the generator's sha256.
+# last step. $OUT receives at most 8 files of at most 16 MB (the device tool's limits): the last checkpoint's
+# generator, and its moving average when --ema-decay is given, each as an fp16 safetensors checkpoint (what
+# `safron-export` reads; half the size, and `--weights float16` exports it without further rounding) split into
+# 15 MiB parts (reassemble: `cat generator.f16.safetensors.part-* > generator.f16.safetensors`), the
+# checkpoint's JSON, losses.csv, the last sample grid, and summary.txt with the sha256 of each whole file.
+# Width 32 with --ema-decay fills the 8 files (2 x 2 parts of 26 MiB); a wider generator needs the EMA left out.
 set -euo pipefail
 
 : "${OUT:?set OUT to the directory that receives the results}"
@@ -65,8 +67,36 @@ cp "$last_json" "$OUT/checkpoint.json"
 cp "$run/losses.csv" "$OUT/losses.csv"
 last_sample=$(ls "$run"/samples/*.png 2>/dev/null | tail -n 1 || true)
 if [[ -n $last_sample ]]; then cp "$last_sample" "$OUT/sample.png"; fi
-split -b 15M -d -a 1 "$run/generator.safetensors" "$OUT/generator.safetensors.part-"
-say "last checkpoint: $(basename "$last_json"); generator sha256 $(sha256sum "$run/generator.safetensors" | cut -d' ' -f1)"
+# The generator and its average out of the training state, in fp16, with the config that export needs.
+python - "${last_json%.json}.safetensors" "$WORK" <<'PYEOF' | tee -a "$SUMMARY"
+import hashlib
+import sys
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from safron.export import CONFIG_METADATA_KEY, EMA_PREFIX, GENERATOR_PREFIX
+
+state, work = Path(sys.argv[1]), Path(sys.argv[2])
+step = state.stem.split("-")[-1].lstrip("0") or "0"
+with safe_open(str(state), "pt") as f:
+    config = f.metadata()[CONFIG_METADATA_KEY]
+    names = list(f.keys())
+    for prefix, out_name in ((GENERATOR_PREFIX, "generator.f16.safetensors"),
+                             (EMA_PREFIX, "generator_ema.f16.safetensors")):
+        tensors = {n[len(prefix):]: f.get_tensor(n).half().contiguous() for n in names if n.startswith(prefix)}
+        if not tensors:
+            continue
+        path = work / out_name
+        save_file(tensors, str(path), metadata={CONFIG_METADATA_KEY: config, "safron.step": step})
+        print(f"{out_name}: step {step}, {len(tensors)} tensors, {path.stat().st_size / 2**20:.1f} MiB, "
+              f"sha256 {hashlib.sha256(path.read_bytes()).hexdigest()}")
+PYEOF
+for f in "$WORK"/generator*.f16.safetensors; do
+  split -b 15M -d -a 1 "$f" "$OUT/$(basename "$f").part-"
+done
+say "last checkpoint: $(basename "$last_json")"
 say "losses (last line): $(tail -n 1 "$run/losses.csv")"
 say "steps per second: $(python - "$run/losses.csv" "$((SECONDS - start))" <<'PYEOF'
 import csv, sys
@@ -74,3 +104,4 @@ rows = list(csv.DictReader(open(sys.argv[1])))
 print(f"{int(rows[-1]['step']) / int(sys.argv[2]):.1f} ({rows[-1]['step']} steps)" if rows else "no steps")
 PYEOF
 )"
+ls "$OUT" | tee -a "$SUMMARY"
