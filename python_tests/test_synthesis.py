@@ -233,6 +233,28 @@ def test_tiff_writing_memory_does_not_grow_with_height(tmp_path):
     assert tall < 1.5 * short, (short, tall)
 
 
+@pytest.mark.parametrize("colour", [False, True])
+def test_bands_drawn_in_worker_processes_give_the_same_file(tmp_path, monkeypatch, colour):
+    monkeypatch.setattr(synthesis, "PARALLEL_MIN_PIXELS", 0)  # parallel at a test's size
+    drawn_here = []
+    real_read_labels = synthesis.MaskSynthesizer.read_labels
+    monkeypatch.setattr(synthesis.MaskSynthesizer, "read_labels",
+                        lambda self, *region: drawn_here.append(region) or real_read_labels(self, *region))
+    one = synthesis.write_mask(tmp_path / "one.tif", 700, 900, seed=3, colour=colour, tile=128, workers=1)
+    assert len(drawn_here) == 6  # 700 rows in bands of 128
+    drawn_here.clear()
+    three = synthesis.write_mask(tmp_path / "three.tif", 700, 900, seed=3, colour=colour, tile=128, workers=3)
+    assert drawn_here == []  # every band came from a worker (spawned: the patch above is not in them)
+    assert one.read_bytes() == three.read_bytes()
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True])
+def test_bad_worker_counts_are_refused(tmp_path, workers):
+    with pytest.raises(SafronInputError, match="workers must be a positive integer"):
+        synthesis.write_mask(tmp_path / "m.tif", 10, 10, workers=workers)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     def fail(*args):
         raise KeyboardInterrupt

@@ -140,7 +140,7 @@ def render_main(argv=None) -> int:
 
 
 def masks_parser() -> argparse.ArgumentParser:
-    from .synthesis import GLAS_RECIPE, PNG_MAX_PIXELS
+    from .synthesis import GLAS_RECIPE, PARALLEL_MIN_PIXELS, PNG_MAX_PIXELS
 
     p = _Parser(
         prog="safron-masks",
@@ -171,6 +171,9 @@ def masks_parser() -> argparse.ArgumentParser:
                    help="probability that a stroma pixel is background, drawn as spots (default: %(default)s, the paper's)")
     p.add_argument("--tile", type=_tile_side, default=256, metavar="N", help="TIFF tile side, a multiple of 16 (default: %(default)s)")
     p.add_argument("--mpp", type=_positive_float, metavar="UM", help="microns per pixel to record in the file (default: none)")
+    p.add_argument("--workers", type=_positive_int, metavar="N",
+                   help=f"processes drawing a TIFF mask (default: one per core; masks under {PARALLEL_MIN_PIXELS / 1e6:.0f} "
+                        "MP are drawn in this one); the file is the same whatever N")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p
 
@@ -187,7 +190,7 @@ def masks_main(argv=None) -> int:
         width, height = args.size
         start = time.perf_counter()
         path = write_mask(args.out, height, width, args.seed, recipe=recipe, colour=args.colour, tile=args.tile,
-                          mpp=args.mpp, progress=not args.quiet)
+                          mpp=args.mpp, progress=not args.quiet, workers=args.workers)
         if not args.quiet:
             kind = "colour" if args.colour or (args.colour is None and path.suffix.lower() == ".png") else "labels"
             print(f"wrote {path} ({width} x {height} px, {kind}, seed {args.seed}, "
