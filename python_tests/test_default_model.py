@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 
 from safron import engine, masks
 from safron.backends.onnx_runtime import OnnxRuntimeBackend
