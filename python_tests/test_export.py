@@ -20,7 +20,7 @@ from safron import engine, export  # noqa: E402
 from safron.backends import available_backends, create_backend  # noqa: E402
 from safron.errors import ModelError, SafronInputError  # noqa: E402
 from safron.export import PARITY_TOLERANCE, load_generator, random_masks, save_checkpoint  # noqa: E402
-from safron.models import Generator, normalisation_layers  # noqa: E402
+from safron.models import FoldedContext, Generator, fold_one_hot, normalisation_layers  # noqa: E402
 
 # A narrow generator has the full architecture (all eight levels, norms, dropout) and exports in about a second.
 NGF = 4
@@ -304,8 +304,8 @@ def test_float16_weights_halve_the_file_and_compute_like_the_rounded_generator(r
     model = onnx.load(str(result.out_path))
     assert {entry.key: entry.value for entry in model.metadata_props}[export.METADATA_WEIGHTS] == "float16"
     assert all(init.data_type != onnx.TensorProto.FLOAT for init in model.graph.initializer)
-    # ONNX Runtime equals the generator whose weights were rounded to fp16, not the fp32 one.
-    rounded = copy.deepcopy(generator)
+    # ONNX Runtime equals the (folded) generator whose weights were rounded to fp16, not the fp32 one.
+    rounded = fold_one_hot(copy.deepcopy(generator))
     with torch.no_grad():
         for tensor in rounded.state_dict().values():
             tensor.copy_(tensor.half().float())
@@ -320,6 +320,39 @@ def test_float16_weights_halve_the_file_and_compute_like_the_rounded_generator(r
         assert np.abs(backend.run(masks) - onnx_out).max() <= PARITY_TOLERANCE
     finally:
         backend.close()
+
+
+def test_the_folded_context_gives_the_generators_output_for_one_hot_masks_only(generator):
+    folded = fold_one_hot(copy.deepcopy(generator))
+    assert isinstance(folded.context, FoldedContext) and folded.context.weight.shape[1] == 2
+    one_hot = random_masks(3, 296, seed=12)
+    assert np.abs(torch_images(folded, one_hot) - torch_images(generator, one_hot)).max() <= PARITY_TOLERANCE
+    # The fold assumes the channels sum to -1: any other input (here all -1) tells the two apart.
+    other = -np.ones_like(one_hot)
+    assert np.abs(torch_images(folded, other) - torch_images(generator, other)).max() > 100 * PARITY_TOLERANCE
+
+
+def _context_input_channels(path) -> int:
+    model = onnx.load(str(path))
+    context = next(node for node in model.graph.node if node.op_type == "Conv")
+    weight = next(init for init in model.graph.initializer if init.name == context.input[1])
+    return weight.dims[1]
+
+
+def test_export_folds_by_default_and_not_with_no_fold(run_dir, exported, tmp_path, capsys):
+    metadata = {entry.key: entry.value for entry in onnx.load(str(exported.out_path)).metadata_props}
+    assert exported.folded and metadata[export.METADATA_FOLDED] == "true"
+    assert _context_input_channels(exported.out_path) == 2 and 0 < exported.fold_difference <= PARITY_TOLERANCE
+    code, err = run_cli(capsys, run_dir, tmp_path / "plain.onnx", "--no-fold")
+    assert code == 0 and "folding" not in err
+    plain = onnx.load(str(tmp_path / "plain.onnx"))
+    assert {entry.key: entry.value for entry in plain.metadata_props}[export.METADATA_FOLDED] == "false"
+    assert _context_input_channels(tmp_path / "plain.onnx") == 3
+    # Both read the same [N, 3, 296, 296] masks and agree within the parity tolerance.
+    masks = random_masks(2, 296, seed=13)
+    folded_out = ort_session(exported.out_path).run(None, {"mask": masks})[0]
+    plain_out = ort_session(tmp_path / "plain.onnx").run(None, {"mask": masks})[0]
+    assert np.abs(folded_out - plain_out).max() <= PARITY_TOLERANCE
 
 
 def test_cli_says_how_far_float16_weights_moved_the_output(run_dir, tmp_path, capsys):

@@ -276,6 +276,39 @@ _NORMALISATION_TYPES = (
 )
 
 
+class FoldedContext(nn.Conv2d):
+    """The context convolution with the one-hot input folded in (`fold_one_hot`): it reads the first two channels.
+
+    Every valid input is a ±1 one-hot, so its channels sum to -1 at each pixel and x2 = -1 - x0 - x1. Hence
+    conv(x, [W0, W1, W2]) = conv([x0, x1], [W0 - W2, W1 - W2]) - sum(W2): two input channels and a bias. The 41x41
+    context convolution is about 90 % of a CPU render's time, and this does a third less of it.
+    """
+
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+        return super().forward(mask[:, :2])
+
+
+def fold_one_hot(generator: Generator) -> Generator:
+    """`generator` (in place) with its context convolution replaced by the equivalent `FoldedContext`: the same
+    output for every one-hot input, up to rounding. For inference only (`export_onnx` applies it by default)."""
+    if isinstance(generator.context, FoldedContext):
+        return generator
+    _require(generator.in_channels == 3, f"only a 3-class one-hot input folds (this generator reads {generator.in_channels})")
+    weight = generator.context.weight.detach().double()
+    folded = FoldedContext(2, generator.ngf, generator.kernel, stride=1, padding=0, bias=True)
+    folded.to(generator.context.weight.device)
+    with torch.no_grad():
+        folded.weight.copy_(weight[:, :2] - weight[:, 2:3])
+        folded.bias.copy_(-weight[:, 2].sum(dim=(1, 2)))
+    folded.requires_grad_(generator.context.weight.requires_grad)
+    generator.context = folded
+    return generator
+
+
+def is_folded(generator: Generator) -> bool:
+    return isinstance(generator.context, FoldedContext)
+
+
 def normalisation_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every normalisation module of `model` by qualified name (e.g. 'encoder.1.norm'), in definition order.
 

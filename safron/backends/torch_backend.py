@@ -35,12 +35,13 @@ from ..cuda_band import infer_on_device, pin_labels
 from ..errors import ModelError, first_line
 from ..export import (
     CONFIG_METADATA_KEY,
+    METADATA_FOLDED,
     is_checkpoint_path,
     load_generator,
     load_weights,
     onnx_weights,
 )
-from ..models import Generator, normalisation_layers
+from ..models import Generator, fold_one_hot, normalisation_layers
 from .base import Backend, ModelSignature
 
 # Patches per call. On CPU, as ONNX Runtime: larger batches only add latency. On a GPU, enough windows to fill
@@ -114,7 +115,12 @@ def load_onnx_generator(path: str | os.PathLike) -> Generator:
             f"rebuild it; use --backend onnxruntime"
         )
     generator = Generator.from_config(json.loads(metadata[CONFIG_METADATA_KEY]))
-    weights = {name: torch.from_numpy(values.copy()) for name, values in onnx_weights(model).items()}
+    if metadata.get(METADATA_FOLDED) == "true":
+        fold_one_hot(generator)  # the layer's shape; its weights are loaded below
+    expected = generator.state_dict().keys()
+    # Constants the exporter made initializers of (e.g. the fold's Slice bounds) are not parameters.
+    weights = {name: torch.from_numpy(values.copy()) for name, values in onnx_weights(model).items()
+               if name in expected or not name.startswith("onnx::")}
     return load_weights(generator, weights, path)
 
 
