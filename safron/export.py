@@ -11,8 +11,8 @@ checker, the engine's contract check, ONNX Runtime against PyTorch on random mas
 a failed export never leaves a file that looks usable.
 
 `fold=True` (the default) exports the generator with the one-hot input folded into its context convolution
-(`models.fold_one_hot`): a third less work in the layer that takes about 90 % of a CPU render (104 -> 76 ms per
-patch for the embedded model, 2 threads), outputs within ~2e-5 of the unfolded generator's, the same input
+(`models.fold_one_hot`): a third less work in the layer that takes about 90 % of a CPU render (1.45x faster
+inference for the embedded model, bench/RESULTS.md), outputs within ~2e-5 of the unfolded generator's, the same input
 contract. The ONNX metadata says so, and the torch backend rebuilds the folded layer from it.
 
 `weights="float16"` stores the weights as fp16, each followed by a Cast to fp32 that ONNX Runtime folds when it
@@ -308,9 +308,9 @@ def export_onnx(
     checkpoint_sha256 = file_sha256(located.weights)
     samples = random_masks(check_samples, generator.window)
     rounding_difference = fold_difference = 0.0
-    with torch.inference_mode():
-        original = generator(torch.from_numpy(samples)).numpy()
     if fold:
+        with torch.inference_mode():
+            original = generator(torch.from_numpy(samples)).numpy()
         fold_one_hot(generator)
         with torch.inference_mode():
             fold_difference = float(np.abs(generator(torch.from_numpy(samples)).numpy() - original).max())
