@@ -46,6 +46,7 @@ stable in practice but does not promise it across versions).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import threading
@@ -516,37 +517,37 @@ def _worker_band(seed: int, recipe: Recipe, top: int, rows: int, width: int) -> 
 
 
 def _bands(synthesizer, height, width, rows, progress, name, workers=1):
-    """(top, labels) of each band of `rows` rows, top to bottom. With workers > 1, bands are drawn in that many
-    processes, a few ahead of the one being written: the drawing is numpy on small arrays, held up by the GIL in
-    threads. Labels depend only on the seed, the recipe and each pixel's coordinates, so the file is the same."""
+    """(top, labels) of each band of `rows` rows, top to bottom, drawn here or (workers > 1) in worker processes."""
     from tqdm import tqdm
 
+    drawn = _bands_in_processes if workers > 1 else _bands_here
     with tqdm(total=height, unit="row", desc=name, disable=not progress, leave=False) as bar:
-        if workers <= 1:
-            for top in range(0, height, rows):
-                band = synthesizer.read_labels(top, 0, min(rows, height - top), width)
-                yield top, band
-                bar.update(band.shape[0])
-            return
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        for top, band in drawn(synthesizer, height, width, rows, workers):
+            yield top, band
+            bar.update(band.shape[0])
 
-        # spawn, not fork: the caller may have threads (a fork copies their locks in whatever state they are).
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            pending: deque = deque()
-            for top in range(0, height, rows):
-                pending.append((top, pool.submit(_worker_band, synthesizer.seed, synthesizer.recipe, top,
-                                                 min(rows, height - top), width)))
-                if len(pending) > workers:
-                    done_top, future = pending.popleft()
-                    band = future.result()
-                    yield done_top, band
-                    bar.update(band.shape[0])
-            while pending:
-                done_top, future = pending.popleft()
-                band = future.result()
-                yield done_top, band
-                bar.update(band.shape[0])
+
+def _bands_here(synthesizer, height, width, rows, workers):
+    for top in range(0, height, rows):
+        yield top, synthesizer.read_labels(top, 0, min(rows, height - top), width)
+
+
+def _bands_in_processes(synthesizer, height, width, rows, workers):
+    """Bands drawn in `workers` processes, a few ahead of the one being written: the drawing is numpy on small
+    arrays, held up by the GIL in threads. Labels depend only on the seed, the recipe and each pixel's
+    coordinates, so the file is the same as one drawn here."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the caller may have threads (a fork copies their locks in whatever state they are).
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        submitted = ((top, pool.submit(_worker_band, synthesizer.seed, synthesizer.recipe, top,
+                                       min(rows, height - top), width)) for top in range(0, height, rows))
+        pending = deque(itertools.islice(submitted, workers))
+        while pending:
+            top, future = pending.popleft()
+            pending.extend(itertools.islice(submitted, 1))
+            yield top, future.result()
 
 
 def _worker_count(workers, height: int, width: int) -> int:
