@@ -305,10 +305,6 @@ def fold_one_hot(generator: Generator) -> Generator:
     return generator
 
 
-def is_folded(generator: Generator) -> bool:
-    return isinstance(generator.context, FoldedContext)
-
-
 def normalisation_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every normalisation module of `model` by qualified name (e.g. 'encoder.1.norm'), in definition order.
 

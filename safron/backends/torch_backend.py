@@ -117,10 +117,7 @@ def load_onnx_generator(path: str | os.PathLike) -> Generator:
     generator = Generator.from_config(json.loads(metadata[CONFIG_METADATA_KEY]))
     if metadata.get(METADATA_FOLDED) == "true":
         fold_one_hot(generator)  # the layer's shape; its weights are loaded below
-    expected = generator.state_dict().keys()
-    # Constants the exporter made initializers of (e.g. the fold's Slice bounds) are not parameters.
-    weights = {name: torch.from_numpy(values.copy()) for name, values in onnx_weights(model).items()
-               if name in expected or not name.startswith("onnx::")}
+    weights = {name: torch.from_numpy(values.copy()) for name, values in onnx_weights(model).items()}
     return load_weights(generator, weights, path)
 
 
