@@ -30,6 +30,16 @@ def side_paths(out_path: Path) -> tuple[Path, Path]:
     return out_path.with_name(out_path.name + ".safron-canvas"), out_path.with_name(out_path.name + ".safron-journal")
 
 
+def write_at(fd: int, data: np.ndarray, offset: int) -> None:
+    """Write all of the contiguous array `data` at `offset` of file `fd` (pwrite: positional, so threads may write
+    one file at once; it releases the GIL). A write may be short (the disk filling up); the next one then raises
+    the OSError."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
 class Canvas:
     def __init__(self, path: Path, height: int, width: int, *, create: bool):
         self.path, self.height, self.width = Path(path), height, width
@@ -63,16 +73,10 @@ class Canvas:
             raise ValueError(f"cannot write {pixels.dtype} {pixels.shape} at ({y0}, {x0}) into a {self.height} x "
                              f"{self.width} canvas")
         if cols == self.width:
-            self._write_all(np.ascontiguousarray(pixels), y0 * self.row_bytes)
+            write_at(self._fd, np.ascontiguousarray(pixels), y0 * self.row_bytes)
         else:
             for row in range(rows):
-                self._write_all(np.ascontiguousarray(pixels[row]), (y0 + row) * self.row_bytes + x0 * 3)
-
-    def _write_all(self, pixels: np.ndarray, offset: int) -> None:
-        view = memoryview(pixels).cast("B")
-        while view:
-            written = os.pwrite(self._fd, view, offset)
-            view, offset = view[written:], offset + written
+                write_at(self._fd, np.ascontiguousarray(pixels[row]), (y0 + row) * self.row_bytes + x0 * 3)
 
     def sync(self) -> None:
         """Write every row written so far to disk (pages written through unmapped windows included)."""

@@ -62,6 +62,7 @@ import numpy as np
 import tifffile
 
 from . import _core
+from .canvas import write_at
 from .errors import SafronInputError
 from .slide_io import check_output_path
 
@@ -139,10 +140,10 @@ class _RawImageFile:
     def write_block(self, y0: int, x0: int, block: np.ndarray) -> None:
         block = np.ascontiguousarray(block)
         if block.shape[1] == self._width:
-            self._write_from(self._offset(y0, 0), block)
+            write_at(self._file.fileno(), block, self._offset(y0, 0))
         else:
             for row in range(block.shape[0]):
-                self._write_from(self._offset(y0 + row, x0), block[row])
+                write_at(self._file.fileno(), block[row], self._offset(y0 + row, x0))
 
     def close(self) -> None:
         self._file.close()
@@ -159,13 +160,6 @@ class _RawImageFile:
             count = os.preadv(self._file.fileno(), [view], offset)
             if not count:
                 raise RuntimeError(f"{self.path}: raw image file ends before byte {end} (truncated?)")
-            view, offset = view[count:], offset + count
-
-    def _write_from(self, offset: int, source: np.ndarray) -> None:
-        # A write may be short (the disk filling up); the next one then raises the OSError.
-        view = memoryview(source).cast("B")
-        while view:
-            count = os.pwritev(self._file.fileno(), [view], offset)
             view, offset = view[count:], offset + count
 
 
