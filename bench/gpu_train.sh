@@ -74,24 +74,23 @@ import sys
 from pathlib import Path
 
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from safron.export import CONFIG_METADATA_KEY, EMA_PREFIX, GENERATOR_PREFIX
+from safron.export import CONFIG_METADATA_KEY, EMA_PREFIX, GENERATOR_PREFIX, tensors_under
 
 state, work = Path(sys.argv[1]), Path(sys.argv[2])
 step = state.stem.split("-")[-1].lstrip("0") or "0"
 with safe_open(str(state), "pt") as f:
     config = f.metadata()[CONFIG_METADATA_KEY]
-    names = list(f.keys())
-    for prefix, out_name in ((GENERATOR_PREFIX, "generator.f16.safetensors"),
-                             (EMA_PREFIX, "generator_ema.f16.safetensors")):
-        tensors = {n[len(prefix):]: f.get_tensor(n).half().contiguous() for n in names if n.startswith(prefix)}
-        if not tensors:
-            continue
-        path = work / out_name
-        save_file(tensors, str(path), metadata={CONFIG_METADATA_KEY: config, "safron.step": step})
-        print(f"{out_name}: step {step}, {len(tensors)} tensors, {path.stat().st_size / 2**20:.1f} MiB, "
-              f"sha256 {hashlib.sha256(path.read_bytes()).hexdigest()}")
+tensors = load_file(str(state))
+for prefix, out_name in ((GENERATOR_PREFIX, "generator.f16.safetensors"), (EMA_PREFIX, "generator_ema.f16.safetensors")):
+    model = {name: tensor.half().contiguous() for name, tensor in tensors_under(tensors, prefix).items()}
+    if not model:
+        continue
+    path = work / out_name
+    save_file(model, str(path), metadata={CONFIG_METADATA_KEY: config, "safron.step": step})
+    print(f"{out_name}: step {step}, {len(model)} tensors, {path.stat().st_size / 2**20:.1f} MiB, "
+          f"sha256 {hashlib.sha256(path.read_bytes()).hexdigest()}")
 PYEOF
 for f in "$WORK"/generator*.f16.safetensors; do
   split -b 15M -d -a 1 "$f" "$OUT/$(basename "$f").part-"
