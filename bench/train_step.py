@@ -18,7 +18,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 _ONE_TILE = r"""
 import json, re, sys, tempfile, time
