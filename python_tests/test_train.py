@@ -24,6 +24,7 @@ from conftest import SHARED_DATA  # noqa: E402
 from safron import masks  # noqa: E402
 from safron.data import TRANSFORMS, TileDataset, augment  # noqa: E402
 from safron.errors import SafronInputError  # noqa: E402
+from safron.export import is_checkpoint_path  # noqa: E402
 from safron.models import Generator  # noqa: E402
 from safron.train import (  # noqa: E402
     LOSS_NAMES, FourierContextConvolution, TrainConfig, Trainer, latest_checkpoint, load_generator, main, train,
@@ -247,12 +248,18 @@ def test_checkpoints_load_as_generators_for_export(tmp_path, data_dir):
     trainer = Trainer(config, TileDataset(data_dir, 256), torch.device("cpu"))
     trainer.load(latest_checkpoint(run_dir))
     expected = trainer.generator.state_dict()
-    for source in (run_dir, run_dir / "checkpoints" / "step-00000002.safetensors"):
+    # The run, its weights file, and the step's .json that safron-train --init takes all name the same generator.
+    checkpoints = run_dir / "checkpoints"
+    for source in (run_dir, checkpoints / "step-00000002.safetensors", checkpoints / "step-00000002.json"):
+        assert is_checkpoint_path(source)
         generator = load_generator(source)
         assert not generator.training and generator.ngf == 4
         assert type(generator.context) is torch.nn.Conv2d  # the plain model, as export and inference want it
         for name, tensor in generator.state_dict().items():
             torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
+    # A .json alone is no checkpoint: an ONNX backend reports it, rather than safetensors a missing file.
+    (tmp_path / "stray.json").write_text("{}")
+    assert not is_checkpoint_path(tmp_path / "stray.json")
 
 
 def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path, data_dir):

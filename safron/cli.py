@@ -95,7 +95,7 @@ def render_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("mask", metavar="MASK", help="tissue component mask to render")
     p.add_argument("out", metavar="OUT", help="output pyramidal BigTIFF (written under a temporary name, renamed when complete)")
-    p.add_argument("--model", metavar="ONNX", help="generator: an ONNX file meeting the model contract, or a training run directory / .safetensors checkpoint for --backend torch (default: the embedded model)")
+    p.add_argument("--model", metavar="ONNX", help="generator: an ONNX file meeting the model contract, or a training run directory or checkpoint (RUN_DIR/checkpoints/step-N.json or .safetensors) for --backend torch (default: the embedded model)")
     p.add_argument(
         "--backend", choices=BACKEND_NAMES, default="auto",
         help="inference backend (default: %(default)s = tensorrt if installed and a GPU is present; else torch on a "

@@ -92,15 +92,24 @@ class Checkpoint:
 
 
 def is_checkpoint_path(path: str | os.PathLike) -> bool:
-    """Whether `path` names a checkpoint (a run directory or a .safetensors file) rather than an ONNX model."""
+    """Whether `path` names a checkpoint (a run directory, a .safetensors file, or a training checkpoint's .json
+    beside its .safetensors, as safron-train --init takes it) rather than an ONNX model."""
     path = Path(path)
-    return path.is_dir() or path.suffix == CHECKPOINT_SUFFIX
+    return path.is_dir() or path.suffix == CHECKPOINT_SUFFIX or _weights_beside(path) is not None
+
+
+def _weights_beside(path: Path) -> Path | None:
+    """The .safetensors file a training checkpoint's .json names by its stem, if `path` is such a .json."""
+    weights = path.with_suffix(CHECKPOINT_SUFFIX)
+    return weights if path.suffix == ".json" and path.is_file() and weights.is_file() else None
 
 
 def find_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """The checkpoint at `path`: a .safetensors file, or a run directory holding `RUN_DIR_CHECKPOINT`."""
+    """The checkpoint at `path`: a .safetensors file (or a training checkpoint's .json beside one), or a run
+    directory holding `RUN_DIR_CHECKPOINT`."""
     _require_module("safetensors", "safetensors", "reading checkpoints")
     path = Path(path)
+    path = _weights_beside(path) or path
     if path.is_dir():
         weights = path / RUN_DIR_CHECKPOINT
         if not weights.is_file():
@@ -175,7 +184,8 @@ def save_checkpoint(generator, path: str | os.PathLike, metadata: dict[str, str]
 
 
 def load_generator(path: str | os.PathLike):
-    """The generator stored at `path` (run directory or .safetensors) on the CPU, in eval mode, gradients off."""
+    """The generator stored at `path` (run directory, .safetensors, or a training checkpoint's .json) on the CPU,
+    in eval mode, gradients off."""
     return _load(find_checkpoint(path))
 
 
@@ -451,7 +461,8 @@ def export_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="safron-export",
         description=(
-            "Export a trained generator (a safron-train run directory or a .safetensors checkpoint) to an ONNX "
+            "Export a trained generator (a safron-train run directory, or a checkpoint: .safetensors or the "
+            "step's .json beside it) to an ONNX "
             "model that meets the model contract (input 'mask' float32 [N,3,296,296], output 'image' float32 "
             "[N,3,256,256]), then check ONNX Runtime against PyTorch on random masks."
         ),
