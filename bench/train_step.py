@@ -7,11 +7,13 @@ one batch and stitched with gradients, so memory grows with the number of window
 
     python bench/train_step.py                        # CPU, tiles 492 728 1200, ngf 32
     python bench/train_step.py --device cuda --ngf 64 # on a GPU: also reports torch's peak allocation
+    python bench/train_step.py --tiles 492 --tiles-per-step 1 4 8   # tiles per second with batches of tiles
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -28,8 +30,8 @@ from safron import masks, synthesis
 from safron.data import TileDataset
 from safron.train import TrainConfig, Trainer
 
-tile, ngf, ndf, steps, device, threads = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
-                                          sys.argv[5], int(sys.argv[6]))
+tile, ngf, ndf, steps, device, threads, per_step = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+                                                    int(sys.argv[4]), sys.argv[5], int(sys.argv[6]), int(sys.argv[7]))
 torch.set_num_threads(threads)
 root = Path(tempfile.mkdtemp())
 (root / "images").mkdir(); (root / "masks").mkdir()
@@ -40,13 +42,15 @@ image = np.clip(palette[labels] + rng.normal(0, 12, labels.shape + (3,)), 0, 255
 Image.fromarray(image).save(root / "images" / "a.png")
 Image.fromarray(masks.labels_to_colour(labels)).save(root / "masks" / "a.png")
 dataset = TileDataset(root, tile=tile, augment=False)
-trainer = Trainer(TrainConfig(data=str(root), tile=tile, ngf=ngf, ndf=ndf), dataset, torch.device(device))
-trainer.train_step(dataset.tile_at(0))  # warm-up: allocator and kernel selection
+config = TrainConfig(data=str(root), tile=tile, ngf=ngf, ndf=ndf, tiles_per_step=per_step)
+trainer = Trainer(config, dataset, torch.device(device))
+batch = lambda step: [dataset.tile_at(step * per_step + k) for k in range(per_step)]
+trainer.train_step(batch(0))  # warm-up: allocator and kernel selection
 if device == "cuda":
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
 start = time.perf_counter()
 for step in range(steps):
-    trainer.train_step(dataset.tile_at(step + 1))
+    trainer.train_step(batch(step + 1))
 if device == "cuda":
     torch.cuda.synchronize()
 seconds = (time.perf_counter() - start) / steps
@@ -64,21 +68,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--tiles-per-step", type=int, nargs="+", default=[1],
+                        help="safron-train --tiles-per-step values to time (default: 1)")
     args = parser.parse_args()
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, device {args.device}, ngf {args.ngf}, ndf {args.ndf}, "
           f"{args.threads} threads, mean of {args.steps} steps after a warm-up")
-    print(f"{'tile':>6} {'windows':>8} {'s/step':>8} {'peak RSS':>10} {'GPU peak':>10}")
-    for tile in args.tiles:
+    print(f"{'tile':>6} {'per step':>8} {'windows':>8} {'s/step':>8} {'tiles/s':>8} {'peak RSS':>10} {'GPU peak':>10}")
+    for tile, per_step in itertools.product(args.tiles, args.tiles_per_step):
         proc = subprocess.run(
             [sys.executable, "-c", _ONE_TILE, str(tile), str(args.ngf), str(args.ndf), str(args.steps), args.device,
-             str(args.threads)],
+             str(args.threads), str(per_step)],
             capture_output=True, text=True, cwd=tempfile.gettempdir(),
         )
         if proc.returncode:
-            raise SystemExit(f"tile {tile} failed:\n{proc.stderr}")
+            raise SystemExit(f"tile {tile}, {per_step} per step failed:\n{proc.stderr}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         gpu = f"{r['gpu_peak'] / 2**30:8.2f} G" if r["gpu_peak"] is not None else "       -"
-        print(f"{tile:>6} {r['windows']:>8} {r['seconds']:>8.2f} {r['peak_rss'] / 2**30:8.2f} G {gpu:>10}")
+        print(f"{tile:>6} {per_step:>8} {r['windows'] * per_step:>8} {r['seconds']:>8.2f} "
+              f"{per_step / r['seconds']:>8.2f} {r['peak_rss'] / 2**30:8.2f} G {gpu:>10}")
     print("paper: constant training memory, 0.35 GB")
 
 

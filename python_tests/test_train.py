@@ -374,6 +374,45 @@ def _parameters(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
+def _without_dropout(trainer: Trainer) -> Trainer:
+    for module in trainer.generator.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return trainer
+
+
+def test_a_batch_of_tiles_scores_each_tile_as_alone(data_dir):
+    """Losses computed before any update (L1 of the stitched tiles, the discriminator's) are the means of what each
+    tile scores alone: batching tiles through InstanceNorm models and the stitch mixes nothing between them.
+    Dropout is off, as its masks depend on the batch's shape."""
+    config = TrainConfig(data=str(data_dir), tile=256, **TINY)
+    dataset = TileDataset(data_dir, 256, seed=0)
+    tiles = [dataset.tile_at(0), dataset.tile_at(1)]
+    alone = [_without_dropout(Trainer(config, dataset, torch.device("cpu"))).train_step(tile) for tile in tiles]
+    batched = _without_dropout(Trainer(dataclasses.replace(config, tiles_per_step=2), dataset, torch.device("cpu")))
+    losses = batched.train_step(tiles)
+    for name in ("l1", "loss_d", "d_real", "d_fake"):
+        assert losses[name] == pytest.approx((alone[0][name] + alone[1][name]) / 2, rel=1e-5), name
+    assert alone[0]["l1"] != pytest.approx(alone[1]["l1"], rel=1e-3)  # two different tiles, so the mean tells
+    assert batched.last_output.shape == (3, 256, 256)
+
+
+def test_tiles_per_step_trains_on_consecutive_tiles_and_resumes(tmp_path, data_dir, monkeypatch):
+    read = []
+    tile_at = TileDataset.tile_at
+    monkeypatch.setattr(TileDataset, "tile_at", lambda self, step: read.append(step) or tile_at(self, step))
+    config = TrainConfig(data=str(data_dir), tile=256, tiles_per_step=3, **TINY)
+    quick_train(tmp_path / "straight", data_dir, 2, config=config)
+    assert sorted(read) == [0, 1, 2, 3, 4, 5]  # steps 0 and 1 take tiles 0-2 and 3-5
+    read.clear()
+    quick_train(tmp_path / "resumed", data_dir, 1, config=config)
+    result = quick_train(tmp_path / "resumed", data_dir, 2, config=None, resume=True)
+    assert sorted(read) == [0, 1, 2, 3, 4, 5] and result.step == 2
+    straight, resumed = load_generator(tmp_path / "straight"), load_generator(tmp_path / "resumed")
+    for name, tensor in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=0, atol=0)
+
+
 def test_ema_moves_towards_the_generator_after_each_step(data_dir):
     config = TrainConfig(data=str(data_dir), tile=256, ema_decay=0.9, **TINY)
     dataset = TileDataset(data_dir, 256, seed=0)
@@ -486,6 +525,7 @@ BAD_OPTIONS = [
     (["--seed", "-1"], "--seed: expected a non-negative integer"),
     (["--ema-decay", "1"], "ema_decay must be in [0, 1)"),
     (["--lambda-shift", "-2"], "--lambda-shift: expected a number >= 0"),
+    (["--tiles-per-step", "0"], "--tiles-per-step: expected a positive integer"),
     (["--init", "nowhere"], "nowhere: not a run directory or a training checkpoint"),
 ]
 if not torch.cuda.is_available():
@@ -569,6 +609,6 @@ def test_two_steps_on_glas(tmp_path):
 def test_help_lists_the_options():
     text = train_parser().format_help()
     for option in ("--data", "--out", "--steps", "--tile", "--stride", "--ngf", "--ndf", "--lr", "--lambda-l1",
-                   "--lambda-adv", "--blend", "--seed", "--save-every", "--sample-every", "--resume", "--device",
+                   "--lambda-adv", "--blend", "--tiles-per-step", "--seed", "--save-every", "--sample-every", "--resume", "--device",
                    "--precision", "--threads", "--quiet"):
         assert option in text

@@ -1,6 +1,7 @@
 """SAFRON training: a patch generator trained through a tile-level discriminator on stitched tiles.
 
-One step, on one tile (DESIGN.md, "The method"):
+One step, on one tile (DESIGN.md, "The method"; with tiles_per_step N > 1, on N tiles at once, each cut and stitched
+on its own, the generator and the discriminator each run once on the whole batch, and the losses are means over it):
   1. the tile's mask context (real surroundings, the mask mirrored beyond the image border) is cut into the
      generator's windows at the engine's patch positions (`geometry.plan(tile, tile).origins()`);
   2. the generator maps all windows of the tile as one batch; `stitch.stitch` blends the patches exactly as the
@@ -21,7 +22,8 @@ RUN_DIR/generator.safetensors, export): it smooths the step-to-step oscillation 
 Mixed precision (bf16, or fp16 with a gradient scaler) on CUDA only.
 
 Reproducibility: the models are initialised from the seed, tile `k` is a pure function of (seed, k) (see
-`safron.data`), and the torch RNG (dropout) is reseeded from (seed, k) before step k. So on a CPU the same seed
+`safron.data`; step k trains on tiles kN .. kN + N - 1), and the torch RNG (dropout) is reseeded from (seed, k)
+before step k. So on a CPU the same seed
 gives the same losses, and a resumed run continues with exactly the losses an uninterrupted one would have had.
 On CUDA runs are seeded but cuDNN may pick non-deterministic kernels.
 
@@ -47,7 +49,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +111,7 @@ class TrainConfig:
     seed: int = 0
     init: str | None = None  # the training checkpoint a fine-tuning run started from (its .json), for the record
     ema_decay: float = 0.0  # > 0: also keep an exponential moving average of the generator, which the run publishes
+    tiles_per_step: int = 1  # tiles stitched and judged as one batch per step: step k trains on tiles kN .. kN + N - 1
 
     @property
     def loss_names(self) -> tuple[str, ...]:
@@ -296,6 +299,8 @@ def check_config(config: TrainConfig) -> None:
         raise SafronInputError(f"lambda_shift must be >= 0, got {config.lambda_shift}")
     if not 0 <= config.ema_decay < 1:
         raise SafronInputError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
+    if not (isinstance(config.tiles_per_step, int) and config.tiles_per_step >= 1):
+        raise SafronInputError(f"tiles_per_step must be an integer >= 1, got {config.tiles_per_step!r}")
 
 
 class Trainer:
@@ -354,39 +359,48 @@ class Trainer:
         real = torch.from_numpy(tile.image).to(self.device).permute(2, 0, 1)[None].float() / 127.5 - 1
         return context, mask_tile, real
 
-    def _stitched(self, windows: torch.Tensor, generator: Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the tile [1, 3, T, T] stitched from the patches of the plan's windows, which come first in `windows`;
-        the patches of the windows after them), by `generator` (default: the one being trained)."""
+    def _stitched(self, windows: torch.Tensor, generator: Generator | None = None,
+                  tiles: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`tiles` tiles [tiles, 3, T, T], each stitched from its plan's windows, which come first in `windows`,
+        tile after tile; the patches of the windows after them), by `generator` (default: the one being trained)."""
         with self._autocast():
             patches = (generator or self.generator)(windows)
         ys, xs = self._origins
         count = len(ys)
-        stitched = stitch(patches[:count], ys, xs, self.plan.height, self.plan.width, self.config.blend,
-                          self.plan.overlap)
-        return stitched[None], patches[count:]
+        stitched = torch.stack([
+            stitch(patches[k * count:(k + 1) * count], ys, xs, self.plan.height, self.plan.width, self.config.blend,
+                   self.plan.overlap)
+            for k in range(tiles)
+        ])
+        return stitched, patches[tiles * count:]
 
-    def train_step(self, tile: TrainingTile) -> dict[str, float]:
-        """One D step and one G step on `tile`; returns the losses (`config.loss_names`) and keeps the stitched output
-        in `last_output` ([3, T, T], detached)."""
+    def train_step(self, tiles: TrainingTile | Sequence[TrainingTile]) -> dict[str, float]:
+        """One D step and one G step on `tiles` (one tile, or a batch of tiles of the same size, usually
+        `config.tiles_per_step` of them); returns the losses (`config.loss_names`, means over the batch) and keeps
+        the first tile's stitched output in `last_output` ([3, T, T], detached)."""
         config, bce = self.config, nn.functional.binary_cross_entropy_with_logits
+        tiles = [tiles] if isinstance(tiles, TrainingTile) else list(tiles)
         torch.manual_seed(_step_seed(config.seed, self.step))
         self.generator.train()
         self.discriminator.train()
-        context, mask_tile, real = self._tensors(tile)
-        windows = cut_windows(context, self.plan)
+        contexts, mask_tiles, reals = zip(*(self._tensors(tile) for tile in tiles))
+        mask_tile, real = torch.cat(mask_tiles), torch.cat(reals)
+        # Every tile's windows in one generator batch: InstanceNorm is per patch, so batching changes nothing.
+        windows = torch.cat([cut_windows(context, self.plan) for context in contexts])
         if config.lambda_shift:
             # Any position, so that patterns locked to the patch grid at any period disagree with the stitched
-            # tile; drawn from the step's seed, and in the same batch (InstanceNorm is per patch).
+            # tile; drawn from the step's seed, in the first tile, and in the same batch.
             y, x = torch.randint(0, self.plan.height - self.plan.patch + 1, (2,)).tolist()
             window = self.plan.window
-            windows = torch.cat([windows, context[None, :, y:y + window, x:x + window]])
-        fake, extra = self._stitched(windows)
+            windows = torch.cat([windows, contexts[0][None, :, y:y + window, x:x + window]])
+        fake, extra = self._stitched(windows, tiles=len(tiles))
 
-        # Real and fake go through the discriminator as one batch: InstanceNorm keeps the two independent.
+        # Real and fake go through the discriminator as one batch: InstanceNorm keeps them independent.
+        count = len(tiles)
         with self._autocast():
-            logits = self.discriminator(mask_tile.expand(2, -1, -1, -1), torch.cat([real, fake.detach()]))
-            d_real = bce(logits[:1], torch.ones_like(logits[:1]))
-            d_fake = bce(logits[1:], torch.zeros_like(logits[1:]))
+            logits = self.discriminator(mask_tile.repeat(2, 1, 1, 1), torch.cat([real, fake.detach()]))
+            d_real = bce(logits[:count], torch.ones_like(logits[:count]))
+            d_fake = bce(logits[count:], torch.zeros_like(logits[count:]))
             loss_d = d_real + d_fake
         self.optimiser_d.zero_grad(set_to_none=True)
         self.scaler.scale(loss_d).backward()
@@ -706,22 +720,26 @@ def train(
     preview = dataset.preview()
     logs = _Logs(run_dir, trainer.step, config.loss_names, note)
     checkpoint, losses, saved_step = None, None, None
-    tiles = prefetch((dataset.tile_at(step) for step in range(trainer.step, steps)), depth=2, name="safron-tiles")
+    per_step = config.tiles_per_step
+    tiles = prefetch(
+        ([dataset.tile_at(step * per_step + k) for k in range(per_step)] for step in range(trainer.step, steps)),
+        depth=2, name="safron-tiles",
+    )
     bar = tqdm(total=steps, initial=trainer.step, unit="step", desc="train", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
     try:
         with _finish_step_on_interrupt(note) as interrupted:
-            for tile in tiles:
+            for batch in tiles:
                 if interrupted.is_set():
                     break
                 started = time.perf_counter()
-                losses = trainer.train_step(tile)
+                losses = trainer.train_step(batch)
                 logs.losses(trainer.step, losses, time.perf_counter() - started)
                 bar.set_postfix({k: f"{losses[k]:.3g}" for k in ("l1", "adv", "loss_d")}, refresh=False)
                 bar.update()
                 if sample_every and trainer.step % sample_every == 0:
                     logs.sample(trainer.step, _sample_grid(
-                        trainer, [(preview, trainer.generate(preview)), (tile, trainer.last_output)]
+                        trainer, [(preview, trainer.generate(preview)), (batch[0], trainer.last_output)]
                     ))
                 if save_every and trainer.step % save_every == 0:
                     checkpoint, saved_step = trainer.save(run_dir, keep), trainer.step
@@ -751,7 +769,7 @@ def _non_negative_float(text):
 
 # CLI options that define a run (TrainConfig fields); they default to None so that --resume can tell the ones given.
 _RUN_OPTIONS = ("data", "tile", "stride", "ngf", "ndf", "lr", "beta1", "lambda_l1", "lambda_adv", "lambda_shift",
-                "ema_decay", "blend", "seed")
+                "ema_decay", "blend", "seed", "tiles_per_step")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -773,7 +791,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", help="training folder with images/ and masks/ (taken from the run on --resume)")
     p.add_argument("--out", metavar="RUN_DIR", required=True, help="run directory for checkpoints, logs and samples")
     p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, metavar="N",
-                   help="train until N steps are done in all, one tile per step (default: %(default)s)")
+                   help="train until N steps are done in all (default: %(default)s)")
     p.add_argument("--tile", type=_positive_int, metavar="T",
                    help="tile side in pixels, at least 256 (default: 728, or 492 when images are smaller)")
     p.add_argument("--stride", type=_positive_int, metavar="S",
@@ -795,6 +813,9 @@ def train_parser() -> argparse.ArgumentParser:
                         "it: samples, RUN_DIR/generator.safetensors and safron-export use it (default: 0, off)")
     p.add_argument("--blend", choices=BLENDS,
                    help=f"weights of overlapping patches, as safron-render --blend (default: {defaults.blend})")
+    p.add_argument("--tiles-per-step", type=_positive_int, metavar="N",
+                   help=f"tiles stitched and judged as one batch in each step; more keeps a GPU busy (default: "
+                        f"{defaults.tiles_per_step}, the paper's)")
     p.add_argument("--seed", type=_non_negative_int, metavar="S", help=f"seed of initialisation, tiles and dropout (default: {defaults.seed})")
     p.add_argument("--save-every", type=_non_negative_int, default=DEFAULT_SAVE_EVERY, metavar="N",
                    help="checkpoint every N steps, 0 = only at the end (default: %(default)s)")
