@@ -381,18 +381,23 @@ def _without_dropout(trainer: Trainer) -> Trainer:
     return trainer
 
 
-def test_a_batch_of_tiles_scores_each_tile_as_alone(data_dir):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)])
+def test_a_batch_of_tiles_scores_each_tile_as_alone(data_dir, device):
     """Losses computed before any update (L1 of the stitched tiles, the discriminator's) are the means of what each
     tile scores alone: batching tiles through InstanceNorm models and the stitch mixes nothing between them.
-    Dropout is off, as its masks depend on the batch's shape."""
+    Dropout is off, as its masks depend on the batch's shape. On CUDA, fp32 with cuDNN's TF32 convolutions, whose
+    algorithms may differ with the batch size: a looser tolerance."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("this torch has no CUDA device")
     config = TrainConfig(data=str(data_dir), tile=256, **TINY)
     dataset = TileDataset(data_dir, 256, seed=0)
     tiles = [dataset.tile_at(0), dataset.tile_at(1)]
-    alone = [_without_dropout(Trainer(config, dataset, torch.device("cpu"))).train_step(tile) for tile in tiles]
-    batched = _without_dropout(Trainer(dataclasses.replace(config, tiles_per_step=2), dataset, torch.device("cpu")))
+    alone = [_without_dropout(Trainer(config, dataset, torch.device(device))).train_step(tile) for tile in tiles]
+    batched = _without_dropout(Trainer(dataclasses.replace(config, tiles_per_step=2), dataset, torch.device(device)))
     losses = batched.train_step(tiles)
     for name in ("l1", "loss_d", "d_real", "d_fake"):
-        assert losses[name] == pytest.approx((alone[0][name] + alone[1][name]) / 2, rel=1e-5), name
+        expected = (alone[0][name] + alone[1][name]) / 2
+        assert losses[name] == pytest.approx(expected, rel=1e-5 if device == "cpu" else 1e-3), name
     assert alone[0]["l1"] != pytest.approx(alone[1]["l1"], rel=1e-3)  # two different tiles, so the mean tells
     assert batched.last_output.shape == (3, 256, 256)
 
