@@ -6,6 +6,8 @@
 #           # and the openslide wheels (bench/RESULTS.md, "bench/gpu.sh"); imagecodecs is not needed to train
 #   there:  SAFRON_TRAIN_DATA=.glas OUT=$OUT bench/gpu_train.sh --ngf 32 --ndf 64 --ema-decay 0.999
 #   dry run on a CPU:  SAFRON_GPU_DRY_RUN=1 SAFRON_TRAIN_DATA=DIR OUT=/tmp/x bench/gpu_train.sh
+#   batches of tiles (safron-train --tiles-per-step N) are untimed on a GPU: time them first in the same call,
+#   `python bench/train_step.py --device cuda --ngf 32 --tiles 492 --tiles-per-step 1 4 8` (about a minute)
 #
 # Arguments after the script's name go to safron-train (--data, --out, --steps and --device are the script's).
 # SAFRON_TRAIN_SECONDS (default 360) bounds the training; it then gets Ctrl-C, on which safron-train saves its
