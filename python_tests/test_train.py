@@ -257,7 +257,7 @@ def test_checkpoints_load_as_generators_for_export(tmp_path, data_dir):
         assert type(generator.context) is torch.nn.Conv2d  # the plain model, as export and inference want it
         for name, tensor in generator.state_dict().items():
             torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
-    # A .json alone is no checkpoint: an ONNX backend reports it, rather than safetensors a missing file.
+    # A .json with no .safetensors beside it is not a checkpoint: the ONNX backend reports the file as it is.
     (tmp_path / "stray.json").write_text("{}")
     assert not is_checkpoint_path(tmp_path / "stray.json")
 
@@ -614,6 +614,6 @@ def test_two_steps_on_glas(tmp_path):
 def test_help_lists_the_options():
     text = train_parser().format_help()
     for option in ("--data", "--out", "--steps", "--tile", "--stride", "--ngf", "--ndf", "--lr", "--lambda-l1",
-                   "--lambda-adv", "--blend", "--tiles-per-step", "--seed", "--save-every", "--sample-every", "--resume", "--device",
-                   "--precision", "--threads", "--quiet"):
+                   "--lambda-adv", "--blend", "--tiles-per-step", "--seed", "--save-every", "--sample-every",
+                   "--resume", "--device", "--precision", "--threads", "--quiet"):
         assert option in text

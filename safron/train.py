@@ -23,8 +23,8 @@ Mixed precision (bf16, or fp16 with a gradient scaler) on CUDA only.
 
 Reproducibility: the models are initialised from the seed, tile `k` is a pure function of (seed, k) (see
 `safron.data`; step k trains on tiles kN .. kN + N - 1), and the torch RNG (dropout) is reseeded from (seed, k)
-before step k. So on a CPU the same seed
-gives the same losses, and a resumed run continues with exactly the losses an uninterrupted one would have had.
+before step k. So on a CPU the same seed gives the same losses, and a resumed run continues with exactly the
+losses an uninterrupted one would have had.
 On CUDA runs are seeded but cuDNN may pick non-deterministic kernels.
 
 A run directory holds
@@ -396,11 +396,11 @@ class Trainer:
         fake, extra = self._stitched(windows, tiles=len(tiles))
 
         # Real and fake go through the discriminator as one batch: InstanceNorm keeps them independent.
-        count = len(tiles)
+        n = len(tiles)
         with self._autocast():
             logits = self.discriminator(mask_tile.repeat(2, 1, 1, 1), torch.cat([real, fake.detach()]))
-            d_real = bce(logits[:count], torch.ones_like(logits[:count]))
-            d_fake = bce(logits[count:], torch.zeros_like(logits[count:]))
+            d_real = bce(logits[:n], torch.ones_like(logits[:n]))
+            d_fake = bce(logits[n:], torch.zeros_like(logits[n:]))
             loss_d = d_real + d_fake
         self.optimiser_d.zero_grad(set_to_none=True)
         self.scaler.scale(loss_d).backward()
@@ -721,7 +721,7 @@ def train(
     logs = _Logs(run_dir, trainer.step, config.loss_names, note)
     checkpoint, losses, saved_step = None, None, None
     per_step = config.tiles_per_step
-    tiles = prefetch(
+    batches = prefetch(
         ([dataset.tile_at(step * per_step + k) for k in range(per_step)] for step in range(trainer.step, steps)),
         depth=2, name="safron-tiles",
     )
@@ -729,7 +729,7 @@ def train(
                dynamic_ncols=True, file=sys.stderr)
     try:
         with _finish_step_on_interrupt(note) as interrupted:
-            for batch in tiles:
+            for batch in batches:
                 if interrupted.is_set():
                     break
                 started = time.perf_counter()
@@ -750,7 +750,7 @@ def train(
                 raise KeyboardInterrupt
     finally:
         bar.close()
-        tiles.close()
+        batches.close()
         logs.close()
     return TrainResult(run_dir, trainer.step, checkpoint, losses)
 
