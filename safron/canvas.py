@@ -40,6 +40,17 @@ def write_at(fd: int, data: np.ndarray, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
+def write_block_at(fd: int, block: np.ndarray, y0: int, x0: int, width: int) -> None:
+    """Write a (rows, cols, 3) uint8 block at row y0, column x0 of a raw row-major RGB file `width` pixels wide:
+    one write when the block spans whole rows (they lie back to back in the file), else one per row."""
+    row_bytes = width * 3
+    if block.shape[1] == width:
+        write_at(fd, np.ascontiguousarray(block), y0 * row_bytes)
+    else:
+        for row in range(block.shape[0]):
+            write_at(fd, np.ascontiguousarray(block[row]), (y0 + row) * row_bytes + x0 * 3)
+
+
 class Canvas:
     def __init__(self, path: Path, height: int, width: int, *, create: bool):
         self.path, self.height, self.width = Path(path), height, width
@@ -72,11 +83,7 @@ class Canvas:
         if pixels.dtype != np.uint8 or pixels.shape[2:] != (3,) or y0 + rows > self.height or x0 + cols > self.width:
             raise ValueError(f"cannot write {pixels.dtype} {pixels.shape} at ({y0}, {x0}) into a {self.height} x "
                              f"{self.width} canvas")
-        if cols == self.width:
-            write_at(self._fd, np.ascontiguousarray(pixels), y0 * self.row_bytes)
-        else:
-            for row in range(rows):
-                write_at(self._fd, np.ascontiguousarray(pixels[row]), (y0 + row) * self.row_bytes + x0 * 3)
+        write_block_at(self._fd, pixels, y0, x0, self.width)
 
     def sync(self) -> None:
         """Write every row written so far to disk (pages written through unmapped windows included)."""

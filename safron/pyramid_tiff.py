@@ -62,7 +62,7 @@ import numpy as np
 import tifffile
 
 from . import _core
-from .canvas import write_at
+from .canvas import write_block_at
 from .errors import SafronInputError
 from .slide_io import check_output_path
 
@@ -138,12 +138,7 @@ class _RawImageFile:
         return block
 
     def write_block(self, y0: int, x0: int, block: np.ndarray) -> None:
-        block = np.ascontiguousarray(block)
-        if block.shape[1] == self._width:
-            write_at(self._file.fileno(), block, self._offset(y0, 0))
-        else:
-            for row in range(block.shape[0]):
-                write_at(self._file.fileno(), block[row], self._offset(y0 + row, x0))
+        write_block_at(self._file.fileno(), block, y0, x0, self._width)
 
     def close(self) -> None:
         self._file.close()
