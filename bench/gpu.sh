@@ -115,19 +115,14 @@ build() {
       tests=OFF
     fi
   fi
-  cmake -S . -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSAFRON_CUDA="$CUDA_OPTION" \
-    -DSAFRON_BUILD_TESTS="$tests" -DPython_EXECUTABLE="$(python -c 'import sys; print(sys.executable)')" \
-    -Dpybind11_DIR="$(python -m pybind11 --cmakedir)" "${prefix[@]}" &&
-    cmake --build "$WORK/build" -j "$JOBS"
+  build_safron . "$WORK/build" "$JOBS" -DSAFRON_CUDA="$CUDA_OPTION" -DSAFRON_BUILD_TESTS="$tests" "${prefix[@]}"
 }
 stage build build
 BASELINE=${SAFRON_GPU_BASELINE:-}
 if [[ -n $BASELINE ]]; then
   BASELINE=$(cd "$BASELINE" && pwd)
   build_baseline() {
-    cmake -S "$BASELINE" -B "$WORK/build-baseline" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSAFRON_CUDA="$CUDA_OPTION" \
-      -DSAFRON_BUILD_TESTS=OFF -DPython_EXECUTABLE="$(python -c 'import sys; print(sys.executable)')" \
-      -Dpybind11_DIR="$(python -m pybind11 --cmakedir)" && cmake --build "$WORK/build-baseline" -j "$JOBS" &&
+    build_safron "$BASELINE" "$WORK/build-baseline" "$JOBS" -DSAFRON_CUDA="$CUDA_OPTION" -DSAFRON_BUILD_TESTS=OFF &&
       cp "$WORK"/build-baseline/_core*.so "$BASELINE/safron/"
   }
   stage build_baseline build_baseline

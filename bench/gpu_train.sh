@@ -44,10 +44,8 @@ if [[ $DRY_RUN == 1 ]]; then
 else
   # Training needs the C++ core for the patch plan only, not the CUDA kernels: a quick CPU-only build.
   device=cuda
-  cmake -S . -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSAFRON_CUDA=OFF \
-    -DPython_EXECUTABLE="$(python -c 'import sys; print(sys.executable)')" \
-    -Dpybind11_DIR="$(python -m pybind11 --cmakedir)" >"$WORK/build.log" 2>&1 &&
-    cmake --build "$WORK/build" -j "$(nproc)" >>"$WORK/build.log" 2>&1 || { tail -n 30 "$WORK/build.log"; exit 1; }
+  build_safron . "$WORK/build" "$(nproc)" -DSAFRON_CUDA=OFF >"$WORK/build.log" 2>&1 ||
+    { tail -n 30 "$WORK/build.log"; exit 1; }
   cp "$WORK"/build/_core*.so safron/
   export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 fi

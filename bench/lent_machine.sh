@@ -10,3 +10,14 @@ provide_python() {
     PATH=$1:$PATH
   fi
 }
+
+# build_safron SOURCE BUILD_DIR JOBS [CMAKE_OPTION...]: configure and build safron's C++ core (the Python module,
+# plus the C++ tests when asked for with -DSAFRON_BUILD_TESTS=ON) for the `python` on PATH, release, with Ninja.
+build_safron() {
+  local source=$1 dir=$2 jobs=$3
+  shift 3
+  cmake -S "$source" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DPython_EXECUTABLE="$(python -c 'import sys; print(sys.executable)')" \
+    -Dpybind11_DIR="$(python -m pybind11 --cmakedir)" "$@" &&
+    cmake --build "$dir" -j "$jobs"
+}
