@@ -5,7 +5,7 @@ GlaS train as PNG is 64 MiB; as JPEG quality 95 with full-resolution chroma (4:4
 beside the code. That is a lossy copy (mean absolute error 2.1 grey levels on GlaS train): training on it is what
 `bench/gpu_train.sh` does, and a model card must say so. Masks are copied unchanged (labels must stay exact).
 
-    python bench/pack_training_data.py ../shared/data/glas/train .glas     # .glas listed in .git/info/exclude
+    python bench/pack_training_data.py ../shared/data/glas/train .glas     # /.glas/ is in .gitignore
 """
 
 from __future__ import annotations
