@@ -532,6 +532,10 @@ BAD_OPTIONS = [
     (["--lambda-shift", "-2"], "--lambda-shift: expected a number >= 0"),
     (["--tiles-per-step", "0"], "--tiles-per-step: expected a positive integer"),
     (["--init", "nowhere"], "nowhere: not a run directory or a training checkpoint"),
+    (["--diffaugment", "color,flip"], "--diffaugment: unknown augmentation 'flip'"),
+    (["--gan-loss", "wasserstein"], "--gan-loss: invalid choice"),
+    (["--lr-d", "0"], "--lr-d: expected a positive number"),
+    (["--lambda-l1", "0", "--lambda-adv", "0"], "must be >= 0 and not all 0"),
 ]
 if not torch.cuda.is_available():
     BAD_OPTIONS.append((["--device", "cuda"], "device cuda: no CUDA GPU is usable"))
@@ -614,6 +618,145 @@ def test_two_steps_on_glas(tmp_path):
 def test_help_lists_the_options():
     text = train_parser().format_help()
     for option in ("--data", "--out", "--steps", "--tile", "--stride", "--ngf", "--ndf", "--lr", "--lambda-l1",
+                   "--lambda-fm", "--gan-loss", "--diffaugment", "--lr-d",
                    "--lambda-adv", "--blend", "--tiles-per-step", "--seed", "--save-every", "--sample-every",
                    "--resume", "--device", "--precision", "--threads", "--quiet"):
         assert option in text
+
+
+# --- losses beyond the paper's, DiffAugment, bf16 on the CPU, starting from an exported generator -------------------
+
+RICH = dict(lambda_fm=10.0, gan_loss="hinge", diffaugment="color,translation,cutout", lr_d=4e-4, lambda_l1=5.0)
+
+
+def test_feature_matching_joins_the_generators_loss_and_is_logged(data_dir):
+    config = TrainConfig(data=str(data_dir), tile=256, **RICH, **TINY)
+    assert config.loss_names == (*LOSS_NAMES, "fm")
+    dataset = TileDataset(data_dir, 256, seed=0)
+    trainer = Trainer(config, dataset, torch.device("cpu"))
+    assert [g["lr"] for g in trainer.optimiser_d.param_groups] == [4e-4]
+    assert [g["lr"] for g in trainer.optimiser_g.param_groups] == [config.lr]
+    for step in range(2):
+        losses = trainer.train_step(dataset.tile_at(step))
+        assert losses["fm"] > 0
+        assert losses["loss_g"] == pytest.approx(
+            config.lambda_l1 * losses["l1"] + config.lambda_adv * losses["adv"] + config.lambda_fm * losses["fm"],
+            rel=1e-5)
+        # Hinge: the discriminator's terms are means of relu(1 -+ logit), each >= 0, near 1 for a young network.
+        assert 0 <= losses["d_real"] < 3 and 0 <= losses["d_fake"] < 3
+
+
+def test_feature_matching_is_zero_when_the_generator_reproduces_the_real_tile(big_tile_dir):
+    """A generator that returns the real image gives identical features on both sides, whatever the augmentation."""
+    config = TrainConfig(data=str(big_tile_dir), tile=492, lambda_fm=1.0, diffaugment="color,translation,cutout",
+                         **TINY)
+    dataset = TileDataset(big_tile_dir, 492, seed=0)
+    trainer = Trainer(config, dataset, torch.device("cpu"))
+    tile = dataset.tile_at(0)
+    # The synthetic images are a fixed colour per class, so painting the mask's centre reproduces the real tile.
+    colours = torch.from_numpy(CLASS_RGB.astype(np.float32) / 127.5 - 1)
+    trainer.generator = _Painter(trainer.plan.window, trainer.plan.patch, colours)
+    losses = trainer.train_step(tile)
+    assert losses["l1"] < 1e-6 and losses["fm"] < 1e-6, losses
+    # With another colour for one class, the features differ.
+    trainer.generator = _Painter(trainer.plan.window, trainer.plan.patch, colours.flip(0))
+    assert trainer.train_step(dataset.tile_at(1))["fm"] > 1e-3
+
+
+class _Painter(torch.nn.Module):
+    """Paints each pixel of the window's centre with its class's colour; one dummy parameter for the optimiser."""
+
+    def __init__(self, window: int, patch: int, colours: torch.Tensor):
+        super().__init__()
+        self.margin, self.patch, self.colours = (window - patch) // 2, patch, colours
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, windows):
+        centre = windows[:, :, self.margin:self.margin + self.patch, self.margin:self.margin + self.patch]
+        # Model input channels are (stroma, gland, background) = labels (1, 2, 0).
+        labels = torch.stack([centre[:, 2], centre[:, 0], centre[:, 1]], dim=1).argmax(dim=1)
+        return self.colours[labels].permute(0, 3, 1, 2) + 0 * self.dummy
+
+
+def test_new_losses_and_diffaugment_resume_with_the_losses_of_an_uninterrupted_run(tmp_path, data_dir):
+    config = TrainConfig(data=str(data_dir), tile=256, **RICH, **TINY)
+    quick_train(tmp_path / "straight", data_dir, 4, config=config)
+    quick_train(tmp_path / "resumed", data_dir, 2, config=config)
+    quick_train(tmp_path / "resumed", data_dir, 4, config=None, resume=True)
+    rows = [read_losses(tmp_path / name) for name in ("straight", "resumed")]
+    assert [[row[k] for k in ("step", *config.loss_names)] for row in rows[0]] == \
+        [[row[k] for k in ("step", *config.loss_names)] for row in rows[1]]
+    stored = json.loads(latest_checkpoint(tmp_path / "resumed").read_text())["training"]
+    assert {k: stored[k] for k in RICH} == RICH
+    with pytest.raises(SafronInputError, match="trained with diffaugment"):
+        quick_train(tmp_path / "resumed", data_dir, 5, resume=True,
+                    config=dataclasses.replace(config, diffaugment="cutout"))
+
+
+def test_bf16_trains_on_the_cpu(data_dir):
+    config = TrainConfig(data=str(data_dir), tile=256, **TINY)
+    dataset = TileDataset(data_dir, 256, seed=0)
+    fp32 = Trainer(config, dataset, torch.device("cpu"), "fp32").train_step(dataset.tile_at(0))
+    bf16 = Trainer(config, dataset, torch.device("cpu"), "bf16").train_step(dataset.tile_at(0))
+    assert all(np.isfinite(list(bf16.values())))
+    # Same initialisation and tile: the same losses up to bf16's three significant digits.
+    assert bf16["l1"] == pytest.approx(fp32["l1"], rel=2e-2) and bf16 != fp32
+
+
+@pytest.fixture(scope="module")
+def exported_generator(tmp_path_factory, data_dir) -> Path:
+    """A tiny run's generator exported as safron-export does by default (context convolution folded)."""
+    from safron.export import export_onnx
+
+    root = tmp_path_factory.mktemp("exported")
+    quick_train(root / "run", data_dir, 2)
+    export_onnx(root / "run", root / "generator.onnx", check_samples=1)
+    return root / "generator.onnx"
+
+
+def test_init_from_an_exported_onnx_starts_from_its_generator_with_a_fresh_discriminator(tmp_path, data_dir,
+                                                                                        exported_generator):
+    from safron.backends import create_backend
+    from safron.stitch import cut_windows
+
+    result = quick_train(tmp_path / "tuned", data_dir, 1, init=exported_generator, save_every=1,
+                         config=TrainConfig(data=str(data_dir), tile=256, **TINY))
+    assert result.step == 1
+    stored = json.loads(latest_checkpoint(tmp_path / "tuned").read_text())["training"]
+    assert stored["init"] == str(exported_generator.resolve())
+
+    # Before any step, the trainer's generator computes what the ONNX file computes.
+    config = TrainConfig(data=str(data_dir), tile=256, **TINY)
+    dataset = TileDataset(data_dir, 256, seed=0)
+    trainer = Trainer(config, dataset, torch.device("cpu"))
+    from safron.train import generator_from_onnx
+
+    trainer.start_from(generator_from_onnx(exported_generator))
+    windows = cut_windows(trainer._tensors(dataset.tile_at(0))[0], trainer.plan)
+    trainer.generator.eval()
+    with torch.no_grad():
+        ours = trainer.generator(windows).numpy()
+    backend = create_backend("onnxruntime", exported_generator)
+    try:
+        theirs = backend.run(windows.numpy())
+    finally:
+        backend.close()
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+    assert not trainer.optimiser_d.state, "the discriminator's optimiser starts fresh"
+
+    wider = Trainer(dataclasses.replace(config, ngf=8), dataset, torch.device("cpu"))
+    with pytest.raises(SafronInputError, match="ngf 4 there, 8 here"):
+        wider.start_from(generator_from_onnx(exported_generator))
+
+
+def test_cli_init_from_onnx_takes_the_width_from_the_file(tmp_path, capsys, data_dir, exported_generator):
+    run_dir = tmp_path / "tuned"
+    assert run_main(capsys, "--data", data_dir, "--init", exported_generator, "--out", run_dir, "--steps", 1,
+                    "--tile", 256, "--ndf", 4, "--lambda-fm", 10, "--diffaugment", "cutout,translation",
+                    "--quiet") == (0, "")
+    stored = json.loads(latest_checkpoint(run_dir).read_text())["training"]
+    assert (stored["ngf"], stored["ndf"], stored["lambda_fm"], stored["diffaugment"]) == (4, 4, 10.0,
+                                                                                          "translation,cutout")
+    code, err = run_main(capsys, "--data", data_dir, "--init", tmp_path / "missing.onnx", "--out", tmp_path / "x",
+                         "--quiet")
+    assert code == 2 and err.count("\n") == 1 and "missing.onnx" in err, err

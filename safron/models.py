@@ -238,7 +238,8 @@ class Discriminator(nn.Module):
         self.layers = nn.Sequential(*layers)
         _initialise(self)
 
-    def forward(self, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def _checked_pair(self, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """mask and image concatenated along channels, or a ValueError naming the shapes that do not fit."""
         if mask.dim() != 4 or image.dim() != 4 or mask.shape[0] != image.shape[0] or mask.shape[2:] != image.shape[2:]:
             raise ValueError(
                 f"Discriminator expects mask and image [N, C, H, W] of one N, H and W, got {list(mask.shape)} "
@@ -249,7 +250,19 @@ class Discriminator(nn.Module):
             raise ValueError(
                 f"Discriminator expects {self.in_channels} channels in all, got {mask.shape[1]} + {image.shape[1]}"
             )
-        return self.layers(pair)
+        return pair
+
+    def forward(self, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return self.layers(self._checked_pair(mask, image))
+
+    def logits_and_features(self, mask: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the logits `forward` gives, the output of every hidden layer), for feature matching
+        (`losses.feature_matching_loss`)."""
+        hidden, features = self._checked_pair(mask, image), []
+        for layer in self.layers[:-1]:
+            hidden = layer(hidden)
+            features.append(hidden)
+        return self.layers[-1](hidden), features
 
     @staticmethod
     def score(logits: torch.Tensor) -> torch.Tensor:
@@ -304,6 +317,27 @@ def fold_one_hot(generator: Generator) -> Generator:
     generator.context = folded
     return generator
 
+
+
+def unfold_one_hot(generator: Generator) -> Generator:
+    """`generator` (in place) with a folded context convolution (`fold_one_hot`) turned back into the plain
+    three-channel one, so that a folded file (the embedded default model) can be trained further.
+
+    The fold forgets one degree of freedom per output channel: only W0 - W2, W1 - W2 and sum(W2) survive. Any W2
+    with that sum gives the same function on one-hot inputs; a constant W2 = -bias / kernel^2 is the one that
+    spreads it evenly, like the rest of the filter.
+    """
+    if not isinstance(generator.context, FoldedContext):
+        return generator
+    folded = generator.context
+    weight, bias = folded.weight.detach().double(), folded.bias.detach().double()
+    third = (-bias / (generator.kernel * generator.kernel))[:, None, None, None].expand_as(weight[:, :1])
+    context = nn.Conv2d(3, generator.ngf, generator.kernel, stride=1, padding=0, bias=False)
+    context.to(folded.weight.device)
+    with torch.no_grad():
+        context.weight.copy_(torch.cat([weight + third, third], dim=1))
+    generator.context = context
+    return generator
 
 def normalisation_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every normalisation module of `model` by qualified name (e.g. 'encoder.1.norm'), in definition order.

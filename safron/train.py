@@ -65,17 +65,21 @@ from . import geometry, masks
 from .cli import _non_negative_int, _Parser, _positive_float, _positive_int, run_main
 from .data import TileDataset, TrainingTile
 from .errors import ModelError, SafronInputError, first_line
+from .losses import (
+    GAN_LOSSES, augment_pair, check_policy, discriminator_loss, feature_matching_loss, generator_adversarial_loss,
+    parse_policy, sample_augmentation,
+)
 from .export import (
     CONFIG_METADATA_KEY, EMA_PREFIX, GENERATOR_PREFIX, RUN_DIR_CHECKPOINT, load_generator, save_checkpoint,
     tensors_under,
 )
-from .models import Discriminator, Generator
+from .models import Discriminator, Generator, unfold_one_hot
 from .pipeline import prefetch
 from .stitch import BLENDS, cut_windows, stitch
 
 __all__ = [
     "TrainConfig", "TrainResult", "Trainer", "FourierContextConvolution", "check_config", "train", "load_generator",
-    "latest_checkpoint", "training_checkpoint", "to_uint8", "LOSS_NAMES", "SHIFT_LOSS", "train_parser", "main",
+    "latest_checkpoint", "training_checkpoint", "to_uint8", "LOSS_NAMES", "SHIFT_LOSS", "FM_LOSS", "train_parser", "main",
 ]
 
 CHECKPOINT_FORMAT = 1
@@ -83,6 +87,7 @@ CHECKPOINTS_FOLDER, SAMPLES_FOLDER, TENSORBOARD_FOLDER = "checkpoints", "samples
 LOSSES_CSV = "losses.csv"
 LOSS_NAMES = ("loss_g", "l1", "adv", "loss_d", "d_real", "d_fake")
 SHIFT_LOSS = "shift"  # logged after LOSS_NAMES by runs with lambda_shift > 0
+FM_LOSS = "fm"  # logged after them by runs with lambda_fm > 0
 _DISCRIMINATOR_PREFIX = "discriminator."
 _OPTIMISER_PREFIXES = {"generator": "optimiser.generator.", "discriminator": "optimiser.discriminator."}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -112,10 +117,16 @@ class TrainConfig:
     init: str | None = None  # the training checkpoint a fine-tuning run started from (its .json), for the record
     ema_decay: float = 0.0  # > 0: also keep an exponential moving average of the generator, which the run publishes
     tiles_per_step: int = 1  # tiles stitched and judged as one batch per step: step k trains on tiles kN .. kN + N - 1
+    # Not in the paper (safron.losses): feature matching on the discriminator's features, the adversarial loss's
+    # form, DiffAugment on what the discriminator sees, and the discriminator's own learning rate (None: lr).
+    lambda_fm: float = 0.0
+    gan_loss: str = "bce"
+    diffaugment: str = ""
+    lr_d: float | None = None
 
     @property
     def loss_names(self) -> tuple[str, ...]:
-        return LOSS_NAMES + ((SHIFT_LOSS,) if self.lambda_shift else ())
+        return LOSS_NAMES + ((SHIFT_LOSS,) if self.lambda_shift else ()) + ((FM_LOSS,) if self.lambda_fm else ())
 
 
 @dataclass(frozen=True)
@@ -252,6 +263,20 @@ def _stored_config(state_path: Path) -> TrainConfig:
         raise ModelError(f"{state_path}: training settings not understood ({exc})") from None
 
 
+def generator_from_onnx(path: str | os.PathLike) -> Generator:
+    """The generator of a safron-exported ONNX file (the embedded default model, say), in a form that trains: a
+    folded context convolution is unfolded (`models.unfold_one_hot`). Fine-tuning starts from it with `init`: this
+    is how training continues from a shipped model whose training run is gone."""
+    from .backends.torch_backend import load_onnx_generator
+
+    generator = unfold_one_hot(load_onnx_generator(path))
+    return generator.train().requires_grad_(True)
+
+
+def _is_onnx(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() == ".onnx"
+
+
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -266,9 +291,10 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise SafronInputError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
     if device.type != "cuda":
-        if precision in _AUTOCAST_TYPES:
-            raise SafronInputError(f"precision {precision} needs a CUDA device; on the CPU training runs in fp32")
-        return "fp32"
+        # bf16 autocast runs on CPUs too (oneDNN, AMX/AVX-512 BF16 where present); fp16 would need loss scaling.
+        if precision == "fp16":
+            raise SafronInputError("precision fp16 needs a CUDA device; on the CPU choose fp32 or bf16")
+        return "bf16" if precision == "bf16" else "fp32"
     if precision == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return precision
@@ -291,10 +317,20 @@ def check_config(config: TrainConfig) -> None:
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(config, name) < 1:
             raise SafronInputError(f"{name} must be in [0, 1), got {getattr(config, name)}")
-    if not (config.lambda_l1 >= 0 and config.lambda_adv >= 0 and config.lambda_l1 + config.lambda_adv > 0):
+    if not (config.lambda_l1 >= 0 and config.lambda_adv >= 0 and config.lambda_fm >= 0
+            and config.lambda_l1 + config.lambda_adv + config.lambda_fm > 0):
         raise SafronInputError(
-            f"lambda_l1 and lambda_adv must be >= 0 and not both 0, got {config.lambda_l1} and {config.lambda_adv}"
+            f"lambda_l1, lambda_adv and lambda_fm must be >= 0 and not all 0, got {config.lambda_l1}, "
+            f"{config.lambda_adv} and {config.lambda_fm}"
         )
+    if config.gan_loss not in GAN_LOSSES:
+        raise SafronInputError(f"unknown GAN loss {config.gan_loss!r} (choose from {', '.join(GAN_LOSSES)})")
+    try:
+        parse_policy(config.diffaugment)
+    except ValueError as exc:
+        raise SafronInputError(str(exc)) from None
+    if config.lr_d is not None and not config.lr_d > 0:
+        raise SafronInputError(f"lr_d must be positive, got {config.lr_d}")
     if not config.lambda_shift >= 0:
         raise SafronInputError(f"lambda_shift must be >= 0, got {config.lambda_shift}")
     if not 0 <= config.ema_decay < 1:
@@ -323,13 +359,18 @@ class Trainer:
         self._origins = self.plan.origins()
         betas = (config.beta1, config.beta2)
         self.optimiser_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr, betas=betas)
-        self.optimiser_d = torch.optim.Adam(self.discriminator.parameters(), lr=config.lr, betas=betas)
+        self.optimiser_d = torch.optim.Adam(self.discriminator.parameters(), lr=self._lr_d, betas=betas)
+        self._augmentations = parse_policy(config.diffaugment)
         self._autocast_type = _AUTOCAST_TYPES.get(precision)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.step = 0
         self.last_output: torch.Tensor | None = None
         self.generator_ema = self._new_average() if config.ema_decay else None
+
+    @property
+    def _lr_d(self) -> float:
+        return self.config.lr if self.config.lr_d is None else self.config.lr_d
 
     def _new_average(self) -> Generator:
         """A copy of the generator, outside autograd, that `_update_average` moves towards it after each step."""
@@ -378,7 +419,7 @@ class Trainer:
         """One D step and one G step on `tiles` (one tile, or a batch of tiles of the same size, usually
         `config.tiles_per_step` of them); returns the losses (`config.loss_names`, means over the batch) and keeps
         the first tile's stitched output in `last_output` ([3, T, T], detached)."""
-        config, bce = self.config, nn.functional.binary_cross_entropy_with_logits
+        config = self.config
         tiles = [tiles] if isinstance(tiles, TrainingTile) else list(tiles)
         torch.manual_seed(_step_seed(config.seed, self.step))
         self.generator.train()
@@ -395,12 +436,22 @@ class Trainer:
             windows = torch.cat([windows, contexts[0][None, :, y:y + window, x:x + window]])
         fake, extra = self._stitched(windows, tiles=len(tiles))
 
+        # One draw of DiffAugment per tile, applied alike to its real and generated pair (and again in the G step),
+        # so that feature matching compares identically augmented images.
+        augmentation = None
+        if self._augmentations:
+            augmentation = sample_augmentation(self._augmentations, len(tiles), *real.shape[-2:], self.device)
+
+        def judged(mask: torch.Tensor, image: torch.Tensor, copies: int = 1):
+            if augmentation is None:
+                return mask, image
+            return augment_pair(mask, image, augmentation.repeat(copies))
+
         # Real and fake go through the discriminator as one batch: InstanceNorm keeps them independent.
         n = len(tiles)
         with self._autocast():
-            logits = self.discriminator(mask_tile.repeat(2, 1, 1, 1), torch.cat([real, fake.detach()]))
-            d_real = bce(logits[:n], torch.ones_like(logits[:n]))
-            d_fake = bce(logits[n:], torch.zeros_like(logits[n:]))
+            logits = self.discriminator(*judged(mask_tile.repeat(2, 1, 1, 1), torch.cat([real, fake.detach()]), 2))
+            d_real, d_fake = discriminator_loss(config.gan_loss, logits[:n], logits[n:])
             loss_d = d_real + d_fake
         self.optimiser_d.zero_grad(set_to_none=True)
         self.scaler.scale(loss_d).backward()
@@ -409,15 +460,26 @@ class Trainer:
         self.discriminator.requires_grad_(False)
         try:
             with self._autocast():
-                fake_logits = self.discriminator(mask_tile, fake)
-                adv = bce(fake_logits, torch.ones_like(fake_logits))
+                if config.lambda_fm:
+                    # The real tiles' features by the discriminator as just updated, the one the fake is judged by.
+                    with torch.no_grad():
+                        _, real_features = self.discriminator.logits_and_features(*judged(mask_tile, real))
+                    fake_logits, fake_features = self.discriminator.logits_and_features(*judged(mask_tile, fake))
+                else:
+                    fake_logits = self.discriminator(*judged(mask_tile, fake))
+                adv = generator_adversarial_loss(config.gan_loss, fake_logits)
             l1 = (fake - real).abs().mean()
             loss_g = config.lambda_l1 * l1 + config.lambda_adv * adv
-            shift = None
+            extra_losses = []
             if config.lambda_shift:
                 patch = self.plan.patch
                 shift = (extra[0].float() - fake[0, :, y:y + patch, x:x + patch]).abs().mean()
                 loss_g = loss_g + config.lambda_shift * shift
+                extra_losses.append(shift)
+            if config.lambda_fm:
+                matching = feature_matching_loss(fake_features, real_features)
+                loss_g = loss_g + config.lambda_fm * matching
+                extra_losses.append(matching)
             self.optimiser_g.zero_grad(set_to_none=True)
             self.scaler.scale(loss_g).backward()
             self.scaler.step(self.optimiser_g)
@@ -428,7 +490,7 @@ class Trainer:
             self._update_average()
         self.step += 1
         self.last_output = fake.detach()[0]
-        values = (loss_g, l1, adv, loss_d, d_real, d_fake) + ((shift,) if shift is not None else ())
+        values = (loss_g, l1, adv, loss_d, d_real, d_fake, *extra_losses)
         return dict(zip(config.loss_names, torch.stack([v.detach().float() for v in values]).tolist()))
 
     @torch.no_grad()
@@ -486,6 +548,18 @@ class Trainer:
             old.with_suffix(".safetensors").unlink(missing_ok=True)
         return weights
 
+    def start_from(self, generator: Generator) -> None:
+        """Take `generator`'s weights (e.g. of an exported ONNX file, `generator_from_onnx`) as this run's starting
+        point; the discriminator and both optimisers start fresh, the moving average (if any) at the generator."""
+        if generator.config() != self.generator.config():
+            theirs, ours = generator.config(), self.generator.config()
+            differing = ", ".join(f"{key} {theirs.get(key)!r} there, {ours.get(key)!r} here"
+                                  for key in ours if theirs.get(key) != ours[key])
+            raise SafronInputError(f"the initial generator does not fit this run ({differing})")
+        self.generator.load_state_dict(generator.state_dict())
+        if self.generator_ema is not None:
+            self.generator_ema.load_state_dict(generator.state_dict())
+
     def _difference(self, state: dict, failure: BaseException) -> str:
         """What makes a checkpoint's models differ from this run's: the settings, else the loader's message."""
         differing = [
@@ -521,9 +595,9 @@ class Trainer:
             difference = self._difference(state, exc)
             raise ModelError(f"{weights}: does not fit the models of this run ({difference})") from None
         betas = (self.config.beta1, self.config.beta2)
-        for optimiser in (self.optimiser_g, self.optimiser_d):
+        for optimiser, lr in ((self.optimiser_g, self.config.lr), (self.optimiser_d, self._lr_d)):
             for group in optimiser.param_groups:
-                group["lr"], group["betas"] = self.config.lr, betas
+                group["lr"], group["betas"] = lr, betas
         if state["grad_scaler"] is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["grad_scaler"])
         if restore_step:
@@ -645,7 +719,9 @@ def train(
     finished first; KeyboardInterrupt is then re-raised); sample grids every `sample_every` steps (0: never).
     `note` receives one-line remarks (None: silence). `init` starts a new run from the models and optimiser
     states of another run's checkpoint (a run directory or a checkpoint file; `training_checkpoint`), to
-    fine-tune it with `config`: same widths, any other settings. Its step count starts again at 0.
+    fine-tune it with `config`: same widths, any other settings. Its step count starts again at 0. An `init`
+    ending in .onnx (a safron-exported generator, such as the embedded default) gives the generator only; the
+    discriminator and the optimisers then start fresh.
     """
     note = note or (lambda text: None)
     run_dir = Path(run_dir)
@@ -663,12 +739,16 @@ def train(
         raise SafronInputError(f"{run_dir}: run directory path is a file")
 
     state_path = latest_checkpoint(run_dir)
-    init_path = None
+    init_path, init_generator = None, None
     if init is not None:
         if resume:
             raise SafronInputError("init starts a new run from another run's checkpoint and resume continues this "
                                    "one: give one of them")
-        init_path = training_checkpoint(init).resolve()
+        if _is_onnx(init):
+            init_path = Path(init).resolve()
+            init_generator = generator_from_onnx(init_path)
+        else:
+            init_path = training_checkpoint(init).resolve()
         if config is not None:
             config = dataclasses.replace(config, init=str(init_path))
     if resume:
@@ -709,6 +789,9 @@ def train(
     trainer = Trainer(config, dataset, torch_device, precision)
     if state_path is not None:
         trainer.load(state_path)
+    elif init_generator is not None:
+        trainer.start_from(init_generator)
+        note(f"starting from the generator of {init_path} (new discriminator and optimisers)")
     elif init_path is not None:
         init_step = trainer.load(init_path, restore_step=False)
         note(f"starting from {init_path} (step {init_step} of its run)")
@@ -767,9 +850,16 @@ def _non_negative_float(text):
     return value
 
 
+def _augmentation_policy(text):
+    try:
+        return check_policy(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 # CLI options that define a run (TrainConfig fields); they default to None so that --resume can tell the ones given.
 _RUN_OPTIONS = ("data", "tile", "stride", "ngf", "ndf", "lr", "beta1", "lambda_l1", "lambda_adv", "lambda_shift",
-                "ema_decay", "blend", "seed", "tiles_per_step")
+                "ema_decay", "blend", "seed", "tiles_per_step", "lambda_fm", "gan_loss", "diffaugment", "lr_d")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -804,6 +894,17 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-l1", type=_non_negative_float, metavar="W", help=f"L1 loss weight (default: {defaults.lambda_l1:g})")
     p.add_argument("--lambda-adv", type=_non_negative_float, metavar="W",
                    help=f"adversarial loss weight (default: {defaults.lambda_adv:g})")
+    p.add_argument("--lambda-fm", type=_non_negative_float, metavar="W",
+                   help=f"weight of pix2pixHD's feature-matching loss: L1 between the discriminator's hidden features "
+                        f"of the real and the generated tile (e.g. 10; default: {defaults.lambda_fm:g}, off)")
+    p.add_argument("--gan-loss", choices=GAN_LOSSES,
+                   help=f"adversarial loss: bce (non-saturating, the paper's) or hinge (default: {defaults.gan_loss})")
+    p.add_argument("--diffaugment", type=_augmentation_policy, metavar="POLICY",
+                   help="DiffAugment on what the discriminator sees, real and generated alike: a comma-separated "
+                        "subset of color,translation,cutout (geometry moves mask and image together; colour touches "
+                        "the image only); helps a discriminator on few images (default: none)")
+    p.add_argument("--lr-d", type=_positive_float, metavar="LR",
+                   help="the discriminator's Adam learning rate (default: --lr)")
     p.add_argument("--lambda-shift", type=_non_negative_float, metavar="W",
                    help=f"weight of the shift-consistency loss: one extra patch at a random position must match the "
                         f"stitched tile under it; suppresses textures locked to the patch grid (default: "
@@ -826,10 +927,13 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its latest checkpoint")
     p.add_argument("--init", metavar="RUN_OR_CHECKPOINT",
                    help="start this new run from another run's models and optimiser states (its run directory or a "
-                        "checkpoints/step-N.json), with its settings unless given here: to fine-tune")
+                        "checkpoints/step-N.json), with its settings unless given here: to fine-tune. A "
+                        "safron-exported .onnx generator (e.g. safron/default_model/generator.onnx) gives the "
+                        "generator and its width only; discriminator and optimisers start fresh")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto = bf16 (or fp16) mixed precision on CUDA, fp32 on the CPU (default: %(default)s)")
+                   help="auto = bf16 (or fp16) mixed precision on CUDA, fp32 on the CPU; bf16 works on CPUs too, "
+                        "fastest with AVX-512 BF16 or AMX (default: %(default)s)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or notes")
     return p
@@ -840,6 +944,10 @@ def _config_from_args(args) -> TrainConfig | None:
     if args.no_augment:
         given["augment"] = False
     if args.init is not None and not args.resume:  # with --resume too, train() says they exclude each other
+        if _is_onnx(args.init):
+            # The file fixes the generator's width; everything else is this run's (defaults or given).
+            given.setdefault("ngf", generator_from_onnx(args.init).ngf)
+            return TrainConfig(**given)
         return dataclasses.replace(_stored_config(training_checkpoint(args.init)), **given)
     if args.resume:
         if not given:

@@ -1,0 +1,155 @@
+"""Training losses beyond the paper's, and DiffAugment for the discriminator's inputs (PyTorch, training only).
+
+* Adversarial losses: `bce` (the paper's non-saturating BCE on logits) and `hinge` (Lim & Ye 2017, as in
+  SPADE/OASIS/BigGAN), both averaged over the PatchGAN's logit map.
+* Feature matching (pix2pixHD, Wang et al. 2018): L1 between the discriminator's intermediate features of the
+  real and the generated tile, averaged over the layers. It asks for the statistics the discriminator looks at
+  rather than the pixel values of one particular real tile, so unlike L1 it does not pull the generator towards the
+  blurred average of all the textures a mask allows (the mask says nothing about where nuclei go).
+* DiffAugment (Zhao et al. 2020, "Differentiable Augmentation for Data-Efficient GAN Training"): the same random,
+  differentiable transform is applied to real and generated pairs before the discriminator sees them, so a
+  discriminator trained on 85 images cannot simply memorise them. For a conditional pair, the geometric parts
+  (translation, cutout) move mask and image together -- the discriminator must still judge whether the image
+  fits its mask -- while colour jitter touches the image only (the mask is a one-hot, not a colour).
+  The parameters are drawn once per tile and applied to its real and generated pair alike, so feature matching
+  compares features of identically augmented images.
+
+Random draws come from torch's global generator, which the trainer reseeds from (seed, step) before each step, so
+resumed runs stay exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["GAN_LOSSES", "AUGMENTATIONS", "AugmentParams", "check_policy", "parse_policy", "sample_augmentation",
+           "augment_pair", "discriminator_loss", "generator_adversarial_loss", "feature_matching_loss"]
+
+GAN_LOSSES = ("bce", "hinge")
+# DiffAugment's three policies, in the order they are applied.
+AUGMENTATIONS = ("color", "translation", "cutout")
+# DiffAugment's defaults: shifts up to 1/8 of the side, one square hole of half the side.
+TRANSLATION_RATIO, CUTOUT_RATIO = 0.125, 0.5
+
+
+def parse_policy(policy: str) -> tuple[str, ...]:
+    """'color,translation' -> ('color', 'translation'); '' -> (). Unknown names are a ValueError."""
+    names = tuple(name.strip() for name in policy.split(",") if name.strip())
+    unknown = [name for name in names if name not in AUGMENTATIONS]
+    if unknown:
+        raise ValueError(f"unknown augmentation {unknown[0]!r} (choose from {', '.join(AUGMENTATIONS)}, "
+                         f"comma-separated)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"augmentation policy {policy!r} names one augmentation twice")
+    return names
+
+
+def check_policy(policy: str) -> str:
+    """The policy in canonical form (the fixed application order), so equal policies compare equal."""
+    names = parse_policy(policy)
+    return ",".join(name for name in AUGMENTATIONS if name in names)
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """One draw of DiffAugment's parameters for N tiles; `None` for a part the policy leaves out."""
+
+    brightness: torch.Tensor | None = None  # [N, 1, 1, 1] added, in [-0.5, 0.5) of the [0, 1] range
+    saturation: torch.Tensor | None = None  # [N, 1, 1, 1] factor in [0, 2)
+    contrast: torch.Tensor | None = None  # [N, 1, 1, 1] factor in [0.5, 1.5)
+    shift: tuple[tuple[int, int], ...] | None = None  # (dy, dx) per tile
+    hole: tuple[tuple[int, int], ...] | None = None  # the cutout's top-left (y, x) per tile; may lie partly outside
+    hole_size: tuple[int, int] = (0, 0)
+
+    def repeat(self, times: int) -> AugmentParams:
+        """The same draw for `times` copies of the batch, stacked as `torch.cat([batch] * times)` stacks them."""
+        def tensor(value):
+            return None if value is None else value.repeat(times, 1, 1, 1)
+
+        def rows(value):
+            return None if value is None else value * times
+
+        return AugmentParams(tensor(self.brightness), tensor(self.saturation), tensor(self.contrast),
+                             rows(self.shift), rows(self.hole), self.hole_size)
+
+
+def sample_augmentation(policy: tuple[str, ...], count: int, height: int, width: int,
+                        device: torch.device | str = "cpu") -> AugmentParams:
+    """Draw DiffAugment's parameters for `count` tiles of `height` x `width` (an empty policy draws nothing)."""
+    values = {}
+    if "color" in policy:
+        draws = torch.rand(3, count, 1, 1, 1).to(device)
+        values.update(brightness=draws[0] - 0.5, saturation=draws[1] * 2, contrast=draws[2] + 0.5)
+    if "translation" in policy:
+        limit_y, limit_x = int(height * TRANSLATION_RATIO + 0.5), int(width * TRANSLATION_RATIO + 0.5)
+        dy = torch.randint(-limit_y, limit_y + 1, (count,)).tolist()
+        dx = torch.randint(-limit_x, limit_x + 1, (count,)).tolist()
+        values["shift"] = tuple(zip(dy, dx))
+    if "cutout" in policy:
+        size = (int(height * CUTOUT_RATIO + 0.5), int(width * CUTOUT_RATIO + 0.5))
+        # Centre anywhere in the tile, as DiffAugment does: holes may be cut off by the border.
+        cy = torch.randint(0, height + (1 - size[0] % 2), (count,)).tolist()
+        cx = torch.randint(0, width + (1 - size[1] % 2), (count,)).tolist()
+        values.update(hole=tuple((y - size[0] // 2, x - size[1] // 2) for y, x in zip(cy, cx)), hole_size=size)
+    return AugmentParams(**values)
+
+
+def _shifted(tile: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """[C, H, W] moved by (dy, dx), zeros coming in (DiffAugment pads with zeros)."""
+    height, width = tile.shape[-2:]
+    padded = nn.functional.pad(tile, (abs(dx), abs(dx), abs(dy), abs(dy)))
+    top, left = abs(dy) - dy, abs(dx) - dx
+    return padded[:, top:top + height, left:left + width]
+
+
+def augment_pair(mask: torch.Tensor, image: torch.Tensor, params: AugmentParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, image) [N, C, H, W] in [-1, 1] after the drawn augmentation; differentiable in `image`."""
+    if params.brightness is not None:
+        # DiffAugment's colour ops, on the [0, 1] range its constants are defined for.
+        image = (image + 1) / 2 + params.brightness
+        mean = image.mean(dim=1, keepdim=True)
+        image = (image - mean) * params.saturation + mean
+        mean = image.mean(dim=(1, 2, 3), keepdim=True)
+        image = (image - mean) * params.contrast + mean
+        image = image * 2 - 1
+    if params.shift is not None or params.hole is not None:
+        pair = torch.cat([mask.to(image.dtype), image], dim=1)
+        if params.shift is not None:
+            pair = torch.stack([_shifted(tile, dy, dx) for tile, (dy, dx) in zip(pair, params.shift)])
+        if params.hole is not None:
+            keep = torch.ones_like(pair[:, :1])
+            height, width = pair.shape[-2:]
+            for k, (y, x) in enumerate(params.hole):
+                keep[k, :, max(y, 0):max(y + params.hole_size[0], 0), max(x, 0):max(x + params.hole_size[1], 0)] = 0
+            pair = pair * keep
+        mask, image = pair[:, :mask.shape[1]], pair[:, mask.shape[1]:]
+    return mask, image
+
+
+def discriminator_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss on real, loss on fake) of the discriminator; their sum is its loss."""
+    if kind == "hinge":
+        return nn.functional.relu(1 - real_logits).mean(), nn.functional.relu(1 + fake_logits).mean()
+    bce = nn.functional.binary_cross_entropy_with_logits
+    return bce(real_logits, torch.ones_like(real_logits)), bce(fake_logits, torch.zeros_like(fake_logits))
+
+
+def generator_adversarial_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
+    """The generator's adversarial loss: non-saturating BCE, or the hinge generator loss -mean(D(fake))."""
+    if kind == "hinge":
+        return -fake_logits.mean()
+    return nn.functional.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+
+
+def feature_matching_loss(fake_features: list[torch.Tensor], real_features: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over the discriminator's layers of L1(fake features, real features); the real side carries no
+    gradient."""
+    if len(fake_features) != len(real_features) or not fake_features:
+        raise ValueError(f"feature matching needs the same, non-zero number of layers, got {len(fake_features)} "
+                         f"and {len(real_features)}")
+    terms = [(fake.float() - real.detach().float()).abs().mean() for fake, real in zip(fake_features, real_features)]
+    return torch.stack(terms).mean()
