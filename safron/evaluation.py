@@ -1,0 +1,513 @@
+"""How realistic a generator's images are: the GlaS testA protocol behind `safron-eval --report`.
+
+One command renders GlaS testA's masks with a generator and writes a report folder: report.md, report.json, plots,
+and side-by-side sheets (mask | real | synthetic) of a fixed set of testA images. The figures:
+
+* **FID and KID** (Inception-v3 features, `safron.metrics`) between the real testA images and the renders of their
+  masks, two ways: whole images resized to 299 x 299 (the model card's historical figures) and 256 x 256 crops
+  (six per image, seen at their true scale, so texture counts), each with a 95 % bootstrap interval. The
+  bootstrap resamples *images* (with all their crops) and keeps real and synthetic paired, since crops of one image
+  are not independent and the test set is what varies. The Inception network judges only: it must never appear in
+  a training loss, where a generator learns to please it instead of looking real.
+* **Gland fidelity** (the SAFRON paper's protocol): a gland segmenter trained on GlaS train only
+  (`safron.gland_segmentation`) segments the real and the synthetic images; Dice(seg(synthetic), the gland mask it
+  was rendered from) beside Dice(seg(real), its mask). Synthetic glands the segmenter cannot find do not read as
+  glands.
+* **Seam score**: a synthetic mask of at least 4096 x 4096 is rendered, and the mean absolute step (per channel)
+  across the lines where patches begin or end is divided by the same across every other line. 1 means the stitching
+  leaves no trace; a visible seam raises it.
+* **Patch-grid lock**: the mean grey level at each distance from the image border. The first patch row and column
+  start at the border, so texture locked to the generator's patch grid makes this profile swing with the distance,
+  where real images give a flat one (its standard deviation over distances 2..39), and the outermost row's excess.
+
+The masks are `masks.labels_from_gland_mask(real testA image, gland mask)`: background versus stroma outside the
+glands comes from the real image (bright unstained pixels), so the label maps carry a little of the real images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import geometry, masks
+from .errors import SafronInputError
+
+__all__ = [
+    "SHEET_IMAGES", "CROP", "SEAM_SIDE", "TestCase", "Interval", "SetScores", "Report", "load_testa", "crops",
+    "bootstrap_scores", "border_profile", "grid_lock", "seam_score", "side_by_side", "evaluate", "write_report",
+]
+
+# Fixed, so that sheets of different models compare image for image: glands of several sizes and grades.
+SHEET_IMAGES = ("testA_1", "testA_10", "testA_25", "testA_40", "testA_55")
+CROP = 256
+SEAM_SIDE = 4096
+SEAM_MASK_SEED = 2026
+DEFAULT_RESAMPLES = 200
+PROFILE_DEPTH = 40
+# The relative half-width under which a bootstrap interval is called tight enough to rank models by.
+TIGHT_INTERVAL = 0.15
+
+
+@dataclass(frozen=True)
+class TestCase:
+    """One testA pair: the real image, its gland mask and the three-class labels rendered from it."""
+
+    name: str
+    image: np.ndarray  # uint8 (H, W, 3)
+    gland: np.ndarray  # bool (H, W)
+    labels: np.ndarray  # uint8 (H, W), masks.BACKGROUND / STROMA / GLAND
+
+
+@dataclass(frozen=True)
+class Interval:
+    value: float  # on the whole test set
+    low: float  # 95 % bootstrap interval
+    high: float
+
+    @property
+    def relative_half_width(self) -> float:
+        return (self.high - self.low) / 2 / abs(self.value) if self.value else float("inf")
+
+
+@dataclass(frozen=True)
+class SetScores:
+    """FID and KID of one protocol (whole images or crops), with their bootstrap intervals."""
+
+    images: int
+    samples_per_set: int
+    fid: Interval
+    kid: Interval
+    resamples: int
+
+
+@dataclass
+class Report:
+    model: str
+    model_sha256: str
+    blend: str
+    overlap: int
+    whole: SetScores
+    crops: SetScores
+    profile_model: list[float]
+    profile_real: list[float]
+    seam: float | None
+    seam_side: int
+    dice_synthetic: float | None = None
+    dice_real: float | None = None
+    segmenter: str | None = None
+    reference_whole: SetScores | None = None
+    reference_crops: SetScores | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def profile_std(self) -> tuple[float, float]:
+        return grid_lock(np.asarray(self.profile_model))[0], grid_lock(np.asarray(self.profile_real))[0]
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
+
+def _read(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image)
+    except OSError as exc:
+        raise SafronInputError(f"{path}: unreadable image ({exc})") from None
+
+
+def load_testa(glas: str | os.PathLike, names: Sequence[str] | None = None) -> list[TestCase]:
+    """The testA pairs of a GlaS folder (GLAS/testA/images/*.png with GLAS/testA/masks/*.png), sorted by name."""
+    folder = Path(glas) / "testA"
+    images, gland_masks = folder / "images", folder / "masks"
+    if not images.is_dir() or not gland_masks.is_dir():
+        raise SafronInputError(f"{glas}: no testA/images and testA/masks folders (the GlaS layout)")
+    paths = sorted(images.glob("*.png"))
+    if names is not None:
+        paths = [p for p in paths if p.stem in set(names)]
+    if not paths:
+        raise SafronInputError(f"{images}: no PNG images")
+    cases = []
+    for path in paths:
+        mask_path = gland_masks / path.name
+        if not mask_path.is_file():
+            raise SafronInputError(f"{path}: no gland mask {mask_path}")
+        image, gland = _read(path)[..., :3], _read(mask_path)
+        if image.ndim != 3 or gland.shape != image.shape[:2]:
+            raise SafronInputError(f"{mask_path}: mask {gland.shape} does not match its image {image.shape}")
+        cases.append(TestCase(path.stem, image, gland > 0, masks.labels_from_gland_mask(image, gland)))
+    return cases
+
+
+def crops(image: np.ndarray, size: int = CROP) -> list[np.ndarray]:
+    """The floor(H / size) x floor(W / size) crops of `image`, spread evenly from border to border (whole pixels,
+    no overlap), in raster order; none when the image is smaller than `size`."""
+    height, width = image.shape[:2]
+    rows, cols = height // size, width // size
+
+    def starts(extent: int, count: int) -> list[int]:
+        return [round(k * (extent - size) / (count - 1)) if count > 1 else (extent - size) // 2 for k in range(count)]
+
+    return [image[y:y + size, x:x + size] for y in starts(height, rows) for x in starts(width, cols)]
+
+
+# --- FID / KID with bootstrap intervals ----------------------------------------------------------------------------
+
+def _fid_kid(real: np.ndarray, generated: np.ndarray) -> tuple[float, float]:
+    from .metrics import fid, unbiased_mmd2
+
+    return fid(real, generated), unbiased_mmd2(real, generated)
+
+
+def bootstrap_scores(real: Sequence[np.ndarray], generated: Sequence[np.ndarray],
+                     resamples: int = DEFAULT_RESAMPLES, seed: int = 0, paired: bool = True) -> SetScores:
+    """FID and KID between two feature sets grouped by image (`real[i]`, `generated[i]`: [k_i, D] features of the
+    crops of test image i, or of the whole image), with 95 % intervals from `resamples` resamplings of the images
+    with replacement. `paired`: generated[i] was made from real[i]'s mask, so both are resampled with the
+    same draws; otherwise (real train vs real testA) each set is resampled on its own."""
+    if len(real) < 2 or len(generated) < 2 or (paired and len(real) != len(generated)):
+        raise SafronInputError(f"need {'the same number' if paired else 'at least 2'} of real and generated images "
+                               f"(>= 2), got {len(real)} and {len(generated)}")
+    if resamples < 1:
+        raise SafronInputError(f"resamples must be >= 1, got {resamples}")
+    value = _fid_kid(np.concatenate(real), np.concatenate(generated))
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(resamples):
+        chosen = rng.integers(0, len(real), len(real))
+        others = chosen if paired else rng.integers(0, len(generated), len(generated))
+        samples.append(_fid_kid(np.concatenate([real[i] for i in chosen]),
+                                np.concatenate([generated[i] for i in others])))
+    # The normal interval, value +- 1.96 bootstrap standard deviations: resampling with replacement repeats images,
+    # which biases FID upwards, so percentile intervals can miss the value itself; the spread is what we want.
+    spread = 1.959964 * np.asarray(samples).std(axis=0, ddof=1) if resamples > 1 else np.zeros(2)
+    fid_interval, kid_interval = (Interval(float(value[k]), float(value[k] - spread[k]), float(value[k] + spread[k]))
+                                  for k in range(2))
+    return SetScores(len(generated), sum(len(g) for g in generated), fid_interval, kid_interval, resamples)
+
+
+# --- seams and the patch grid --------------------------------------------------------------------------------------
+
+def border_profile(images: Sequence[np.ndarray], depth: int = PROFILE_DEPTH) -> np.ndarray:
+    """Mean grey level at each distance 0..depth-1 from the image border, over the four sides of all images."""
+    total = np.zeros(depth)
+    for image in images:
+        grey = np.asarray(image, np.float64).mean(axis=2)
+        for d in range(depth):
+            inner = slice(d, grey.shape[0] - d), slice(d, grey.shape[1] - d)
+            sides = (grey[d, inner[1]], grey[-1 - d, inner[1]], grey[inner[0], d], grey[inner[0], -1 - d])
+            total[d] += np.concatenate(sides).mean()
+    return total / len(images)
+
+
+def grid_lock(profile: np.ndarray) -> tuple[float, float]:
+    """(standard deviation of the profile over distances 2.., rim excess level(0) - mean level(2..))."""
+    return float(profile[2:].std()), float(profile[0] - profile[2:].mean())
+
+
+def _patch_edges(origins: np.ndarray, patch: int, size: int) -> np.ndarray:
+    """Indices b of the steps between pixel b and b + 1 where a patch begins or ends inside [0, size)."""
+    edges = {int(o) - 1 for o in origins if o > 0} | {int(o) + patch - 1 for o in origins if o + patch < size}
+    return np.array(sorted(edges), np.int64)
+
+
+def seam_score(image: np.ndarray, plan) -> float:
+    """Mean |step| across the lines where the plan's patches begin or end, over the mean across all other lines,
+    both directions and the three channels pooled. 1: seams are as smooth as the texture around them."""
+    pixels = np.asarray(image, np.float32)
+    if pixels.shape[:2] != (plan.height, plan.width):
+        raise ValueError(f"image {pixels.shape[:2]} does not match the plan's {plan.height} x {plan.width}")
+    # Per channel, not on grey levels: the three mask colours, say, all have the same grey level.
+    steps_y = np.abs(np.diff(pixels, axis=0)).mean(axis=(1, 2))  # step b: between rows b and b + 1
+    steps_x = np.abs(np.diff(pixels, axis=1)).mean(axis=(0, 2))
+    seam_sum = seam_count = other_sum = other_count = 0.0
+    for steps, origins, size in ((steps_y, np.asarray(plan.ys), plan.height), (steps_x, np.asarray(plan.xs),
+                                                                                 plan.width)):
+        on_edge = np.zeros(len(steps), bool)
+        on_edge[_patch_edges(origins, plan.patch, size)] = True
+        seam_sum, seam_count = seam_sum + steps[on_edge].sum(), seam_count + on_edge.sum()
+        other_sum, other_count = other_sum + steps[~on_edge].sum(), other_count + (~on_edge).sum()
+    if not seam_count:
+        raise ValueError("the plan has a single patch: there is no seam to score")
+    return float((seam_sum / seam_count) / (other_sum / other_count))
+
+
+# --- pictures ------------------------------------------------------------------------------------------------------
+
+def side_by_side(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], scale: float = 1.0,
+                 gap: int = 8) -> np.ndarray:
+    """uint8 sheet with one row per (mask colours, real, synthetic), each panel resized by `scale`, on white."""
+    from PIL import Image
+
+    def resized(panel: np.ndarray) -> np.ndarray:
+        if scale == 1.0:
+            return panel
+        height, width = panel.shape[:2]
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        return np.asarray(Image.fromarray(panel).resize(size, Image.LANCZOS))
+
+    panels = [[resized(p) for p in row] for row in rows]
+    height = sum(max(p.shape[0] for p in row) for row in panels) + gap * (len(panels) - 1)
+    width = max(sum(p.shape[1] for p in row) + gap * (len(row) - 1) for row in panels)
+    sheet = np.full((height, width, 3), 255, np.uint8)
+    top = 0
+    for row in panels:
+        left = 0
+        for panel in row:
+            sheet[top:top + panel.shape[0], left:left + panel.shape[1]] = panel
+            left += panel.shape[1] + gap
+        top += max(p.shape[0] for p in row) + gap
+    return sheet
+
+
+def _centre(image: np.ndarray, size: int) -> np.ndarray:
+    height, width = image.shape[:2]
+    y, x = max((height - size) // 2, 0), max((width - size) // 2, 0)
+    return image[y:y + size, x:x + size]
+
+
+# --- the whole protocol --------------------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _grouped_features(images: Sequence[np.ndarray], crop: int | None, progress: bool, what: str) -> list[np.ndarray]:
+    from tqdm import tqdm
+
+    from .metrics import inception_features
+
+    groups = []
+    for image in tqdm(images, desc=what, unit="image", disable=not progress, leave=False):
+        pieces = [image] if crop is None else crops(image, crop)
+        groups.append(inception_features(pieces))
+    return groups
+
+
+def _gland_dice(cases: Sequence[TestCase], rendered: Sequence[np.ndarray], threads: int | None
+                ) -> tuple[float | None, float | None, str | None]:
+    """(mean Dice of seg(synthetic) vs mask, mean Dice of seg(real) vs mask, segmenter path), or Nones when this
+    installation has no segmenter."""
+    try:
+        from .gland_segmentation import SEGMENTER_PATH, dice, segment_glands
+    except ImportError:
+        return None, None, None
+    if not Path(SEGMENTER_PATH).is_file():
+        return None, None, None
+    real = segment_glands([c.image for c in cases], threads=threads)
+    synthetic = segment_glands(list(rendered), threads=threads)
+    truth = [c.gland for c in cases]
+    return (float(np.mean([dice(s, t) for s, t in zip(synthetic, truth)])),
+            float(np.mean([dice(r, t) for r, t in zip(real, truth)])), str(SEGMENTER_PATH))
+
+
+def evaluate(
+    glas: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    model: str | os.PathLike | None = None,
+    *,
+    blend: str | None = None,
+    overlap: int | None = None,
+    threads: int | None = None,
+    resamples: int = DEFAULT_RESAMPLES,
+    seam_side: int = SEAM_SIDE,
+    reference: bool = False,
+    progress: bool = True,
+    note: Callable[[str], None] = lambda text: None,
+) -> Report:
+    """Run the protocol (module docstring) and write the report folder `out_dir`; returns the figures."""
+    from tqdm import tqdm
+
+    from . import engine
+    from .backends import create_backend
+
+    _pyplot()  # before the long work: a missing plotting library is the user's one-line install hint
+    if seam_side and seam_side < 2 * geometry.PATCH:
+        raise SafronInputError(f"the seam render must be at least {2 * geometry.PATCH} px so that patches meet, "
+                               f"got {seam_side}")
+    blend = blend or engine.DEFAULT_BLEND
+    overlap = engine.DEFAULT_OVERLAP if overlap is None else overlap
+    model_path = Path(model) if model is not None else engine.default_model_path()
+    out_dir = Path(out_dir)
+    cases = load_testa(glas)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+
+    started = time.perf_counter()
+    backend = create_backend("auto", model_path, threads=threads)
+    try:
+        rendered = [engine.render_array(c.labels, backend=backend, blend=blend, overlap=overlap)
+                    for c in tqdm(cases, desc="render testA", unit="image", disable=not progress, leave=False)]
+        seconds["render testA"] = time.perf_counter() - started
+        seam = None
+        if seam_side:
+            started = time.perf_counter()
+            labels = masks.synthesize(seam_side, seam_side, seed=SEAM_MASK_SEED)
+            seam_image = engine.render_array(labels, backend=backend, blend=blend, overlap=overlap, progress=progress)
+            seam = seam_score(seam_image, geometry.plan(seam_side, seam_side, overlap=overlap))
+            _save(out_dir / "seam_detail.png", _centre(seam_image, 1024))
+            seconds["seam render"] = time.perf_counter() - started
+    finally:
+        backend.close()
+    note(f"rendered {len(cases)} testA masks in {seconds['render testA']:.0f} s")
+
+    started = time.perf_counter()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    real_images, synthetic = [c.image for c in cases], rendered
+    scores = {}
+    train = _train_images(glas) if reference else None
+    for name, crop in (("whole", None), ("crops", CROP)):
+        real_features = _grouped_features(real_images, crop, progress, f"features real ({name})")
+        synthetic_features = _grouped_features(synthetic, crop, progress, f"features synthetic ({name})")
+        scores[name] = bootstrap_scores(real_features, synthetic_features, resamples)
+        if train is not None:
+            train_features = _grouped_features(train, crop, progress, f"features train ({name})")
+            scores[f"reference_{name}"] = bootstrap_scores(real_features, train_features, resamples, paired=False)
+    seconds["features and scores"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    dice_synthetic, dice_real, segmenter = _gland_dice(cases, rendered, threads)
+    if segmenter:
+        seconds["gland segmentation"] = time.perf_counter() - started
+
+    report = Report(
+        model=str(model_path), model_sha256=_sha256(model_path) if model_path.is_file() else "", blend=blend,
+        overlap=overlap, whole=scores["whole"], crops=scores["crops"],
+        profile_model=border_profile(rendered).tolist(), profile_real=border_profile(real_images).tolist(),
+        seam=seam, seam_side=seam_side, dice_synthetic=dice_synthetic, dice_real=dice_real, segmenter=segmenter,
+        reference_whole=scores.get("reference_whole"), reference_crops=scores.get("reference_crops"),
+        seconds=seconds,
+    )
+    by_name = {c.name: (c, image) for c, image in zip(cases, rendered)}
+    sheet_rows = [(masks.labels_to_colour(c.labels), c.image, image)
+                  for name in SHEET_IMAGES if name in by_name for c, image in [by_name[name]]]
+    if sheet_rows:
+        _save(out_dir / "sheet.png", side_by_side(sheet_rows, scale=0.5))
+        _save(out_dir / "sheet_detail.png",
+              side_by_side([tuple(_centre(panel, 320) for panel in row) for row in sheet_rows]))
+    _plots(out_dir, report, real_images, rendered)
+    write_report(report, out_dir)
+    return report
+
+
+def _train_images(glas: str | os.PathLike) -> list[np.ndarray]:
+    paths = sorted((Path(glas) / "train" / "images").glob("*.png"))
+    if not paths:
+        raise SafronInputError(f"{glas}: no train/images/*.png for the real-vs-real reference")
+    return [_read(p)[..., :3] for p in paths]
+
+
+def _save(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(image).save(path)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise SafronInputError("the report's plots need matplotlib: pip install matplotlib (or safron[metrics])") \
+            from None
+    matplotlib.use("Agg")  # files only, no screen
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plots(out_dir: Path, report: Report, real: Sequence[np.ndarray], synthetic: Sequence[np.ndarray]) -> None:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot(report.profile_real, label="real testA")
+    axis.plot(report.profile_model, label="synthetic")
+    axis.set(xlabel="distance from the image border (px)", ylabel="mean grey level",
+             title="Border profile (flat = no patch-grid lock)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out_dir / "border_profile.png", dpi=100)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(1, 3, figsize=(10, 3), sharey=True)
+    bins = np.arange(257)
+    for channel, (axis, name) in enumerate(zip(axes, ("red", "green", "blue"))):
+        for images, label in ((real, "real testA"), (synthetic, "synthetic")):
+            counts = sum(np.bincount(im[..., channel].ravel(), minlength=256) for im in images)
+            axis.stairs(counts / counts.sum(), bins, label=label)
+        axis.set(title=name, xlabel="level")
+    axes[0].set_ylabel("fraction of pixels")
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(out_dir / "colour_histograms.png", dpi=100)
+    plt.close(figure)
+
+
+def _interval(interval: Interval, digits: int) -> str:
+    return (f"{interval.value:.{digits}f} [{interval.low:.{digits}f}, {interval.high:.{digits}f}] "
+            f"(half-width {100 * interval.relative_half_width:.0f} %)")
+
+
+def write_report(report: Report, out_dir: str | os.PathLike) -> Path:
+    """report.md and report.json in `out_dir`; returns the path of report.md."""
+    out_dir = Path(out_dir)
+    (out_dir / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
+    std_model, rim_model = grid_lock(np.asarray(report.profile_model))
+    std_real, rim_real = grid_lock(np.asarray(report.profile_real))
+    lines = [
+        "# safron-eval report: GlaS testA",
+        "",
+        f"- model: `{report.model}` (sha256 `{report.model_sha256[:16]}...`)" if report.model_sha256 else
+        f"- model: `{report.model}`",
+        f"- rendering: blend {report.blend}, overlap {report.overlap}; masks from the testA gland masks, background "
+        "vs stroma from the real images",
+        "- features: Inception-v3 pool (2048-d), used for scoring only, never in training",
+        f"- intervals: 95 % bootstrap over the {report.whole.images} test images ({report.whole.resamples} "
+        "resamples, real and synthetic paired)",
+        "",
+        "| protocol | samples per set | FID [95 % interval] | KID [95 % interval] |",
+        "|---|---|---|---|",
+    ]
+    rows = [("whole images, 299 px", report.whole), (f"{CROP} px crops", report.crops)]
+    if report.reference_whole is not None:
+        rows += [("reference: real train vs testA, whole", report.reference_whole),
+                 (f"reference: real train vs testA, {CROP} px crops", report.reference_crops)]
+    for name, scores in rows:
+        lines.append(f"| {name} | {scores.samples_per_set} | {_interval(scores.fid, 1)} | {_interval(scores.kid, 4)} |")
+    lines += ["", "| figure | synthetic | real |", "|---|---|---|"]
+    if report.dice_synthetic is not None:
+        lines.append(f"| gland Dice (segmenter vs gland mask) | {report.dice_synthetic:.3f} | {report.dice_real:.3f} |")
+    else:
+        lines.append("| gland Dice | not computed: no gland segmenter in this installation | |")
+    if report.seam is not None:
+        lines.append(f"| seam score ({report.seam_side} x {report.seam_side} render; 1 = no trace) | "
+                     f"{report.seam:.3f} | |")
+    lines += [
+        f"| border profile std (levels; flat = no grid lock) | {std_model:.2f} | {std_real:.2f} |",
+        f"| rim excess (levels) | {rim_model:+.1f} | {rim_real:+.1f} |",
+        "",
+        "![side by side](sheet.png)",
+        "",
+        "`sheet.png`: mask | real | synthetic for " + ", ".join(SHEET_IMAGES) + " at half scale; "
+        "`sheet_detail.png`: their centres at full scale; `seam_detail.png`: the centre of the seam render.",
+        "",
+        "![border profile](border_profile.png) ![colours](colour_histograms.png)",
+        "",
+        "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report.seconds.items()),
+        "",
+    ]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
