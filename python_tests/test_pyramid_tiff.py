@@ -19,6 +19,7 @@ import pytest
 import tifffile
 
 import safron.pyramid_tiff as pyramid_tiff
+import safron.slide_io as slide_io
 from safron.errors import SafronInputError
 from safron.pyramid_tiff import PyramidTiffWriter, halve
 
@@ -580,12 +581,12 @@ def test_unwritable_output_directory_is_an_input_error(tmp_path):
 
 
 def test_too_little_free_space_for_the_temporaries_is_refused_up_front(tmp_path, monkeypatch):
-    real_disk_usage = pyramid_tiff.shutil.disk_usage
+    real_disk_usage = slide_io.shutil.disk_usage
 
     def nearly_full(path):
         return real_disk_usage(path)._replace(free=1_000_000)
 
-    monkeypatch.setattr(pyramid_tiff.shutil, "disk_usage", nearly_full)
+    monkeypatch.setattr(slide_io.shutil, "disk_usage", nearly_full)
     # Level 1 of 2000 x 2000 is 3 MB of raw temporary data: more than the 1 MB "free".
     with pytest.raises(SafronInputError, match="not enough free disk space"):
         PyramidTiffWriter(tmp_path / "out.tif", 2000, 2000)

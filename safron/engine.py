@@ -15,7 +15,7 @@ batch composition. That is what makes `resume=True` byte-identical.
 from __future__ import annotations
 
 import contextlib
-import shutil
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,7 +29,7 @@ from .backends import Backend, create_backend
 from .canvas import Canvas, Journal, JournalThread, side_paths
 from .errors import ModelError, SafronInputError
 from .pipeline import StageClock, prefetch
-from .slide_io import check_output_path
+from .slide_io import check_free_space, check_output_path
 
 BLENDS = ("uniform", "linear", "cosine")
 # Not the paper's plain average: the embedded generator's patch edges leave a thin line wherever a patch
@@ -324,16 +324,19 @@ def _check_paths(mask_path: Path, out_path: Path) -> None:
         raise SafronInputError(f"{out_path}: output would overwrite the mask")
 
 
-def _check_disk_space(out_path: Path, height: int, width: int, compression: str) -> None:
+def _check_disk_space(out_path: Path, height: int, width: int, compression: str, canvas_path: Path | None) -> None:
+    """Everything the render will put next to OUT at its peak: the canvas (on resume, only what it has not yet
+    allocated), the TIFF writer's scratch files for the reduced levels, and the TIFF at the codec's ratio (JPEG
+    ~1/8, the others counted uncompressed)."""
+    from .pyramid_tiff import scratch_bytes, uncompressed_tiff_bytes
+
     canvas = height * width * 3
-    # The canvas is written in full; the TIFF adds its pyramid (4/3) at the codec's ratio (JPEG ~1/8).
-    needed = canvas + canvas * 4 // 3 // (8 if compression == "jpeg" else 1)
-    free = shutil.disk_usage(out_path.parent).free
-    if needed > free:
-        raise SafronInputError(
-            f"{out_path.parent}: not enough free disk space (need about {needed / 2**30:.1f} GiB for the "
-            f"canvas and output, {free / 2**30:.1f} GiB free)"
-        )
+    if canvas_path is not None:  # resuming: the blocks it already holds need no more room
+        with contextlib.suppress(OSError):
+            canvas = max(0, canvas - os.stat(canvas_path).st_blocks * 512)
+    output = uncompressed_tiff_bytes(height, width) // (8 if compression == "jpeg" else 1)
+    needed = canvas + scratch_bytes(height, width, with_canvas=True) + output
+    check_free_space(out_path, needed, "the canvas, the scratch files and the output")
 
 
 def render(
@@ -386,8 +389,7 @@ def render(
             }
             if resume and not journal_path.exists():
                 raise SafronInputError(f"cannot resume: no interrupted render of {out_path} (no {journal_path.name})")
-            if not resume:
-                _check_disk_space(out_path, height, width, compression)
+            _check_disk_space(out_path, height, width, compression, canvas_path if resume else None)
             journal = Journal(journal_path, header, resume=resume)
             canvas = Canvas(canvas_path, height, width, create=not resume)
             writer = PyramidTiffWriter(

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import threading
 import time
 from collections import deque
@@ -64,7 +63,7 @@ import tifffile
 from . import _core
 from .canvas import write_block_at
 from .errors import SafronInputError
-from .slide_io import check_output_path
+from .slide_io import check_free_space, check_output_path
 
 # Our names for the codecs -> tifffile's names. WebP is deliberately absent: OpenSlide cannot
 # decode WebP tiles, so such a slide would open nowhere that matters to our users.
@@ -94,6 +93,21 @@ def pyramid_shapes(height: int, width: int, tile: int = 256) -> list[tuple[int, 
         height, width = -(-height // 2), -(-width // 2)
         shapes.append((height, width))
     return shapes
+
+
+def scratch_bytes(height: int, width: int, tile: int = 256, *, with_canvas: bool) -> int:
+    """Peak bytes of the raw level files a writer keeps next to its output: while level k is encoded, its raw file
+    and that of level k+1 (being built) coexist. With a canvas, level 0 is the caller's file and counts nothing."""
+    raw = [h * w * _SAMPLES for h, w in pyramid_shapes(height, width, tile)]
+    if with_canvas:
+        raw[0] = 0
+    return max(size + next_size for size, next_size in zip(raw, raw[1:] + [0]))
+
+
+def uncompressed_tiff_bytes(height: int, width: int, tile: int = 256) -> int:
+    """The size of the pyramid's tiles uncompressed (partial edge tiles are stored whole)."""
+    tile_bytes = tile * tile * _SAMPLES
+    return sum(math.ceil(h / tile) * math.ceil(w / tile) * tile_bytes for h, w in pyramid_shapes(height, width, tile))
 
 
 def halve(band: np.ndarray) -> np.ndarray:
@@ -391,14 +405,7 @@ class PyramidTiffWriter:
 
     def _open_partial_file(self) -> BinaryIO:
         check_output_path(self.out_path)
-        directory = self.out_path.parent
-        needed = self._disk_space_needed()
-        free = shutil.disk_usage(directory).free
-        if free < needed:
-            raise SafronInputError(
-                f"{self.out_path}: not enough free disk space in {directory}: "
-                f"{free / 1e9:.2f} GB free, at least {needed / 1e9:.2f} GB needed"
-            )
+        check_free_space(self.out_path, self._disk_space_needed(), "the TIFF and its temporary files")
         try:
             return open(self._partial_path, "wb")  # noqa: SIM115 - owned until close/abort
         except OSError as error:
@@ -411,18 +418,10 @@ class PyramidTiffWriter:
         (a canvas already exists, so it counts as taking nothing more), plus, uncompressed, the
         TIFF itself. Compressed sizes are unknowable up front; running out later is reported when
         it happens."""
-        raw_sizes = [h * w * _SAMPLES for h, w in self.level_shapes]
-        if not self._owns_level0:
-            raw_sizes[0] = 0
-        temporaries = max(size + next_size for size, next_size in zip(raw_sizes, raw_sizes[1:] + [0]))
+        temporaries = scratch_bytes(self.height, self.width, self._tile, with_canvas=not self._owns_level0)
         if self._compression != "none":
             return temporaries
-        tile_bytes = self._tile * self._tile * _SAMPLES
-        tiff_size = sum(
-            math.ceil(h / self._tile) * math.ceil(w / self._tile) * tile_bytes
-            for h, w in self.level_shapes
-        )
-        return temporaries + tiff_size
+        return temporaries + uncompressed_tiff_bytes(self.height, self.width, self._tile)
 
     def _announce(self, rows_ready: int) -> None:
         with self._rows_ready_changed:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
+import stat
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -503,10 +505,34 @@ def check_output_path(path: str | os.PathLike) -> Path:
     if path.is_dir():
         raise SafronInputError(f"{path}: is a directory, not an output file path")
     if not path.parent.is_dir():
+        # "Does not exist" would send the user looking for a missing folder where a file stands in the way.
+        blocking = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise SafronInputError(f"{path}: {blocking} is a file, not a directory")
         raise SafronInputError(f"{path}: output directory does not exist ({path.parent})")
     if not os.access(path.parent, os.W_OK):
         raise SafronInputError(f"{path}: output directory is not writable ({path.parent})")
     return path
+
+
+def check_free_space(out_path: str | os.PathLike, needed: int, what: str) -> None:
+    """Refuse, with one line, when the filesystem of `out_path` has fewer than `needed` bytes free for `what`."""
+    directory = Path(out_path).parent
+    usage = shutil.disk_usage(directory)
+    if needed <= usage.free:
+        return
+    raise SafronInputError(
+        f"{out_path}: not enough free disk space in {directory} for {what}: need about {_bytes(needed)}, "
+        f"{_bytes(usage.free)} free"
+    )
+
+
+def _bytes(count: int) -> str:
+    return f"{count / 1e9:.2f} GB" if count >= 1e9 else f"{count / 1e6:.1f} MB"
+
+
+_NOT_REGULAR = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
 def open_raster(path: str | os.PathLike) -> RasterReader:
@@ -515,6 +541,12 @@ def open_raster(path: str | os.PathLike) -> RasterReader:
     file = Path(path)
     if file.is_dir():
         raise MaskError(f"{path}: is a directory, not an image file")
+    with contextlib.suppress(OSError):  # a missing or unreadable file is reported by the open below
+        mode = os.stat(path).st_mode
+        # Regions are read at offsets, and opening a named pipe waits for a writer that may never come.
+        kind = next((name for test, name in _NOT_REGULAR if test(mode)), None)
+        if kind is not None:
+            raise MaskError(f"{path}: is {kind}, not an image file")
     try:
         with open(file, "rb") as stream:
             head = stream.read(16)

@@ -1,0 +1,123 @@
+"""A render under concurrency and faults (issue 13): a second render of the same OUT, SIGTERM, bad arguments given
+through the Python API, a model that returns NaN, absurd thread counts, output names, unusable paths, a FIFO as
+mask, and a disk that fills up or fails. Each ends in one line and a documented exit status, with nothing partial
+left where a complete file is expected, and with the resume state kept where resuming makes sense."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tifffile
+from onnx import helper
+
+import onnx_models
+import safron.pyramid_tiff as pyramid_tiff
+from safron import engine, masks
+from safron.cli import EXIT_USAGE
+from safron.errors import MaskError, SafronInputError
+from test_engine import random_labels
+
+RESUME_HINT = "run the same command with --resume"
+
+
+def safron_render(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "safron.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def journal_rows(journal: Path) -> int:
+    try:
+        lines = journal.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return max((json.loads(line)["rows_done"] for line in lines[1:] if line.endswith("}")), default=0)
+
+
+def _pointwise_model(path: Path, op: str, constant: float | None = None) -> Path:
+    """The centre crop passed through one ONNX operator: Sqrt gives NaN where the crop is -1 (every pixel has a
+    -1 channel), Div by zero gives +-inf."""
+    nodes, consts = onnx_models._crop_nodes(20, 256, "crop")
+    inputs = ["crop"]
+    if constant is not None:
+        consts.append(helper.make_tensor("constant", 1, [], [constant]))
+        inputs.append("constant")
+    nodes.append(helper.make_node(op, inputs, ["image"]))
+    mask, image = onnx_models._io(296, 256)
+    return onnx_models._save(helper.make_graph(nodes, f"{op.lower()}_crop", [mask], [image], initializer=consts), path)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    return {
+        "crop": onnx_models.centre_crop(d / "crop.onnx"),
+        "slow": onnx_models.slow_crop(d / "slow.onnx"),
+        "nan": _pointwise_model(d / "nan.onnx", "Sqrt"),
+        "inf": _pointwise_model(d / "inf.onnx", "Div", 0.0),
+    }
+
+
+@pytest.fixture
+def mask_tif(tmp_path):
+    path = tmp_path / "mask.tif"
+    tifffile.imwrite(path, random_labels(600, 500, seed=1), tile=(128, 128))
+    return path
+
+
+# --- 7, 8. unusable output paths, masks that are not files, the space check ------------------------------
+
+def test_an_output_directory_that_is_a_file_is_named_as_such(tmp_path, mask_tif, models):
+    (tmp_path / "notes").write_text("a file")
+    for out in (tmp_path / "notes" / "out.tif", tmp_path / "notes" / "deeper" / "out.tif"):
+        proc = safron_render(mask_tif, out, "--model", models["crop"], "--quiet")
+        assert proc.returncode == EXIT_USAGE
+        assert one_line(proc.stderr).endswith(f"{tmp_path / 'notes'} is a file, not a directory")
+    assert "does not exist" in one_line(safron_render(mask_tif, tmp_path / "no" / "out.tif").stderr)
+
+
+def test_a_named_pipe_as_mask_is_refused_without_waiting_for_a_writer(tmp_path, models):
+    fifo = tmp_path / "mask.tif"
+    os.mkfifo(fifo)
+    proc = safron_render(fifo, tmp_path / "out.tif", "--model", models["crop"], "--quiet", timeout=60)
+    assert proc.returncode == EXIT_USAGE and one_line(proc.stderr).endswith("is a named pipe, not an image file")
+    with pytest.raises(MaskError, match="character device"):
+        masks.open_mask("/dev/zero")
+    assert names(tmp_path) == ["mask.tif"]
+
+
+def test_the_space_check_counts_the_tiff_writers_scratch_files(tmp_path, models, monkeypatch):
+    height, width = 1500, 1400
+    mask = tmp_path / "mask.tif"
+    tifffile.imwrite(mask, random_labels(height, width))
+    canvas = height * width * 3
+    scratch = pyramid_tiff.scratch_bytes(height, width, with_canvas=True)
+    output = pyramid_tiff.uncompressed_tiff_bytes(height, width) // 8
+    assert scratch > canvas // 4  # level 1's raw file, at least
+    real_disk_usage = shutil.disk_usage
+    # Room for the canvas and the JPEG output, but not for level 1's scratch file beside them.
+    free = canvas + output + scratch // 2
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_disk_usage(path)._replace(free=free))
+    with pytest.raises(SafronInputError, match="not enough free disk space") as raised:
+        engine.render(mask, tmp_path / "out.tif", model=models["crop"], progress=False)
+    assert "\n" not in str(raised.value)
+    assert names(tmp_path) == ["mask.tif"]
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda path: real_disk_usage(path)._replace(free=canvas + output + scratch))
+    engine.render(mask, tmp_path / "out.tif", model=models["crop"], progress=False)
