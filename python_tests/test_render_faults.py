@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tifffile
 from onnx import helper
@@ -121,3 +122,64 @@ def test_the_space_check_counts_the_tiff_writers_scratch_files(tmp_path, models,
     monkeypatch.setattr(shutil, "disk_usage",
                         lambda path: real_disk_usage(path)._replace(free=canvas + output + scratch))
     engine.render(mask, tmp_path / "out.tif", model=models["crop"], progress=False)
+
+
+# --- 3, 5, 6. arguments and output names are checked before a model is loaded or a file created --------------------
+
+BAD_ARGUMENTS = [
+    ({"threads": 0}, "threads must be an integer 1.."),
+    ({"threads": -1}, "threads must be an integer 1.."),
+    ({"threads": 100_000}, "at most 4 per CPU core"),
+    ({"threads": 2.0}, "threads must be an integer"),
+    ({"compression": "bogus"}, "unknown compression 'bogus'"),
+    ({"compression": "webp"}, "OpenSlide cannot read WebP"),
+    ({"quality": 90.5}, "quality must be an integer 1..100"),
+    ({"quality": 0}, "quality must be an integer 1..100"),
+    ({"batch_size": 0}, "batch size must be an integer >= 1"),
+    ({"blend": "gaussian"}, "unknown blend"),
+    ({"overlap": -3}, "overlap must be an integer >= 0"),
+    ({"mpp": "half"}, "mpp must be a positive number"),
+]
+
+
+@pytest.mark.parametrize("kwargs,needle", BAD_ARGUMENTS)
+def test_bad_arguments_are_one_line_input_errors_before_any_file(tmp_path, mask_tif, models, monkeypatch, kwargs,
+                                                                needle):
+    def too_late(*args, **kw):  # a hundred thousand threads must not even be asked of ONNX Runtime
+        raise AssertionError("a backend was created before the arguments were checked")
+
+    monkeypatch.setattr(engine, "create_backend", too_late)
+    out = tmp_path / "out.tif"
+    with pytest.raises(SafronInputError, match=needle) as raised:
+        engine.render(mask_tif, out, model=models["crop"], progress=False, **kwargs)
+    assert "\n" not in str(raised.value)
+    assert names(tmp_path) == ["mask.tif"]
+    if set(kwargs) <= {"threads", "batch_size", "blend", "overlap"}:
+        with pytest.raises(SafronInputError, match=needle):
+            engine.render_array(random_labels(50, 50), model=models["crop"], **kwargs)
+    monkeypatch.undo()
+    with pytest.raises(SafronInputError, match="cannot resume"):  # nothing was left for a resume to pick up
+        engine.render(mask_tif, out, model=models["crop"], progress=False, resume=True)
+
+
+@pytest.mark.parametrize("threads", ["0", "100000"])
+def test_cli_refuses_thread_counts_out_of_reason(tmp_path, mask_tif, models, threads):
+    proc = safron_render(mask_tif, tmp_path / "out.tif", "--model", models["crop"], "--threads", threads, timeout=60)
+    assert proc.returncode == EXIT_USAGE and "--threads" in one_line(proc.stderr)
+    assert names(tmp_path) == ["mask.tif"]
+
+
+@pytest.mark.parametrize("name", ["out.png", "out.jpg", "out", "out.tif.bak"])
+def test_an_output_not_named_as_a_tiff_is_refused(tmp_path, mask_tif, models, name):
+    proc = safron_render(mask_tif, tmp_path / name, "--model", models["crop"], "--quiet")
+    assert proc.returncode == EXIT_USAGE and ".tif, .tiff, .btf or .tf8" in one_line(proc.stderr)
+    assert names(tmp_path) == ["mask.tif"]
+
+
+@pytest.mark.parametrize("name", ["out.TIF", "out.tiff", "out.btf"])
+def test_every_tiff_name_is_accepted(tmp_path, models, name):
+    labels = random_labels(300, 260)
+    mask = tmp_path / "mask.tif"
+    tifffile.imwrite(mask, labels)
+    engine.render(mask, tmp_path / name, model=models["crop"], compression="zstd", progress=False)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / name), masks.labels_to_colour(labels))

@@ -68,6 +68,15 @@ def _argument_type(convert, expected: str, accept):
 
 
 _positive_int = _argument_type(int, "a positive integer", lambda v: v >= 1)
+
+
+def _threads(text):
+    from .engine import MAX_THREADS_PER_CORE, max_threads
+
+    return _argument_type(int, f"1..{max_threads()} (at most {MAX_THREADS_PER_CORE} per CPU core)",
+                          lambda v: 1 <= v <= max_threads())(text)
+
+
 _non_negative_int = _argument_type(int, "a non-negative integer", lambda v: v >= 0)
 _positive_float = _argument_type(float, "a positive number", lambda v: 0 < v < float("inf"))
 _quality = _argument_type(int, "1..100", lambda v: 1 <= v <= 100)
@@ -94,7 +103,7 @@ def render_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("mask", metavar="MASK", help="tissue component mask to render")
-    p.add_argument("out", metavar="OUT", help="output pyramidal BigTIFF (written under a temporary name, renamed when complete)")
+    p.add_argument("out", metavar="OUT", help="output pyramidal BigTIFF, named .tif, .tiff, .btf or .tf8 (written under a temporary name, renamed when complete)")
     p.add_argument("--model", metavar="ONNX", help="generator: an ONNX file meeting the model contract, or a training run directory or checkpoint (RUN_DIR/checkpoints/step-N.json or .safetensors) for --backend torch (default: the embedded model)")
     p.add_argument(
         "--backend", choices=BACKEND_NAMES, default="auto",
@@ -109,7 +118,7 @@ def render_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", type=_quality, default=90, metavar="Q", help="JPEG quality 1..100 (default: %(default)s)")
     p.add_argument("--mpp", type=_positive_float, metavar="UM", help="microns per pixel to record (default: taken from the mask)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted render of OUT")
-    p.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=_threads, metavar="N", help="CPU threads (default: all cores)")
     p.add_argument("--profile", action="store_true",
                    help="print where the time went (read, infer, accumulate, finalise, journal, encode) and MP/s")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")

@@ -37,6 +37,12 @@ BLENDS = ("uniform", "linear", "cosine")
 # generator: FID 235.2 / KID 0.144 cosine against 238.5 / 0.148 uniform, and the lines gone; MODEL_CARD.md).
 DEFAULT_BLEND = "cosine"
 DEFAULT_OVERLAP = 20
+# A pyramidal BigTIFF is written whatever OUT is called; a name that promises another format would mislead every
+# program that trusts it. (.btf and .tf8 are the usual BigTIFF names.)
+OUTPUT_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
+# Threads beyond a few per core only add contention to work that is CPU-bound; and each thread costs a stack, so a
+# typo like --threads 100000 made ONNX Runtime and the encoder spawn threads until memory ran out.
+MAX_THREADS_PER_CORE = 4
 
 
 STAGES = ("read", "infer", "accumulate", "finalise", "journal", "encode", "wait")
@@ -99,6 +105,53 @@ def _model_sha256(path: Path) -> str:
     return file_sha256(find_checkpoint(path).weights if is_checkpoint_path(path) else path)
 
 
+def max_threads() -> int:
+    return MAX_THREADS_PER_CORE * (os.cpu_count() or 1)
+
+
+def _check_integer(value, name: str, low: int, high: int | None = None, why: str = "") -> int:
+    """`value` as an int in [low, high]; anything else (a float, a bool, a string) is one line naming the option."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
+        high is not None and value > high
+    ):
+        bounds = f"{low}..{high}" if high is not None else f">= {low}"
+        raise SafronInputError(f"{name} must be an integer {bounds}{why} (got {value!r})")
+    return int(value)
+
+
+def _check_threads(threads):
+    """None (the default: every core) or a thread count within reason."""
+    if threads is None:
+        return None
+    return _check_integer(threads, "threads", 1, max_threads(),
+                          f", at most {MAX_THREADS_PER_CORE} per CPU core ({os.cpu_count() or 1} cores here)")
+
+
+def _check_render_options(batch_size, blend, overlap, threads) -> None:
+    """What render and render_array take alike, checked before a model is loaded or a file created. What depends
+    on the model (a fixed batch, overlap below its patch size) is checked once it is loaded."""
+    if blend not in BLENDS:
+        raise SafronInputError(f"unknown blend {blend!r} (choose from {', '.join(BLENDS)})")
+    if batch_size is not None:
+        _check_integer(batch_size, "batch size", 1)
+    _check_integer(overlap, "overlap", 0)
+    _check_threads(threads)
+
+
+def _check_output_options(compression, quality, mpp) -> None:
+    from .pyramid_tiff import COMPRESSIONS
+
+    if compression not in COMPRESSIONS:
+        reason = " (OpenSlide cannot read WebP tiles)" if str(compression).lower() == "webp" else ""
+        raise SafronInputError(f"unknown compression {compression!r}{reason} (choose from {', '.join(COMPRESSIONS)})")
+    _check_integer(quality, "quality", 1, 100)
+    if mpp is not None and (
+        isinstance(mpp, bool) or not isinstance(mpp, (int, float, np.integer, np.floating))
+        or not (np.isfinite(mpp) and mpp > 0)
+    ):
+        raise SafronInputError(f"mpp must be a positive number of microns per pixel (got {mpp!r})")
+
+
 @dataclass
 class _Batch:
     indices: np.ndarray  # raster patch indices
@@ -113,11 +166,8 @@ class _Renderer:
     """One render of one mask with one backend; the sink decides where finalised rows go."""
 
     def __init__(self, mask, backend, batch_size, blend, overlap, threads):
-        if blend not in BLENDS:
-            raise SafronInputError(f"unknown blend {blend!r} (choose from {', '.join(BLENDS)})")
+        _check_render_options(batch_size, blend, overlap, threads)
         sig = backend.signature
-        if batch_size is not None and batch_size < 1:
-            raise SafronInputError(f"batch size must be at least 1 (got {batch_size})")
         if sig.fixed_batch is not None:
             if batch_size not in (None, sig.fixed_batch):
                 raise SafronInputError(f"the model was exported with a fixed batch of {sig.fixed_batch}; got --batch-size {batch_size}")
@@ -306,6 +356,7 @@ def render_array(
     (e.g. from `safron.backends.create_backend`), which is used as it is and left open, so that many small masks
     can share one loaded model.
     """
+    _check_render_options(batch_size, blend, overlap, threads)
     source = masks.from_array(np.asarray(mask))
     engine = backend if isinstance(backend, Backend) else create_backend(backend, _resolve_model(model), threads=threads)
     try:
@@ -319,6 +370,11 @@ def render_array(
 
 
 def _check_paths(mask_path: Path, out_path: Path) -> None:
+    if out_path.suffix.lower() not in OUTPUT_SUFFIXES and not out_path.is_dir():
+        raise SafronInputError(
+            f"{out_path}: the output is a pyramidal BigTIFF, so its name must end in "
+            f"{', '.join(OUTPUT_SUFFIXES[:-1])} or {OUTPUT_SUFFIXES[-1]}"
+        )
     check_output_path(out_path)
     if out_path.exists() and mask_path.exists() and out_path.resolve() == mask_path.resolve():
         raise SafronInputError(f"{out_path}: output would overwrite the mask")
@@ -357,16 +413,15 @@ def render(
     """Render the mask at `mask_path` to a pyramidal tiled BigTIFF at `out_path`.
 
     The output replaces `out_path` only when complete. Finished rows go to a canvas file next to it with a
-    journal, so an interrupted render continues with `resume=True` and yields the same bytes.
+    journal, so an interrupted render continues with `resume=True` and yields the same bytes. Every argument is
+    checked before any file is created.
     """
     from .pyramid_tiff import PyramidTiffWriter
 
     mask_path, out_path = Path(mask_path), Path(out_path)
+    _check_render_options(batch_size, blend, overlap, threads)
+    _check_output_options(compression, quality, mpp)
     _check_paths(mask_path, out_path)
-    if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
-        raise SafronInputError(f"mpp must be a positive number of microns per pixel (got {mpp})")
-    if not 1 <= quality <= 100:
-        raise SafronInputError(f"quality must be in 1..100 (got {quality})")
     model_path = _resolve_model(model)
     canvas_path, journal_path = side_paths(out_path)
     with masks.open_mask(mask_path) as source:
