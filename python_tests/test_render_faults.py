@@ -21,7 +21,7 @@ import onnx_models
 import safron.pyramid_tiff as pyramid_tiff
 from safron import engine, masks
 from safron.cli import EXIT_USAGE
-from safron.errors import MaskError, SafronInputError
+from safron.errors import MaskError, ModelError, SafronInputError
 from test_engine import random_labels
 
 RESUME_HINT = "run the same command with --resume"
@@ -183,3 +183,64 @@ def test_every_tiff_name_is_accepted(tmp_path, models, name):
     tifffile.imwrite(mask, labels)
     engine.render(mask, tmp_path / name, model=models["crop"], compression="zstd", progress=False)
     np.testing.assert_array_equal(tifffile.imread(tmp_path / name), masks.labels_to_colour(labels))
+
+
+# --- 4. a model that returns NaN or infinity ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+def test_a_model_returning_non_finite_values_is_a_one_line_error_and_leaves_nothing(tmp_path, mask_tif, models, kind):
+    proc = safron_render(mask_tif, tmp_path / "out.tif", "--model", models[kind], "--quiet")
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    line = one_line(proc.stderr)
+    assert "NaN or infinite" in line and "backend onnxruntime" in line and "y=0, x=0" in line
+    assert names(tmp_path) == ["mask.tif"]  # the model will do it again: nothing to resume
+    with pytest.raises(ModelError, match="NaN or infinite"):
+        engine.render_array(random_labels(300, 300), model=models[kind])
+
+
+def test_a_non_finite_patch_is_found_where_it_is(models, monkeypatch):
+    from safron.backends.onnx_runtime import OnnxRuntimeBackend
+
+    real_run = OnnxRuntimeBackend.run
+    calls = []
+
+    def poison_third_patch_of_second_batch(self, batch):
+        images = real_run(self, batch)
+        calls.append(len(images))
+        if len(calls) == 2:
+            images[2, 1, 100, 7] = np.inf
+        return images
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "run", poison_third_patch_of_second_batch)
+    labels = random_labels(700, 700, seed=3)
+    plan = engine.geometry.plan(700, 700)
+    ys, xs = plan.origins()
+    with pytest.raises(ModelError, match=f"patch at y={ys[3 + 2]}, x={xs[3 + 2]}"):
+        engine.render_array(labels, model=models["crop"], batch_size=3)
+
+
+@pytest.mark.needs_cuda
+def test_device_patches_that_are_not_finite_are_refused():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("this torch has no CUDA device")
+    from safron.backends.torch_backend import TorchBackend
+
+    backend = TorchBackend(engine.default_model_path(), device="cuda")
+    try:
+        assert backend.device_resident
+        real = backend._device_forward
+        calls = []
+
+        def poisoned(windows):
+            calls.append(1)
+            patches = real(windows)
+            return patches / 0 if len(calls) == 3 else patches
+
+        backend._device_forward = poisoned
+        with pytest.raises(ModelError, match="NaN or infinite"):
+            engine.render_array(random_labels(900, 900), backend=backend, batch_size=2)
+        backend._device_forward = real
+        assert engine.render_array(random_labels(300, 300), backend=backend).std() > 5
+    finally:
+        backend.close()
