@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,8 @@ from onnx import helper
 import onnx_models
 import safron.pyramid_tiff as pyramid_tiff
 from safron import engine, masks
-from safron.cli import EXIT_USAGE
+from safron.canvas import side_paths
+from safron.cli import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE, render_parser, run_main
 from safron.errors import MaskError, ModelError, SafronInputError
 from test_engine import random_labels
 
@@ -244,3 +247,51 @@ def test_device_patches_that_are_not_finite_are_refused():
         assert engine.render_array(random_labels(300, 300), backend=backend).std() > 5
     finally:
         backend.close()
+
+
+# --- 2. SIGTERM --------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sigterm_stops_a_render_resumably_with_exit_143(tmp_path, models):
+    labels = random_labels(1800, 600, seed=4)
+    mask = tmp_path / "mask.tif"
+    tifffile.imwrite(mask, labels, tile=(256, 256))
+    common = ["--model", models["slow"], "--batch-size", "2", "--threads", "1", "--quiet", "--compression", "zstd"]
+    out = tmp_path / "out.tif"
+    journal = side_paths(out)[1]
+    proc = subprocess.Popen([sys.executable, "-m", "safron.cli", str(mask), str(out), *common],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while journal_rows(journal) < 300 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_TERMINATED, err
+    assert one_line(err) == "safron-render: interrupted; run the same command with --resume to continue"
+    rows = journal_rows(journal)
+    assert 0 < rows < labels.shape[0], "the render must be stopped mid-way for this test to mean anything"
+    assert names(tmp_path) == ["mask.tif", "out.tif.safron-canvas", "out.tif.safron-journal"]
+
+    resumed = safron_render(mask, out, *common, "--resume")
+    assert resumed.returncode == EXIT_OK, resumed.stderr
+    np.testing.assert_array_equal(tifffile.imread(out), masks.labels_to_colour(labels))
+    assert names(tmp_path) == ["mask.tif", "out.tif"]
+
+
+def test_run_main_turns_sigterm_into_the_interrupted_message_and_143(capsys):
+    before = signal.getsignal(signal.SIGTERM)
+
+    def command():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler raises in this thread at the next bytecode boundary, long before this ends
+
+    assert run_main("safron-test", command, interrupted="interrupted; resume it", sigterm=True) == EXIT_TERMINATED
+    assert capsys.readouterr().err == "safron-test: interrupted; resume it\n"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_help_lists_every_exit_status_run_main_returns():
+    epilog = " ".join(render_parser().epilog.split())
+    for code in (EXIT_OK, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED):
+        assert f"; {code} " in epilog or f"Exit status: {code} " in epilog, (code, epilog)
+    assert (EXIT_INTERRUPTED, EXIT_TERMINATED) == (130, 143)

@@ -1,16 +1,61 @@
-"""Command-line entry points. Exit codes: 0 success, 1 internal error, 2 bad input or usage, 130 interrupted."""
+"""Command-line entry points. Exit codes: 0 success, 1 internal error, 2 bad input or usage, 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM, where a tool handles it)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
 
-from .errors import SafronInputError
+from .errors import SafronInputError, Terminated
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# 130 and 143 are what a shell reports for a process killed by SIGINT and SIGTERM (128 + the signal number), so
+# scripts that test for them see the same whether we handled the signal or not.
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
+EXIT_MEANINGS = {
+    EXIT_OK: "done",
+    EXIT_USAGE: "bad input or usage",
+    EXIT_INTERNAL: "internal error",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+    EXIT_TERMINATED: "terminated (SIGTERM)",
+}
+
+
+def exit_status_help(*, sigterm: bool, usage: str = EXIT_MEANINGS[EXIT_USAGE]) -> str:
+    """The "Exit status: ..." sentence of a tool's --help, made from the codes run_main returns so that the two cannot
+    drift; `sigterm` as given to run_main, `usage` the tool's own wording for exit 2."""
+    meanings = {**EXIT_MEANINGS, EXIT_USAGE: usage}
+    if not sigterm:
+        del meanings[EXIT_TERMINATED]
+    return "Exit status: " + "; ".join(f"{code} {meaning}" for code, meaning in meanings.items()) + "."
+
+
+@contextlib.contextmanager
+def _sigterm_raises_terminated():
+    """While the block runs, SIGTERM raises `Terminated` in the main thread, as Ctrl-C raises KeyboardInterrupt, so
+    that a job scheduler's stop runs the same clean-up. Only the main thread may set handlers; elsewhere (a tool
+    called from a thread) SIGTERM keeps its default."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        # Once only: a scheduler that repeats SIGTERM must not break off the clean-up the first one started (the
+        # journal's last record, removing the partial TIFF). SIGKILL still stops a process that hangs in it.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def run_main(
@@ -19,25 +64,28 @@ def run_main(
     *,
     interrupted: str = "interrupted",
     failures: tuple[type[Exception], ...] = (),
+    sigterm: bool = False,
 ) -> int:
     """Run a command-line tool's work and turn how it ended into the exit status, the same for every tool.
 
     A `SafronInputError` is the user's mistake: "PROG: error: MESSAGE" as one line, exit 2. Ctrl-C prints
-    "PROG: `interrupted`", where each tool says what it left behind and how to go on, exit 130. `failures` are
-    not the user's mistake but their message says all there is (export's parity check): one line too, exit 1.
+    "PROG: `interrupted`", where each tool says what it left behind and how to go on, exit 130; with `sigterm`,
+    SIGTERM does the same and exits 143 (tools that do not ask keep SIGTERM's default: killed at once). `failures`
+    are not the user's mistake but their message says all there is (export's parity check): one line too, exit 1.
     Anything else is our bug: the traceback, which a report needs, and exit 1.
     """
     try:
-        command()
+        with _sigterm_raises_terminated() if sigterm else contextlib.nullcontext():
+            command()
     except SafronInputError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except failures as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_INTERNAL
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(f"{prog}: {interrupted}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except Exception:  # our bug, not the user's: show everything needed to report it
         traceback.print_exc()
         print(f"{prog}: internal error (please report it with the traceback above)", file=sys.stderr)
@@ -98,8 +146,10 @@ def render_parser() -> argparse.ArgumentParser:
             "OpenSlide reads, of any size."
         ),
         epilog=(
-            "An interrupted render keeps OUT.safron-canvas and OUT.safron-journal next to OUT; run the same "
-            "command with --resume to continue it. Exit status: 0 done, 2 bad input or usage, 1 internal error."
+            "An interrupted render (Ctrl-C, SIGTERM, a killed job, a full disk) keeps OUT.safron-canvas and "
+            "OUT.safron-journal next to OUT; run the same command with --resume to continue it. One render at a "
+            "time may write to OUT (it holds OUT.safron-lock). "
+            + exit_status_help(sigterm=True, usage="bad input or usage, or the disk refused the output (full, failing)")
         ),
     )
     p.add_argument("mask", metavar="MASK", help="tissue component mask to render")
@@ -145,7 +195,8 @@ def render_main(argv=None) -> int:
                 file=sys.stderr,
             )
 
-    return run_main("safron-render", command, interrupted="interrupted; run the same command with --resume to continue")
+    return run_main("safron-render", command, interrupted="interrupted; run the same command with --resume to continue",
+                    sigterm=True)
 
 
 def masks_parser() -> argparse.ArgumentParser:
@@ -163,7 +214,7 @@ def masks_parser() -> argparse.ArgumentParser:
             f"OUT's suffix picks the format: .png (at most {PNG_MAX_PIXELS} px, colour unless --labels) or .tif/.tiff "
             "(tiled, deflate; labels unless --colour; colour TIFFs are pyramidal BigTIFFs for viewers). Labels: "
             "0 background, 1 stroma, 2 gland; colours: background blue, stroma red, gland green. "
-            "Exit status: 0 done, 2 bad input or usage, 1 internal error, 130 interrupted."
+            + exit_status_help(sigterm=False)
         ),
     )
     p.add_argument("out", metavar="OUT", help="output mask (.png, .tif or .tiff), written under a temporary name and renamed when complete")

@@ -14,6 +14,10 @@ class ModelError(SafronInputError):
     """A model file that is missing, unreadable, or does not meet the model contract."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler or `kill` stopping us), raised in the main thread by the CLI's handler. A
+    KeyboardInterrupt, so that every clean-up that Ctrl-C runs runs for it too; the CLI exits 143 rather than 130."""
+
 def first_line(exc: BaseException) -> str:
     """A library exception reduced to what fits in a one-line message: its first line, else its type."""
     text = str(exc).strip()
