@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from onnx import helper
 import onnx_models
 import safron.pyramid_tiff as pyramid_tiff
 from safron import engine, masks
-from safron.canvas import side_paths
+from safron.canvas import OutputLock, lock_path, side_paths
 from safron.cli import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE, render_parser, run_main
 from safron.errors import MaskError, ModelError, SafronInputError
 from test_engine import random_labels
@@ -295,3 +296,86 @@ def test_help_lists_every_exit_status_run_main_returns():
     for code in (EXIT_OK, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED):
         assert f"; {code} " in epilog or f"Exit status: {code} " in epilog, (code, epilog)
     assert (EXIT_INTERRUPTED, EXIT_TERMINATED) == (130, 143)
+
+
+# --- 1. one render per output ------------------------------------------------------------------------------------
+
+def test_a_render_of_an_output_another_process_renders_exits_2_naming_it(tmp_path, mask_tif, models):
+    out = tmp_path / "out.tif"
+    with OutputLock(out):  # this test process stands for the first render
+        proc = safron_render(mask_tif, out, "--model", models["crop"], "--quiet")
+        assert proc.returncode == EXIT_USAGE, proc.stderr
+        line = one_line(proc.stderr)
+        assert f"process {os.getpid()}" in line and "out.tif" in line
+        # The holder's files are not touched: no canvas, journal or TIFF of the refused render.
+        assert names(tmp_path) == ["mask.tif", "out.tif.safron-lock"]
+    assert names(tmp_path) == ["mask.tif"]
+
+
+@pytest.mark.slow
+def test_of_two_renders_started_together_one_finishes_and_the_other_is_refused(tmp_path, models):
+    mask = tmp_path / "mask.tif"
+    labels = random_labels(1200, 700, seed=2)
+    tifffile.imwrite(mask, labels, tile=(256, 256))
+    out = tmp_path / "out.tif"
+    common = ["--model", models["slow"], "--batch-size", "2", "--threads", "1", "--quiet", "--compression", "zstd"]
+    first = subprocess.Popen([sys.executable, "-m", "safron.cli", str(mask), str(out), *common],
+                             stderr=subprocess.PIPE, text=True)
+    journal = side_paths(out)[1]
+    deadline = time.monotonic() + 120
+    while not journal.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # Frozen mid-render, holding the lock, so that the second is sure to start while the first runs.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        assert journal.exists(), "the first render must be stopped mid-way for this test to mean anything"
+        second = safron_render(mask, out, *common)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, first_err = first.communicate(timeout=300)
+    assert first.returncode == EXIT_OK, first_err
+    assert second.returncode == EXIT_USAGE and f"process {first.pid}" in one_line(second.stderr)
+    np.testing.assert_array_equal(tifffile.imread(out), masks.labels_to_colour(labels))
+    assert names(tmp_path) == ["mask.tif", "out.tif"]
+
+
+def test_a_lock_left_by_a_killed_render_is_taken_over_and_removed(tmp_path, mask_tif, models):
+    out = tmp_path / "out.tif"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from safron.canvas import OutputLock
+        OutputLock({str(out)!r}).acquire()
+        print("locked", flush=True)
+        time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert safron_render(mask_tif, out, "--model", models["crop"], "--quiet").returncode == EXIT_USAGE
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock_path(out).read_text().strip() == str(holder.pid)  # left behind by the dead holder
+    proc = safron_render(mask_tif, out, "--model", models["crop"], "--quiet")
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert names(tmp_path) == ["mask.tif", "out.tif"]
+
+
+def test_the_lock_file_names_the_holder_and_is_removed_on_release(tmp_path):
+    out = tmp_path / "out.tif"
+    lock = OutputLock(out)
+    lock.acquire()
+    assert lock_path(out).read_text() == f"{os.getpid()}\n"
+    with pytest.raises(SafronInputError, match=f"process {os.getpid()} is rendering to this output"):
+        OutputLock(out).acquire()  # flock excludes another open file in the same process too
+    lock.release()
+    assert not lock_path(out).exists()
+    with OutputLock(out):  # free again
+        pass
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc on this system")
+def test_an_output_in_a_pseudo_filesystem_says_files_cannot_be_created_there(tmp_path, mask_tif, models):
+    proc = safron_render(mask_tif, "/proc/out.tif", "--model", models["crop"], "--quiet")
+    assert proc.returncode == EXIT_USAGE
+    line = one_line(proc.stderr)
+    assert "cannot create" in line and "/proc" in line and "disk space" not in line

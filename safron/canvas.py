@@ -14,6 +14,7 @@ inline (an msync per finalised block) it was most of the main thread's time in C
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
@@ -28,6 +29,86 @@ from .errors import SafronInputError
 def side_paths(out_path: Path) -> tuple[Path, Path]:
     """(canvas, journal) paths for a render to `out_path`: next to it, named after it, so users see what they are."""
     return out_path.with_name(out_path.name + ".safron-canvas"), out_path.with_name(out_path.name + ".safron-journal")
+
+
+def lock_path(out_path: Path) -> Path:
+    return out_path.with_name(out_path.name + ".safron-lock")
+
+
+class OutputLock:
+    """An exclusive lock on one output path, held for a whole render: two renders to the same OUT would write the
+    same canvas, journal and partial TIFF, and the first to finish would move a mix of both into place.
+
+    The lock is flock(2) on `OUT.safron-lock`, which holds the holder's pid for the message the next process
+    prints. flock belongs to the open file, so the kernel releases it whenever the holder exits, however it
+    exits (SIGKILL, out of memory, a crash): a lock file left behind by a dead process is not locked and is
+    simply taken over. Deciding staleness from the pid instead would be racy and wrong where pids are reused or
+    the holder runs on another host. The holder removes the file before releasing the lock; a process that
+    opened it just before that then holds a lock on a removed file, so every acquisition checks that the path
+    still names the file it locked, and starts again if not.
+    """
+
+    def __init__(self, out_path: Path):
+        self.out_path, self.path = Path(out_path), lock_path(Path(out_path))
+        self._fd = -1
+
+    def acquire(self) -> None:
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                # A pseudo filesystem (/proc) passes every earlier check and refuses here: say so, not "no space".
+                raise SafronInputError(
+                    f"{self.out_path}: cannot create {self.path.name} in {self.path.parent} ({exc.strerror})"
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                who = f"process {holder}" if holder else "another process"
+                raise SafronInputError(
+                    f"{self.out_path}: {who} is rendering to this output (it holds {self.path.name}); "
+                    "wait for it to finish or stop it"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                current = None
+            opened = os.fstat(fd)
+            if current is not None and (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
+                break
+            os.close(fd)  # locked a file its holder had just removed: the path is free again, try once more
+        self._fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        """Remove the lock file and release the lock, in that order (see the class docstring)."""
+        if self._fd < 0:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        return None  # not written yet by a holder that has only just taken the lock
 
 
 def write_at(fd: int, data: np.ndarray, offset: int) -> None:

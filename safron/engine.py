@@ -26,7 +26,7 @@ import numpy as np
 
 from . import geometry, masks
 from .backends import Backend, create_backend
-from .canvas import Canvas, Journal, JournalThread, side_paths
+from .canvas import Canvas, Journal, JournalThread, OutputLock, side_paths
 from .errors import ModelError, SafronInputError
 from .pipeline import StageClock, prefetch
 from .slide_io import check_free_space, check_output_path
@@ -485,7 +485,7 @@ def render(
 
     The output replaces `out_path` only when complete. Finished rows go to a canvas file next to it with a
     journal, so an interrupted render continues with `resume=True` and yields the same bytes. Every argument is
-    checked before any file is created.
+    checked before any file is created, and one render at a time may write to `out_path` (`canvas.OutputLock`).
     """
     from .pyramid_tiff import PyramidTiffWriter
 
@@ -495,62 +495,63 @@ def render(
     _check_paths(mask_path, out_path)
     model_path = _resolve_model(model)
     canvas_path, journal_path = side_paths(out_path)
-    with masks.open_mask(mask_path) as source:
-        engine = create_backend(backend, model_path, threads=threads)
-        try:
-            renderer = _Renderer(source, engine, batch_size, blend, overlap, threads)
-            height, width = source.height, source.width
-            mpp = mpp if mpp is not None else source.mpp
-            stat = mask_path.stat()
-            header = {
-                "format": 1,
-                "mask": str(mask_path.resolve()),
-                "mask_bytes": stat.st_size,
-                "mask_mtime_ns": stat.st_mtime_ns,
-                "size": [height, width],
-                "model_sha256": _model_sha256(model_path),
-                "geometry": [renderer.plan.patch, renderer.plan.margin, renderer.plan.overlap],
-                "blend": blend,
-                "batch_size": renderer.batch_size,
-            }
-            if resume and not journal_path.exists():
-                raise SafronInputError(f"cannot resume: no interrupted render of {out_path} (no {journal_path.name})")
-            _check_disk_space(out_path, height, width, compression, canvas_path if resume else None)
-            journal = Journal(journal_path, header, resume=resume)
-            canvas = Canvas(canvas_path, height, width, create=not resume)
-            writer = PyramidTiffWriter(
-                out_path, height, width, compression=compression, quality=quality, mpp=mpp, workers=threads,
-                canvas=canvas.path,
-            )
-            started = time.perf_counter()
-            recorder = JournalThread(canvas, journal)
+    with OutputLock(out_path):
+        if resume and not journal_path.exists():
+            raise SafronInputError(f"cannot resume: no interrupted render of {out_path} (no {journal_path.name})")
+        with masks.open_mask(mask_path) as source:
+            engine = create_backend(backend, model_path, threads=threads)
             try:
-                # The TIFF is always rewritten whole; on resume the finished rows are read from the canvas.
-                if journal.rows_done:
-                    writer.rows_ready(journal.rows_done)
-                renderer.run(_FileSink(canvas, recorder, writer), journal.rows_done, progress, desc=mask_path.name)
-                recorder.close(record_pending=False)  # complete: canvas and journal are removed below
-                writer.close()
-                seconds = time.perf_counter() - started
-                renderer.clock.seconds["encode"] = writer.busy_seconds
-            except BaseException as exc:
-                writer.abort()
-                # Journal what is on the canvas so far, so that a resume loses as little as possible; a failure of
-                # the journal itself must not hide the exception being handled.
-                with contextlib.suppress(Exception):
-                    recorder.close()
-                journal.close()
-                canvas.close()
-                # A user error (bad colour found mid-mask) will recur on resume: keep nothing. An interruption or
-                # an internal error keeps canvas and journal so that `resume=True` continues.
-                if isinstance(exc, SafronInputError):
-                    journal.remove()
-                    canvas.remove()
-                raise
-            journal.remove()
-            canvas.remove()
-        finally:
-            engine.close()
+                renderer = _Renderer(source, engine, batch_size, blend, overlap, threads)
+                height, width = source.height, source.width
+                mpp = mpp if mpp is not None else source.mpp
+                stat = mask_path.stat()
+                header = {
+                    "format": 1,
+                    "mask": str(mask_path.resolve()),
+                    "mask_bytes": stat.st_size,
+                    "mask_mtime_ns": stat.st_mtime_ns,
+                    "size": [height, width],
+                    "model_sha256": _model_sha256(model_path),
+                    "geometry": [renderer.plan.patch, renderer.plan.margin, renderer.plan.overlap],
+                    "blend": blend,
+                    "batch_size": renderer.batch_size,
+                }
+                _check_disk_space(out_path, height, width, compression, canvas_path if resume else None)
+                journal = Journal(journal_path, header, resume=resume)
+                canvas = Canvas(canvas_path, height, width, create=not resume)
+                writer = PyramidTiffWriter(
+                    out_path, height, width, compression=compression, quality=quality, mpp=mpp, workers=threads,
+                    canvas=canvas.path,
+                )
+                started = time.perf_counter()
+                recorder = JournalThread(canvas, journal)
+                try:
+                    # The TIFF is always rewritten whole; on resume the finished rows are read from the canvas.
+                    if journal.rows_done:
+                        writer.rows_ready(journal.rows_done)
+                    renderer.run(_FileSink(canvas, recorder, writer), journal.rows_done, progress, desc=mask_path.name)
+                    recorder.close(record_pending=False)  # complete: canvas and journal are removed below
+                    writer.close()
+                    seconds = time.perf_counter() - started
+                    renderer.clock.seconds["encode"] = writer.busy_seconds
+                except BaseException as exc:
+                    writer.abort()
+                    # Journal what is on the canvas so far, so that a resume loses as little as possible; a failure of
+                    # the journal itself must not hide the exception being handled.
+                    with contextlib.suppress(Exception):
+                        recorder.close()
+                    journal.close()
+                    canvas.close()
+                    # A user error (bad colour found mid-mask) will recur on resume: keep nothing. An interruption or
+                    # an internal error keeps canvas and journal so that `resume=True` continues.
+                    if isinstance(exc, SafronInputError):
+                        journal.remove()
+                        canvas.remove()
+                    raise
+                journal.remove()
+                canvas.remove()
+            finally:
+                engine.close()
     return RenderResult(
         out_path, height, width, renderer.plan.count, mpp, engine.name, seconds, dict(renderer.clock.seconds)
     )

@@ -519,7 +519,9 @@ def check_free_space(out_path: str | os.PathLike, needed: int, what: str) -> Non
     """Refuse, with one line, when the filesystem of `out_path` has fewer than `needed` bytes free for `what`."""
     directory = Path(out_path).parent
     usage = shutil.disk_usage(directory)
-    if needed <= usage.free:
+    # A filesystem that reports no size at all (/proc, some FUSE mounts) cannot be judged here; creating the
+    # files says what is wrong with it, where "not enough free space" would mislead.
+    if usage.total == 0 or needed <= usage.free:
         return
     raise SafronInputError(
         f"{out_path}: not enough free disk space in {directory} for {what}: need about {_bytes(needed)}, "
