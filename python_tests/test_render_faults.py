@@ -5,6 +5,7 @@ left where a complete file is expected, and with the resume state kept where res
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +23,12 @@ import tifffile
 from onnx import helper
 
 import onnx_models
+import safron.canvas as canvas_module
 import safron.pyramid_tiff as pyramid_tiff
 from safron import engine, masks
-from safron.canvas import OutputLock, lock_path, side_paths
+from safron.canvas import Canvas, Journal, OutputLock, lock_path, side_paths
 from safron.cli import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE, render_parser, run_main
-from safron.errors import MaskError, ModelError, SafronInputError
+from safron.errors import MaskError, ModelError, OutputWriteError, SafronInputError
 from test_engine import random_labels
 
 RESUME_HINT = "run the same command with --resume"
@@ -379,3 +382,170 @@ def test_an_output_in_a_pseudo_filesystem_says_files_cannot_be_created_there(tmp
     assert proc.returncode == EXIT_USAGE
     line = one_line(proc.stderr)
     assert "cannot create" in line and "/proc" in line and "disk space" not in line
+
+
+# --- 9. a disk that fills up or fails ----------------------------------------------------------------------------
+
+def test_the_canvas_reserves_its_blocks_and_refuses_a_disk_too_small(tmp_path, monkeypatch):
+    canvas = Canvas(tmp_path / "c", 300, 200, create=True)
+    assert canvas.reserved and os.stat(tmp_path / "c").st_blocks * 512 >= 300 * 200 * 3
+    canvas.close()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(canvas_module.os, "posix_fallocate", full)
+    with pytest.raises(OSError) as raised:
+        Canvas(tmp_path / "d", 300, 200, create=True)
+    assert raised.value.errno == errno.ENOSPC
+
+
+def test_a_full_disk_found_by_the_canvas_is_one_line_and_leaves_nothing(tmp_path, mask_tif, models, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(canvas_module.os, "posix_fallocate", full)
+    with pytest.raises(OutputWriteError, match="No space left on device") as raised:
+        engine.render(mask_tif, tmp_path / "out.tif", model=models["crop"], progress=False)
+    assert "\n" not in str(raised.value) and "--resume" not in str(raised.value)  # nothing was rendered yet
+    assert names(tmp_path) == ["mask.tif"]
+
+
+def test_where_blocks_cannot_be_reserved_rows_are_written_without_memory_maps(tmp_path, mask_tif, models, monkeypatch):
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    class NumpyWithoutMaps:  # the canvas module's numpy: a store through a map into unreserved blocks can SIGBUS
+        def __getattr__(self, name):
+            if name == "memmap":
+                raise AssertionError("the canvas was memory-mapped although its blocks are not reserved")
+            return getattr(np, name)
+
+    reference = engine.render(mask_tif, tmp_path / "reference.tif", model=models["crop"], progress=False,
+                              compression="zstd")
+    monkeypatch.setattr(canvas_module.os, "posix_fallocate", unsupported)
+    monkeypatch.setattr(canvas_module, "np", NumpyWithoutMaps())
+    engine.render(mask_tif, tmp_path / "out.tif", model=models["crop"], progress=False, compression="zstd")
+    assert (tmp_path / "out.tif").read_bytes() == reference.out_path.read_bytes()
+    canvas = Canvas(tmp_path / "c", 4, 5, create=True)
+    assert not canvas.reserved
+    with canvas.block(1, 3, 2, 4) as block:
+        block[:] = 9
+    canvas.close()
+    expected = np.zeros((4, 5, 3), np.uint8)
+    expected[1:3, 2:4] = 9
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "c", np.uint8).reshape(4, 5, 3), expected)
+
+
+def _fail_after(calls: int, error: int):
+    """A stand-in for a write function that works `calls` times, then fails with `error` as a full disk does."""
+    count = [0]
+
+    def fail(real):
+        def wrapper(*args, **kwargs):
+            count[0] += 1
+            if count[0] > calls:
+                raise OSError(error, os.strerror(error))
+            return real(*args, **kwargs)
+        return wrapper
+
+    return fail
+
+
+@pytest.mark.parametrize("where", ["tiff", "journal"])
+def test_a_disk_filling_up_mid_render_keeps_the_resume_state_and_resume_finishes(tmp_path, models, monkeypatch, where):
+    labels = random_labels(1400, 600, seed=6)
+    mask = tmp_path / "mask.tif"
+    tifffile.imwrite(mask, labels, tile=(256, 256))
+    options = dict(model=models["crop"], progress=False, compression="none", batch_size=2)
+    out = tmp_path / "out.tif"
+    if where == "tiff":  # the TIFF writer's thread: the 4th block of its raw level files (level 1 has 6)
+        monkeypatch.setattr(pyramid_tiff, "write_block_at", _fail_after(3, errno.ENOSPC)(pyramid_tiff.write_block_at))
+    else:  # the journal thread, after the canvas sync: the first record (requests may coalesce into one)
+        monkeypatch.setattr(Journal, "record", _fail_after(0, errno.ENOSPC)(Journal.record))
+    with pytest.raises(OutputWriteError) as raised:
+        engine.render(mask, out, **options)
+    message = str(raised.value)
+    assert "\n" not in message and "No space left on device" in message
+    assert "free some space" in message and RESUME_HINT in message
+    assert names(tmp_path) == ["mask.tif", "out.tif.safron-canvas", "out.tif.safron-journal"]
+    monkeypatch.undo()
+    engine.render(mask, out, resume=True, **options)
+    np.testing.assert_array_equal(tifffile.imread(out), masks.labels_to_colour(labels))
+    assert names(tmp_path) == ["mask.tif", "out.tif"]
+
+
+def test_an_io_error_mid_render_is_one_line_and_exit_2_from_the_cli(tmp_path, models):
+    mask = tmp_path / "mask.tif"
+    tifffile.imwrite(mask, random_labels(900, 500, seed=7), tile=(256, 256))
+    script = textwrap.dedent(f"""
+        import errno, os, sys
+        import safron.pyramid_tiff as pyramid_tiff
+        from safron.cli import render_main
+
+        def failing(*args):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        pyramid_tiff.write_block_at = failing
+        sys.exit(render_main([{str(mask)!r}, {str(tmp_path / 'out.tif')!r}, "--model", {str(models['crop'])!r},
+                              "--quiet", "--compression", "none"]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    line = one_line(proc.stderr)
+    assert "Input/output error" in line and "fix that and " + RESUME_HINT in line
+    assert names(tmp_path) == ["mask.tif", "out.tif.safron-canvas", "out.tif.safron-journal"]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """An 8 MB tmpfs of our own: a disk that really fills up. Needs root (or CAP_SYS_ADMIN) to mount."""
+    mount_point = tmp_path / f"tmpfs-{uuid.uuid4().hex[:8]}"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here to fill up for real ({mounted.stderr.strip() or 'not permitted'})")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def _render_ignoring_the_space_checks(mask: Path, out: Path, model: Path, *extra: str):
+    """safron-render in a child whose space checks see plenty of room, as they would had another process filled
+    the disk after them; the child may die of a signal (SIGBUS) without taking the test with it."""
+    script = textwrap.dedent(f"""
+        import shutil, sys
+        real = shutil.disk_usage
+        shutil.disk_usage = lambda path: real(path)._replace(free=1 << 50)
+        from safron.cli import render_main
+        sys.exit(render_main([{str(mask)!r}, {str(out)!r}, "--model", {str(model)!r}, "--quiet", *{list(extra)!r}]))
+    """)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+
+
+def test_a_canvas_larger_than_a_real_disk_is_refused_before_rendering(tmp_path, small_tmpfs, models):
+    mask = tmp_path / "mask.tif"
+    tifffile.imwrite(mask, random_labels(1800, 1800, seed=8), tile=(256, 256))  # a 9.7 MB canvas
+    proc = _render_ignoring_the_space_checks(mask, small_tmpfs / "out.tif", models["crop"])
+    assert proc.returncode == EXIT_USAGE, (proc.returncode, proc.stderr)  # not -SIGBUS
+    assert "No space left on device" in one_line(proc.stderr)
+    assert names(small_tmpfs) == []
+
+
+def test_a_real_disk_filling_up_mid_render_resumes_once_there_is_room(tmp_path, small_tmpfs, models):
+    labels = random_labels(1200, 1200, seed=9)  # a 4.3 MB canvas; with an uncompressed TIFF beside it, 8 MB is short
+    mask = tmp_path / "mask.tif"
+    tifffile.imwrite(mask, labels, tile=(256, 256))
+    out = small_tmpfs / "out.tif"
+    proc = _render_ignoring_the_space_checks(mask, out, models["crop"], "--compression", "none")
+    assert proc.returncode == EXIT_USAGE, (proc.returncode, proc.stderr)
+    line = one_line(proc.stderr)
+    assert "No space left on device" in line and RESUME_HINT in line
+    assert names(small_tmpfs) == ["out.tif.safron-canvas", "out.tif.safron-journal"]
+    subprocess.run(["mount", "-o", "remount,size=32m", str(small_tmpfs)], check=True)
+    resumed = safron_render(mask, out, "--model", models["crop"], "--quiet", "--compression", "none", "--resume")
+    assert resumed.returncode == EXIT_OK, resumed.stderr
+    np.testing.assert_array_equal(tifffile.imread(out), masks.labels_to_colour(labels))
+    assert names(small_tmpfs) == ["out.tif"]

@@ -3,6 +3,10 @@
 The canvas is a raw uint8 RGB file (height x width x 3, row-major) next to the output. The accumulator
 finalises rows straight into a memory-mapped window of it; each window is unmapped as soon as it is written,
 because mapped pages count in the process's resident memory and a whole-slide canvas is tens of gigabytes.
+Its disk blocks are reserved when it is opened (posix_fallocate): a store through a memory map that finds the
+disk full is not an error Python can catch but SIGBUS, which kills the process, so the disk must be full before
+the first row is written or not at all. Where a filesystem cannot reserve blocks, the rows are written with
+plain writes instead, whose failures are ordinary OSErrors.
 
 The journal is a JSON-lines file: a header that pins everything that determines the output bytes (mask
 identity, model hash, geometry, blend, batch size), then one line per finished band with the number of rows
@@ -14,6 +18,7 @@ inline (an msync per finalised block) it was most of the main thread's time in C
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -132,27 +137,58 @@ def write_block_at(fd: int, block: np.ndarray, y0: int, x0: int, width: int) -> 
             write_at(fd, np.ascontiguousarray(block[row]), (y0 + row) * row_bytes + x0 * 3)
 
 
+# posix_fallocate's answers for "this filesystem cannot reserve blocks" (glibc emulates it where the kernel says
+# EOPNOTSUPP, but not everywhere: O_APPEND, some FUSE and network filesystems).
+_CANNOT_RESERVE = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.ENODEV})
+
+
 class Canvas:
+    """`reserved` says whether the file's blocks are allocated, so that rows may be written through memory maps.
+    Opening raises OSError (ENOSPC when the disk cannot hold the whole canvas) with nothing reserved."""
+
     def __init__(self, path: Path, height: int, width: int, *, create: bool):
         self.path, self.height, self.width = Path(path), height, width
         self.row_bytes = width * 3
-        size = height * self.row_bytes
+        self.size = height * self.row_bytes
         if create:
-            # Sparse: no disk blocks are used until rows are written.
             with open(self.path, "wb") as f:
-                f.truncate(size)
-        elif not self.path.is_file() or self.path.stat().st_size != size:
+                f.truncate(self.size)
+        elif not self.path.is_file() or self.path.stat().st_size != self.size:
             raise SafronInputError(f"cannot resume: canvas {self.path} is missing or has the wrong size")
         self._fd = os.open(self.path, os.O_RDWR)
+        try:
+            # Also on resume: the canvas may come from a render whose disk could not reserve it, or have been copied
+            # sparsely. Blocks already allocated keep their bytes.
+            os.posix_fallocate(self._fd, 0, self.size)
+            self.reserved = True
+        except OSError as exc:
+            if exc.errno not in _CANNOT_RESERVE:
+                self.close()
+                raise
+            self.reserved = False
 
     @contextmanager
     def rows(self, y0: int, y1: int):
-        """A writable (y1-y0, width, 3) view of canvas rows, unmapped on exit (not synced: see `sync`)."""
-        view = np.memmap(self.path, dtype=np.uint8, mode="r+", offset=y0 * self.row_bytes, shape=(y1 - y0, self.width, 3))
-        try:
+        """A writable (y1-y0, width, 3) view of canvas rows, stored on exit (not synced: see `sync`)."""
+        with self.block(y0, y1, 0, self.width) as view:
             yield view
-        finally:
-            del view
+
+    @contextmanager
+    def block(self, y0: int, y1: int, x0: int, x1: int):
+        """A writable (y1-y0, x1-x0, 3) view of a block of the canvas, stored on exit unless an exception leaves
+        the block (not synced: see `sync`). A window of a memory map (unmapped on exit) when the canvas is
+        reserved; otherwise a buffer written with plain writes, whose failures raise OSError instead of SIGBUS."""
+        if self.reserved:
+            view = np.memmap(self.path, dtype=np.uint8, mode="r+", offset=y0 * self.row_bytes,
+                             shape=(y1 - y0, self.width, 3))
+            try:
+                yield view[:, x0:x1]
+            finally:
+                del view
+            return
+        buffer = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+        yield buffer
+        write_block_at(self._fd, buffer, y0, x0, self.width)
 
     def write(self, y0: int, x0: int, pixels: np.ndarray) -> None:
         """Write a (rows, cols, 3) uint8 block at row y0, column x0 with plain writes (not synced: see `sync`).

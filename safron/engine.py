@@ -15,6 +15,7 @@ batch composition. That is what makes `resume=True` byte-identical.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import time
@@ -27,7 +28,7 @@ import numpy as np
 from . import geometry, masks
 from .backends import Backend, create_backend
 from .canvas import Canvas, Journal, JournalThread, OutputLock, side_paths
-from .errors import ModelError, SafronInputError
+from .errors import ModelError, OutputWriteError, SafronInputError, is_storage_error
 from .pipeline import StageClock, prefetch
 from .slide_io import check_free_space, check_output_path
 
@@ -354,8 +355,8 @@ class _FileSink:
             _check_covered(uncovered, y0, y1)
             self.canvas.write(y0, x0, pixels)
             return
-        with self.canvas.rows(y0, y1) as rows:
-            _finalise_into(accumulator, y0, y1, x0, x1, rows[:, x0:x1])
+        with self.canvas.block(y0, y1, x0, x1) as block:
+            _finalise_into(accumulator, y0, y1, x0, x1, block)
 
     def rows_final(self, y1):
         self.journal.submit(y1)
@@ -466,6 +467,20 @@ def _check_disk_space(out_path: Path, height: int, width: int, compression: str,
     check_free_space(out_path, needed, "the canvas, the scratch files and the output")
 
 
+def _write_error(exc: BaseException, out_path: Path, resumable: bool) -> BaseException:
+    """A disk's refusal (full, quota, I/O error) as one line that says what to do next; other exceptions as they are."""
+    if isinstance(exc, OutputWriteError):
+        message = str(exc)
+    elif is_storage_error(exc):
+        message = f"{out_path}: cannot write the render's canvas or journal: {os.strerror(exc.errno)}"
+    else:
+        return exc
+    if resumable:
+        remedy = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+        message += f"; its canvas and journal are kept: {remedy} and run the same command with --resume"
+    return OutputWriteError(message, errno=exc.errno)
+
+
 def render(
     mask_path,
     out_path,
@@ -487,8 +502,6 @@ def render(
     journal, so an interrupted render continues with `resume=True` and yields the same bytes. Every argument is
     checked before any file is created, and one render at a time may write to `out_path` (`canvas.OutputLock`).
     """
-    from .pyramid_tiff import PyramidTiffWriter
-
     mask_path, out_path = Path(mask_path), Path(out_path)
     _check_render_options(batch_size, blend, overlap, threads)
     _check_output_options(compression, quality, mpp)
@@ -517,41 +530,64 @@ def render(
                     "batch_size": renderer.batch_size,
                 }
                 _check_disk_space(out_path, height, width, compression, canvas_path if resume else None)
-                journal = Journal(journal_path, header, resume=resume)
-                canvas = Canvas(canvas_path, height, width, create=not resume)
-                writer = PyramidTiffWriter(
-                    out_path, height, width, compression=compression, quality=quality, mpp=mpp, workers=threads,
-                    canvas=canvas.path,
-                )
-                started = time.perf_counter()
-                recorder = JournalThread(canvas, journal)
-                try:
-                    # The TIFF is always rewritten whole; on resume the finished rows are read from the canvas.
-                    if journal.rows_done:
-                        writer.rows_ready(journal.rows_done)
-                    renderer.run(_FileSink(canvas, recorder, writer), journal.rows_done, progress, desc=mask_path.name)
-                    recorder.close(record_pending=False)  # complete: canvas and journal are removed below
-                    writer.close()
-                    seconds = time.perf_counter() - started
-                    renderer.clock.seconds["encode"] = writer.busy_seconds
-                except BaseException as exc:
-                    writer.abort()
-                    # Journal what is on the canvas so far, so that a resume loses as little as possible; a failure of
-                    # the journal itself must not hide the exception being handled.
-                    with contextlib.suppress(Exception):
-                        recorder.close()
-                    journal.close()
-                    canvas.close()
-                    # A user error (bad colour found mid-mask) will recur on resume: keep nothing. An interruption or
-                    # an internal error keeps canvas and journal so that `resume=True` continues.
-                    if isinstance(exc, SafronInputError):
-                        journal.remove()
-                        canvas.remove()
-                    raise
-                journal.remove()
-                canvas.remove()
+                writer_options = dict(compression=compression, quality=quality, mpp=mpp, workers=threads)
+                seconds = _render_to_files(renderer, out_path, header, resume, writer_options, progress,
+                                           desc=mask_path.name)
             finally:
                 engine.close()
     return RenderResult(
         out_path, height, width, renderer.plan.count, mpp, engine.name, seconds, dict(renderer.clock.seconds)
     )
+
+
+def _render_to_files(renderer: _Renderer, out_path: Path, header: dict, resume: bool, writer_options: dict,
+                     progress: bool, desc: str) -> float:
+    """Run `renderer` into the canvas, journal and TIFF of `out_path`; the seconds it took. On failure, keep or
+    remove the canvas and journal depending on whether a resume could use them."""
+    from .pyramid_tiff import PyramidTiffWriter
+
+    canvas_path, journal_path = side_paths(out_path)
+    height, width = renderer.plan.height, renderer.plan.width
+    journal = canvas = writer = recorder = None
+    try:
+        journal = Journal(journal_path, header, resume=resume)
+        canvas = Canvas(canvas_path, height, width, create=not resume)
+        writer = PyramidTiffWriter(out_path, height, width, canvas=canvas.path, **writer_options)
+        started = time.perf_counter()
+        recorder = JournalThread(canvas, journal)
+        # The TIFF is always rewritten whole; on resume the finished rows are read from the canvas.
+        if journal.rows_done:
+            writer.rows_ready(journal.rows_done)
+        renderer.run(_FileSink(canvas, recorder, writer), journal.rows_done, progress, desc=desc)
+        recorder.close(record_pending=False)  # complete: canvas and journal are removed below
+        writer.close()
+        seconds = time.perf_counter() - started
+        renderer.clock.seconds["encode"] = writer.busy_seconds
+    except BaseException as exc:
+        if writer is not None:
+            writer.abort()
+        # Journal what is on the canvas so far, so that a resume loses as little as possible; a failure of the
+        # journal itself (the disk that just filled up) must not hide the exception being handled.
+        if recorder is not None:
+            with contextlib.suppress(Exception):
+                recorder.close()
+        if journal is not None:
+            journal.close()
+        if canvas is not None:
+            canvas.close()
+        # A fresh render that did not get as far as a canvas has nothing to resume.
+        resumable = resume or canvas is not None
+        error = _write_error(exc, out_path, resumable)
+        # A user error (bad colour found mid-mask, a model's NaN) will recur on resume: keep nothing. An
+        # interruption, a full disk or an internal error keeps canvas and journal so that `resume=True` continues;
+        # and a resume refused before it began (another blend, say) leaves them as they were.
+        user_error = isinstance(error, SafronInputError) and not isinstance(error, OutputWriteError)
+        if not resumable or (user_error and (not resume or recorder is not None)):
+            journal_path.unlink(missing_ok=True)
+            canvas_path.unlink(missing_ok=True)
+        if error is not exc:
+            raise error from exc
+        raise
+    journal.remove()
+    canvas.remove()
+    return seconds

@@ -62,7 +62,7 @@ import tifffile
 
 from . import _core
 from .canvas import write_block_at
-from .errors import SafronInputError
+from .errors import OutputWriteError, SafronInputError
 from .slide_io import check_free_space, check_output_path
 
 # Our names for the codecs -> tifffile's names. WebP is deliberately absent: OpenSlide cannot
@@ -206,8 +206,8 @@ class PyramidTiffWriter:
     that is missing or of the wrong size raises `SafronInputError` here. Any failure of the
     background thread is raised by the next `rows_ready`, `write_rows` or `close`, after the
     temporary files have been removed; an I/O error (the disk filling up) becomes a one-line
-    `SafronInputError`. Calls out of order, with malformed rows, or meant for the other mode raise
-    `ValueError` and change nothing.
+    `OutputWriteError` (a `SafronInputError`). Calls out of order, with malformed rows, or meant
+    for the other mode raise `ValueError` and change nothing.
     """
 
     def __init__(
@@ -437,24 +437,45 @@ class PyramidTiffWriter:
             self._fail(self._failure)
 
     def _fail(self, failure: BaseException) -> None:
-        """Clean up after `failure` (of either thread) and raise it, I/O errors as input errors."""
-        self._discard()
+        """Clean up after `failure` (of either thread) and raise it, I/O errors as `OutputWriteError`s."""
+        self._stop_thread()
+        code = failure.errno if isinstance(failure, OSError) else None
+        if isinstance(failure, OSError) and code is None:
+            code = self._errno_of_a_short_write()
+        self._tiff_file.close()
+        self._remove_temporaries()
         self._state = "failed"
         if isinstance(failure, OSError):
-            reason = os.strerror(failure.errno) if failure.errno else str(failure)
-            raise SafronInputError(
-                f"{self.out_path}: cannot write the TIFF or its temporary files: {reason}"
+            reason = os.strerror(code) if code else str(failure)
+            raise OutputWriteError(
+                f"{self.out_path}: cannot write the TIFF or its temporary files: {reason}", errno=code
             ) from failure
         raise failure
 
+    def _errno_of_a_short_write(self) -> int | None:
+        """Why a write came up short. tifffile writes tiles with numpy's tofile, whose error on a full disk says only
+        "N requested and M written", with no errno; one more write to the end of the partial TIFF, which is removed
+        next, gets the system's reason (ENOSPC, EDQUOT, EFBIG). None if that write succeeds after all."""
+        try:
+            fd = self._tiff_file.fileno()
+            os.pwrite(fd, bytes(1 << 16), os.fstat(fd).st_size)
+        except OSError as exc:
+            return exc.errno
+        except ValueError:  # already closed
+            pass
+        return None
+
     def _discard(self) -> None:
         """Stop the writer thread and delete the partial TIFF and the raw level files."""
+        self._stop_thread()
+        self._tiff_file.close()
+        self._remove_temporaries()
+
+    def _stop_thread(self) -> None:
         self._abort_requested.set()
         with self._rows_ready_changed:
             self._rows_ready_changed.notify()
         self._thread.join()
-        self._tiff_file.close()
-        self._remove_temporaries()
 
     def _remove_temporaries(self) -> None:
         for level0_file in (self._level0_writer, self._level0_reader):
