@@ -154,17 +154,44 @@ def test_binary_gland_masks_get_background_and_stroma_from_the_image(tmp_path):
     np.testing.assert_array_equal(tile.context[margin:-margin, margin:-margin], derived[2:258, 7:263])
 
 
-def test_default_tile_is_728_or_492_and_small_images_are_left_out(tmp_path):
+def test_default_tile_is_728_or_492_and_small_images_are_mirrored_or_left_out(tmp_path):
     write_pair(tmp_path / "large", "x", blocky_labels(730, 760, seed=1))
     assert TileDataset(tmp_path / "large").tile == 728
     write_pair(tmp_path / "glas", "tall", blocky_labels(522, 775, seed=1))
     write_pair(tmp_path / "glas", "small", blocky_labels(430, 567, seed=2))
+    write_pair(tmp_path / "glas", "tiny", blocky_labels(240, 300, seed=3))
     dataset = TileDataset(tmp_path / "glas")
     assert dataset.tile == 492
-    assert [p.image.name for p in dataset.pairs] == ["tall.png"]
-    assert [(p.image.name, p.height, p.width) for p in dataset.skipped] == [("small.png", 430, 567)]
-    with pytest.raises(SafronInputError, match="no image has room for a 600 x 600 tile"):
-        TileDataset(tmp_path / "glas", 600)
+    assert [p.image.name for p in dataset.pairs] == ["small.png", "tall.png"]
+    assert [(p.image.name, p.height, p.width) for p in dataset.skipped] == [("tiny.png", 240, 300)]
+    skipping = TileDataset(tmp_path / "glas", small_images="skip")
+    assert [p.image.name for p in skipping.pairs] == ["tall.png"]
+    assert [p.image.name for p in skipping.skipped] == ["small.png", "tiny.png"]
+    with pytest.raises(SafronInputError, match="no image is large enough for a 1600 x 1600 tile"):
+        TileDataset(tmp_path / "glas", 1600)
+    with pytest.raises(SafronInputError, match="small_images must be one of mirror, skip"):
+        TileDataset(tmp_path / "glas", small_images="pad")
+
+
+def test_a_tile_larger_than_its_image_mirrors_image_and_mask_alike(tmp_path):
+    labels = blocky_labels(200, 300, seed=5)
+    write_pair(tmp_path, "small", labels)
+    dataset = TileDataset(tmp_path, 256, augment=False)
+    margin = dataset.margin
+    image = CLASS_RGB[labels]
+    seen_y = set()
+    for step in range(40):
+        tile = dataset.tile_at(step)
+        assert -56 <= tile.y <= 0 and 0 <= tile.x <= 44
+        seen_y.add(tile.y)
+        # The image is mirrored exactly as the mask is: painting the context's centre gives the image tile.
+        np.testing.assert_array_equal(CLASS_RGB[tile.context[margin:-margin, margin:-margin]], tile.image)
+        rows = np.arange(tile.y, tile.y + 256)
+        inside = (rows >= 0) & (rows < 200)
+        np.testing.assert_array_equal(tile.image[inside], image[rows[inside], tile.x:tile.x + 256])
+    assert len(seen_y) > 5, "the image lies anywhere inside the tile"
+    with pytest.raises(ValueError, match="does not fit"):
+        dataset.read_tile(0, -57, 0)
 
 
 # --- training ------------------------------------------------------------------------------------------------------
@@ -760,3 +787,15 @@ def test_cli_init_from_onnx_takes_the_width_from_the_file(tmp_path, capsys, data
     code, err = run_main(capsys, "--data", data_dir, "--init", tmp_path / "missing.onnx", "--out", tmp_path / "x",
                          "--quiet")
     assert code == 2 and err.count("\n") == 1 and "missing.onnx" in err, err
+
+
+def test_checkpoints_from_before_the_small_images_setting_resume_skipping_them(tmp_path, data_dir):
+    quick_train(tmp_path / "run", data_dir, 1, save_every=1)
+    state_path = latest_checkpoint(tmp_path / "run")
+    state = json.loads(state_path.read_text())
+    assert state["training"]["small_images"] == "mirror"
+    del state["training"]["small_images"]  # as written before the setting existed
+    state_path.write_text(json.dumps(state))
+    result = quick_train(tmp_path / "run", data_dir, 2, config=None, resume=True)
+    assert result.step == 2
+    assert json.loads(latest_checkpoint(tmp_path / "run").read_text())["training"]["small_images"] == "skip"

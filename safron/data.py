@@ -17,6 +17,12 @@ Tile `step` is a pure function of (seed, step): resuming a run replays exactly t
 Tiles are square; the mask context around a tile is read with `Mask.read_labels`, so it is the real mask where
 the image continues and the mask mirrored about the image border beyond it -- the convention the engine renders
 with.
+
+Images smaller than the tile (6 of GlaS's 85 against its 492 px tile) are, by default (`small_images="mirror"`),
+used with the tile reaching past their border, where image and mask are both mirrored about it: the same
+convention the mask context already follows, so image and mask stay consistent, and the generator sees nothing
+at training time that a render would not show it. Images under half the tile are still left out (mostly
+mirror then). `small_images="skip"` leaves out every image smaller than the tile, as runs before it did.
 """
 
 from __future__ import annotations
@@ -36,13 +42,15 @@ from .geometry import MARGIN
 from .slide_io import open_raster
 
 __all__ = [
-    "IMAGES_FOLDER", "MASKS_FOLDER", "DEFAULT_TILE", "SMALL_TILE", "TRANSFORMS", "TrainingPair", "TrainingTile",
-    "TileDataset", "augment",
+    "IMAGES_FOLDER", "MASKS_FOLDER", "DEFAULT_TILE", "SMALL_TILE", "TRANSFORMS", "SMALL_IMAGES", "TrainingPair",
+    "TrainingTile", "TileDataset", "augment",
 ]
 
 IMAGES_FOLDER, MASKS_FOLDER = "images", "masks"
 # The paper's 3x3-patch tile, and the 2x2-patch tile for images shorter than that (GlaS is 522 px high).
 DEFAULT_TILE, SMALL_TILE = 728, 492
+# What to do with images smaller than the tile (module docstring).
+SMALL_IMAGES = ("mirror", "skip")
 # The eight symmetries of the square: k quarter turns, then a left-right flip for k >= 4.
 TRANSFORMS = 8
 DEFAULT_CACHE_BYTES = 2 << 30
@@ -165,7 +173,8 @@ class TileDataset:
     """Square training tiles from a folder of image/mask pairs (see the module docstring).
 
     `tile`: tile side; None picks DEFAULT_TILE when every image has room for it, else SMALL_TILE. Images
-    smaller than the tile are left out (listed in `skipped`); none left is an error. `stride`: None samples tile
+    smaller than the tile are mirrored beyond their border (`small_images="mirror"`, down to half the tile) or
+    left out (`"skip"`); the ones left out are listed in `skipped`; none left is an error. `stride`: None samples tile
     positions at random, uniformly over the pixels of all images; an integer visits a grid of positions with that
     step (plus the far edges), in a fresh random order each epoch. `augment`: apply a random one of the eight
     symmetries of the square to each tile. `margin`: mask context on each side (the generator's margin).
@@ -181,6 +190,7 @@ class TileDataset:
         seed: int = 0,
         augment: bool = True,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        small_images: str = "mirror",
     ) -> None:
         if tile is not None and tile < 1:
             raise SafronInputError(f"tile size must be a positive number of pixels, got {tile}")
@@ -190,6 +200,9 @@ class TileDataset:
             raise SafronInputError(f"mask margin must be >= 0, got {margin}")
         if seed < 0:
             raise SafronInputError(f"seed must be >= 0, got {seed}")
+        if small_images not in SMALL_IMAGES:
+            raise SafronInputError(f"small_images must be one of {', '.join(SMALL_IMAGES)}, got {small_images!r}")
+        self.small_images = small_images
         self.root = Path(root)
         self.margin, self.stride, self.seed, self.augment = margin, stride, seed, augment
         self._cache: OrderedDict[Path, _CachedPair] = OrderedDict()
@@ -205,13 +218,15 @@ class TileDataset:
             fits = all(min(p.height, p.width) >= DEFAULT_TILE for p in self.all_pairs)
             tile = DEFAULT_TILE if fits else SMALL_TILE
         self.tile = tile
-        self.pairs = [p for p in self.all_pairs if min(p.height, p.width) >= tile]
-        self.skipped = [p for p in self.all_pairs if min(p.height, p.width) < tile]
+        least = tile if small_images == "skip" else (tile + 1) // 2
+        self.pairs = [p for p in self.all_pairs if min(p.height, p.width) >= least]
+        self.skipped = [p for p in self.all_pairs if min(p.height, p.width) < least]
         if not self.pairs:
             largest = max(self.all_pairs, key=lambda p: min(p.height, p.width))
             raise SafronInputError(
-                f"{self.root / IMAGES_FOLDER}: no image has room for a {tile} x {tile} tile (the largest, "
-                f"{largest.image.name}, is {largest.height} x {largest.width}); choose a smaller tile"
+                f"{self.root / IMAGES_FOLDER}: no image is large enough for a {tile} x {tile} tile (the largest, "
+                f"{largest.image.name}, is {largest.height} x {largest.width}; at least {least} px a side is needed); "
+                f"choose a smaller tile"
             )
         areas = np.array([p.height * p.width for p in self.pairs], np.float64)
         self._pair_odds = areas / areas.sum()
@@ -258,8 +273,9 @@ class TileDataset:
         if self._grid is None:
             index = int(rng.choice(len(self.pairs), p=self._pair_odds))
             pair = self.pairs[index]
-            y = int(rng.integers(0, pair.height - self.tile + 1))
-            x = int(rng.integers(0, pair.width - self.tile + 1))
+            # An image smaller than the tile lies anywhere inside it (the rest mirrored): origins from size - tile to 0.
+            y = int(rng.integers(min(0, pair.height - self.tile), max(0, pair.height - self.tile) + 1))
+            x = int(rng.integers(min(0, pair.width - self.tile), max(0, pair.width - self.tile) + 1))
         else:
             epoch, position = divmod(step, len(self._grid))
             order = np.random.default_rng((self.seed, _SHUFFLE_STREAM, epoch)).permutation(len(self._grid))
@@ -273,15 +289,24 @@ class TileDataset:
         return self.read_tile(0, (pair.height - self.tile) // 2, (pair.width - self.tile) // 2, 0)
 
     def read_tile(self, index: int, y: int, x: int, transform: int = 0) -> TrainingTile:
-        """The tile of `self.pairs[index]` whose top-left pixel is (y, x), under symmetry `transform`."""
+        """The tile of `self.pairs[index]` whose top-left pixel is (y, x), under symmetry `transform`. The tile
+        lies inside the image, or, along a side where the image is smaller than the tile, covers it whole (the
+        rest mirrored, module docstring)."""
         pair = self.pairs[index]
         image, mask = self._pixels(pair.image, pair.mask)
         tile, margin = self.tile, self.margin
-        if not (0 <= y <= image.shape[0] - tile and 0 <= x <= image.shape[1] - tile):
+        height, width = image.shape[:2]
+        if not (min(0, height - tile) <= y <= max(0, height - tile) and min(0, width - tile) <= x <= max(0, width - tile)):
             raise ValueError(f"a {tile} px tile at (y={y}, x={x}) does not fit in {pair.image}")
+        if y >= 0 and x >= 0 and y + tile <= height and x + tile <= width:
+            pixels = image[y:y + tile, x:x + tile]
+        else:
+            rows = masks.mirror_index(np.arange(y, y + tile), height)
+            cols = masks.mirror_index(np.arange(x, x + tile), width)
+            pixels = image[np.ix_(rows, cols)]
         context = mask.read_labels(y - margin, x - margin, tile + 2 * margin, tile + 2 * margin)
         return TrainingTile(
-            image=augment(image[y:y + tile, x:x + tile], transform),
+            image=augment(pixels, transform),
             context=augment(context, transform),
             source=pair.image,
             y=y,

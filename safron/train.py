@@ -63,7 +63,7 @@ from tqdm import tqdm
 
 from . import geometry, masks
 from .cli import _non_negative_int, _Parser, _positive_float, _positive_int, run_main
-from .data import TileDataset, TrainingTile
+from .data import SMALL_IMAGES, TileDataset, TrainingTile
 from .errors import ModelError, SafronInputError, first_line
 from .losses import (
     GAN_LOSSES, augment_pair, check_policy, discriminator_loss, feature_matching_loss, generator_adversarial_loss,
@@ -123,6 +123,9 @@ class TrainConfig:
     gan_loss: str = "bce"
     diffaugment: str = ""
     lr_d: float | None = None
+    # Images smaller than the tile: "mirror" them beyond their border, or "skip" them (safron.data). Checkpoints
+    # written before the choice existed skipped them, and load so (`_stored_config`).
+    small_images: str = "mirror"
 
     @property
     def loss_names(self) -> tuple[str, ...]:
@@ -257,6 +260,8 @@ def _read_state(path: Path) -> dict:
 
 def _stored_config(state_path: Path) -> TrainConfig:
     training = _read_state(state_path).get("training")
+    if isinstance(training, dict):
+        training = {"small_images": "skip", **training}  # what runs did before the setting existed
     try:
         return TrainConfig(**training)
     except TypeError as exc:
@@ -329,6 +334,8 @@ def check_config(config: TrainConfig) -> None:
         parse_policy(config.diffaugment)
     except ValueError as exc:
         raise SafronInputError(str(exc)) from None
+    if config.small_images not in SMALL_IMAGES:
+        raise SafronInputError(f"small_images must be one of {', '.join(SMALL_IMAGES)}, got {config.small_images!r}")
     if config.lr_d is not None and not config.lr_d > 0:
         raise SafronInputError(f"lr_d must be positive, got {config.lr_d}")
     if not config.lambda_shift >= 0:
@@ -777,13 +784,13 @@ def train(
 
     dataset = TileDataset(
         config.data, config.tile, margin=geometry.MARGIN, stride=config.stride, seed=config.seed,
-        augment=config.augment,
+        augment=config.augment, small_images=config.small_images,
     )
     if dataset.skipped:
         examples = ", ".join(f"{p.image.name} {p.height} x {p.width}" for p in dataset.skipped[:3])
         note(
-            f"left out {len(dataset.skipped)} of {len(dataset.all_pairs)} images smaller than the {dataset.tile} px "
-            f"tile ({examples}{', ...' if len(dataset.skipped) > 3 else ''})"
+            f"left out {len(dataset.skipped)} of {len(dataset.all_pairs)} images smaller than "
+            f"{'the' if config.small_images == 'skip' else 'half the'} {dataset.tile} px tile ({examples}{', ...' if len(dataset.skipped) > 3 else ''})"
         )
     config = dataclasses.replace(config, tile=dataset.tile)
     trainer = Trainer(config, dataset, torch_device, precision)
@@ -859,7 +866,8 @@ def _augmentation_policy(text):
 
 # CLI options that define a run (TrainConfig fields); they default to None so that --resume can tell the ones given.
 _RUN_OPTIONS = ("data", "tile", "stride", "ngf", "ndf", "lr", "beta1", "lambda_l1", "lambda_adv", "lambda_shift",
-                "ema_decay", "blend", "seed", "tiles_per_step", "lambda_fm", "gan_loss", "diffaugment", "lr_d")
+                "ema_decay", "blend", "seed", "tiles_per_step", "lambda_fm", "gan_loss", "diffaugment", "lr_d",
+                "small_images")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -887,6 +895,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=_positive_int, metavar="S",
                    help="visit tile positions on a grid with this step (default: random positions)")
     p.add_argument("--no-augment", action="store_true", help="no random flips and 90-degree rotations")
+    p.add_argument("--small-images", choices=SMALL_IMAGES,
+                   help="images smaller than the tile: mirror image and mask beyond their border (down to half the "
+                        "tile), or skip them (default: mirror; runs from before this option skipped them)")
     p.add_argument("--ngf", type=_positive_int, metavar="C", help=f"generator width (default: {defaults.ngf}, the paper's)")
     p.add_argument("--ndf", type=_positive_int, metavar="C", help=f"discriminator width (default: {defaults.ndf})")
     p.add_argument("--lr", type=_positive_float, metavar="LR", help=f"Adam learning rate (default: {defaults.lr:g})")
