@@ -452,3 +452,23 @@ def test_engine_renders_the_exported_model_like_the_checkpoint(run_dir, exported
     # Both round the same float image to 8 bits: at most one level apart, at rare rounding ties.
     difference = np.abs(from_onnx.astype(int) - from_checkpoint.astype(int))
     assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+
+
+def test_a_resize_decoder_exports_and_reads_back_into_pytorch(tmp_path):
+    torch.manual_seed(1)
+    model = Generator(ngf=NGF, upsample="resize")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(model.eval(), run / export.RUN_DIR_CHECKPOINT)
+    result = export.export_onnx(run, tmp_path / "resize.onnx")
+    masks = random_masks(2, 296, seed=3)
+    np.testing.assert_allclose(ort_session(result.out_path).run(None, {"mask": masks})[0], torch_images(model, masks),
+                               rtol=0, atol=PARITY_TOLERANCE)
+    reference = create_backend("torch", result.out_path)
+    try:
+        assert np.abs(reference.run(masks) - torch_images(model, masks)).max() <= PARITY_TOLERANCE
+    finally:
+        reference.close()

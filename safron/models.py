@@ -36,6 +36,12 @@ U_NET_LEVELS = 8
 _PATCH_MULTIPLE = 2**U_NET_LEVELS
 # Widths of the U-Net encoder levels in units of ngf, outermost first (pix2pix's unet_256).
 _ENCODER_WIDTHS = (1, 2, 4, 8, 8, 8, 8, 8)
+# How decoder levels double their resolution: pix2pix's 4x4 stride-2 transposed convolution, or nearest-neighbour
+# resizing followed by a 3x3 convolution (Odena, Dumoulin & Olah 2016, "Deconvolution and Checkerboard
+# Artifacts"). A stride-2 transposed convolution with a 4x4 kernel covers output pixels unevenly unless its weights
+# learn not to, and the small generators trained here kept regular grids of white dots at the period of its deeper
+# levels; resizing cannot make them.
+UPSAMPLING = ("transpose", "resize")
 # Decoder levels (counted from the bottleneck) that apply dropout in training, as in pix2pix.
 _DROPOUT_LEVELS = 3
 # Discriminator layers: (width in units of ndf, stride, normalised); a final 1-channel stride-1 conv follows.
@@ -100,9 +106,11 @@ class Generator(nn.Module):
         window: int = 296,
         patch: int = 256,
         dropout: float = 0.5,
+        upsample: str = "transpose",
     ) -> None:
         super().__init__()
         _require(isinstance(ngf, int) and ngf >= 1, f"generator width ngf must be a positive integer, got {ngf!r}")
+        _require(upsample in UPSAMPLING, f"generator upsample must be one of {', '.join(UPSAMPLING)}, got {upsample!r}")
         _require(
             isinstance(in_channels, int) and in_channels >= 1 and isinstance(out_channels, int) and out_channels >= 1,
             f"generator channels must be positive integers, got in={in_channels!r} out={out_channels!r}",
@@ -122,7 +130,7 @@ class Generator(nn.Module):
             f"generator dropout must be a number in [0, 1), got {dropout!r}",
         )
         self.ngf, self.in_channels, self.out_channels = ngf, in_channels, out_channels
-        self.window, self.patch, self.dropout = window, patch, float(dropout)
+        self.window, self.patch, self.dropout, self.upsample = window, patch, float(dropout), upsample
         self.kernel = window - patch + 1
 
         # in_channels -> ngf, as the official code's 41x41 filter. No bias: every valid input is a ±1 one-hot
@@ -152,10 +160,16 @@ class Generator(nn.Module):
             outermost = level == 0
             incoming = widths[-1] if depth == 0 else 2 * widths[level]
             outgoing = out_channels if outermost else widths[level - 1]
+            if upsample == "transpose":
+                resize, conv = None, nn.ConvTranspose2d(incoming, outgoing, 4, stride=2, padding=1, bias=outermost)
+            else:
+                resize = nn.Upsample(scale_factor=2, mode="nearest")
+                conv = nn.Conv2d(incoming, outgoing, 3, stride=1, padding=1, bias=outermost)
             self.decoder.append(
                 _stage(
                     act=nn.ReLU(),
-                    conv=nn.ConvTranspose2d(incoming, outgoing, 4, stride=2, padding=1, bias=outermost),
+                    resize=resize,
+                    conv=conv,
                     norm=None if outermost else _instance_norm(outgoing),
                     out=nn.Tanh() if outermost else None,
                     dropout=nn.Dropout(self.dropout) if depth < _DROPOUT_LEVELS else None,
@@ -190,6 +204,7 @@ class Generator(nn.Module):
             "window": self.window,
             "patch": self.patch,
             "dropout": self.dropout,
+            "upsample": self.upsample,
         }
 
     @classmethod

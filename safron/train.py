@@ -73,7 +73,7 @@ from .export import (
     CONFIG_METADATA_KEY, EMA_PREFIX, GENERATOR_PREFIX, RUN_DIR_CHECKPOINT, load_generator, save_checkpoint,
     tensors_under,
 )
-from .models import Discriminator, Generator, unfold_one_hot
+from .models import UPSAMPLING, Discriminator, Generator, unfold_one_hot
 from .pipeline import prefetch
 from .stitch import BLENDS, cut_windows, stitch
 
@@ -126,6 +126,7 @@ class TrainConfig:
     # Images smaller than the tile: "mirror" them beyond their border, or "skip" them (safron.data). Checkpoints
     # written before the choice existed skipped them, and load so (`_stored_config`).
     small_images: str = "mirror"
+    upsample: str = "transpose"  # the generator's decoder (models.UPSAMPLING); "resize" avoids checkerboard grids
 
     @property
     def loss_names(self) -> tuple[str, ...]:
@@ -334,6 +335,8 @@ def check_config(config: TrainConfig) -> None:
         parse_policy(config.diffaugment)
     except ValueError as exc:
         raise SafronInputError(str(exc)) from None
+    if config.upsample not in UPSAMPLING:
+        raise SafronInputError(f"upsample must be one of {', '.join(UPSAMPLING)}, got {config.upsample!r}")
     if config.small_images not in SMALL_IMAGES:
         raise SafronInputError(f"small_images must be one of {', '.join(SMALL_IMAGES)}, got {config.small_images!r}")
     if config.lr_d is not None and not config.lr_d > 0:
@@ -353,7 +356,7 @@ class Trainer:
         check_config(config)
         self.config, self.dataset, self.device, self.precision = config, dataset, device, precision
         torch.manual_seed(config.seed)
-        self.generator = Generator(ngf=config.ngf).to(device)
+        self.generator = Generator(ngf=config.ngf, upsample=config.upsample).to(device)
         self.generator.context = FourierContextConvolution.replacing(self.generator.context)
         self.discriminator = Discriminator(ndf=config.ndf).to(device)
         margin = (self.generator.window - self.generator.patch) // 2
@@ -867,7 +870,7 @@ def _augmentation_policy(text):
 # CLI options that define a run (TrainConfig fields); they default to None so that --resume can tell the ones given.
 _RUN_OPTIONS = ("data", "tile", "stride", "ngf", "ndf", "lr", "beta1", "lambda_l1", "lambda_adv", "lambda_shift",
                 "ema_decay", "blend", "seed", "tiles_per_step", "lambda_fm", "gan_loss", "diffaugment", "lr_d",
-                "small_images")
+                "small_images", "upsample")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -899,6 +902,10 @@ def train_parser() -> argparse.ArgumentParser:
                    help="images smaller than the tile: mirror image and mask beyond their border (down to half the "
                         "tile), or skip them (default: mirror; runs from before this option skipped them)")
     p.add_argument("--ngf", type=_positive_int, metavar="C", help=f"generator width (default: {defaults.ngf}, the paper's)")
+    p.add_argument("--upsample", choices=UPSAMPLING,
+                   help="how the generator's decoder doubles resolution: transpose (pix2pix's 4x4 stride-2 transposed "
+                        "convolution) or resize (nearest-neighbour, then 3x3 convolution: no checkerboard grids) "
+                        f"(default: {defaults.upsample})")
     p.add_argument("--ndf", type=_positive_int, metavar="C", help=f"discriminator width (default: {defaults.ndf})")
     p.add_argument("--lr", type=_positive_float, metavar="LR", help=f"Adam learning rate (default: {defaults.lr:g})")
     p.add_argument("--beta1", type=_non_negative_float, metavar="B", help=f"Adam beta1 (default: {defaults.beta1:g})")
@@ -956,8 +963,10 @@ def _config_from_args(args) -> TrainConfig | None:
         given["augment"] = False
     if args.init is not None and not args.resume:  # with --resume too, train() says they exclude each other
         if _is_onnx(args.init):
-            # The file fixes the generator's width; everything else is this run's (defaults or given).
-            given.setdefault("ngf", generator_from_onnx(args.init).ngf)
+            # The file fixes the generator's architecture; everything else is this run's (defaults or given).
+            generator = generator_from_onnx(args.init)
+            given.setdefault("ngf", generator.ngf)
+            given.setdefault("upsample", generator.upsample)
             return TrainConfig(**given)
         return dataclasses.replace(_stored_config(training_checkpoint(args.init)), **given)
     if args.resume:
