@@ -60,6 +60,36 @@ def test_bootstrap_refuses_unpaired_sets_unless_told_and_then_resamples_each_on_
     assert (scores.images, scores.samples_per_set) == (9, 18)
 
 
+def test_paired_differences_are_zero_for_one_model_and_tell_a_worse_one_apart():
+    real, candidate = _features(0, 20, 3), _features(1, 20, 3)
+    same = evaluation.paired_difference(real, candidate, candidate, resamples=30)
+    assert (same.fid.value, same.fid.low, same.fid.high, same.kid.value) == (0, 0, 0, 0)
+    assert same.verdict == "not told apart"
+    worse = evaluation.paired_difference(real, [c + 0.8 for c in candidate], candidate, resamples=30)
+    assert worse.fid.low > 0 and worse.kid.low > 0 and worse.verdict == "worse"
+    better = evaluation.paired_difference(real, candidate, [c + 0.8 for c in candidate], resamples=30)
+    assert better.verdict == "better" and better.fid.value == pytest.approx(-worse.fid.value)
+    # Paired: the difference's interval is far tighter than either model's own.
+    alone = evaluation.bootstrap_scores(real, candidate, resamples=30)
+    slightly = evaluation.paired_difference(real, [c + 0.05 for c in candidate], candidate, resamples=30)
+    assert slightly.fid.high - slightly.fid.low < (alone.fid.high - alone.fid.low) / 3
+    with pytest.raises(SafronInputError, match="same number"):
+        evaluation.paired_difference(real, candidate[:5], candidate)
+
+
+def test_features_survive_the_file_and_a_damaged_file_is_one_line(tmp_path):
+    groups = {"real_crops": _features(0, 4, 3), "real_whole": _features(1, 4, 1)}
+    evaluation.save_features(tmp_path / "f.npz", groups)
+    loaded = evaluation.load_features(tmp_path / "f.npz")
+    assert set(loaded) == set(groups)
+    for name, group in groups.items():
+        assert [len(g) for g in loaded[name]] == [len(g) for g in group]
+        np.testing.assert_allclose(np.concatenate(loaded[name]), np.concatenate(group), rtol=1e-6)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(SafronInputError, match="bad.npz: not a safron-eval features file"):
+        evaluation.load_features(tmp_path / "bad.npz")
+
+
 def _seamless_texture(height: int, width: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     grey = rng.uniform(100, 130, (height, width))
@@ -154,6 +184,16 @@ def test_report_of_the_centre_crop_model_finds_its_images_are_the_masks(tmp_path
     # Of these names only testA_1 is in SHEET_IMAGES: one row of three half-scale panels.
     assert np.asarray(Image.open(out / "sheet.png")).shape == (150, 3 * 170 + 2 * 8, 3)
 
+    # The same model against its own report: no difference, and the report says so.
+    again = evaluation.evaluate(glas, tmp_path / "again", CENTRE_CROP, threads=1, resamples=5, seam_side=0,
+                                baseline=out, progress=False)
+    assert again.versus_whole.fid.value == pytest.approx(0, abs=1e-3) and again.versus_crops.verdict == "not told apart"
+    assert "Against the baseline report" in (tmp_path / "again" / "report.md").read_text()
+    other_glas = write_glas(tmp_path / "other", count=2)
+    with pytest.raises(SafronInputError, match="scored other test images"):
+        evaluation.evaluate(other_glas, tmp_path / "x", CENTRE_CROP, threads=1, resamples=2, seam_side=0,
+                            baseline=out, progress=False)
+
 
 @pytest.mark.parametrize("argv,needle", [
     (["--report", "OUT"], "--report needs --glas DIR"),
@@ -162,6 +202,7 @@ def test_report_of_the_centre_crop_model_finds_its_images_are_the_masks(tmp_path
     (["--report", "OUT", "--glas", "NOWHERE"], "NOWHERE: no testA/images folder"),
     (["--report", "OUT", "--glas", "GLAS", "--model", "missing.onnx"], "missing.onnx: no such model file"),
     (["--report", "OUT", "--glas", "GLAS", "--bootstrap", "0"], "--bootstrap: expected a positive integer"),
+    (["--report", "OUT", "--glas", "GLAS", "--baseline", "NOWHERE"], "NOWHERE: not a safron-eval report folder"),
 ])
 def test_report_mode_usage_errors_are_one_line_exit_2(tmp_path, capsys, argv, needle):
     glas = write_glas(tmp_path / "glas", count=1)

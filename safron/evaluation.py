@@ -40,8 +40,8 @@ from . import geometry, masks
 from .errors import SafronInputError
 
 __all__ = [
-    "SHEET_IMAGES", "CROP", "SEAM_SIDE", "TestCase", "Interval", "SetScores", "Report", "load_testa", "crops",
-    "bootstrap_scores", "border_profile", "grid_lock", "seam_score", "side_by_side", "evaluate", "write_report",
+    "SHEET_IMAGES", "CROP", "SEAM_SIDE", "FEATURES_FILE", "TestCase", "Interval", "SetScores", "Difference", "Report",
+    "load_testa", "crops", "bootstrap_scores", "paired_difference", "save_features", "load_features", "border_profile", "grid_lock", "seam_score", "side_by_side", "evaluate", "write_report",
 ]
 
 # Fixed, so that sheets of different models compare image for image: glands of several sizes and grades.
@@ -104,6 +104,9 @@ class Report:
     segmenter: str | None = None
     reference_whole: SetScores | None = None
     reference_crops: SetScores | None = None
+    baseline: str | None = None  # the report folder compared against
+    versus_whole: Difference | None = None
+    versus_crops: Difference | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -166,6 +169,33 @@ def _fid_kid(real: np.ndarray, generated: np.ndarray) -> tuple[float, float]:
     return fid(real, generated), unbiased_mmd2(real, generated)
 
 
+def _bootstrap(statistic: Callable[[np.ndarray, np.ndarray], np.ndarray], sizes: tuple[int, int], paired: bool,
+               resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(statistic on all images, 1.96 bootstrap standard deviations of it), resampling image indices of two sets of
+    `sizes` with replacement, with the same draws for both when `paired`.
+
+    The normal interval, value +- 1.96 standard deviations: resampling with replacement repeats images, which
+    biases FID upwards, so percentile intervals can miss the value itself; the spread is what we want."""
+    if resamples < 1:
+        raise SafronInputError(f"resamples must be >= 1, got {resamples}")
+    value = np.asarray(statistic(np.arange(sizes[0]), np.arange(sizes[1])), np.float64)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(resamples):
+        chosen = rng.integers(0, sizes[0], sizes[0])
+        samples.append(statistic(chosen, chosen if paired else rng.integers(0, sizes[1], sizes[1])))
+    spread = 1.959964 * np.asarray(samples).std(axis=0, ddof=1) if resamples > 1 else np.zeros_like(value)
+    return value, spread
+
+
+def _intervals(value: np.ndarray, spread: np.ndarray) -> tuple[Interval, ...]:
+    return tuple(Interval(float(v), float(v - d), float(v + d)) for v, d in zip(value, spread))
+
+
+def _gather(groups: Sequence[np.ndarray], indices: np.ndarray) -> np.ndarray:
+    return np.concatenate([groups[i] for i in indices])
+
+
 def bootstrap_scores(real: Sequence[np.ndarray], generated: Sequence[np.ndarray],
                      resamples: int = DEFAULT_RESAMPLES, seed: int = 0, paired: bool = True) -> SetScores:
     """FID and KID between two feature sets grouped by image (`real[i]`, `generated[i]`: [k_i, D] features of the
@@ -175,22 +205,73 @@ def bootstrap_scores(real: Sequence[np.ndarray], generated: Sequence[np.ndarray]
     if len(real) < 2 or len(generated) < 2 or (paired and len(real) != len(generated)):
         raise SafronInputError(f"need {'the same number' if paired else 'at least 2'} of real and generated images "
                                f"(>= 2), got {len(real)} and {len(generated)}")
-    if resamples < 1:
-        raise SafronInputError(f"resamples must be >= 1, got {resamples}")
-    value = _fid_kid(np.concatenate(real), np.concatenate(generated))
-    rng = np.random.default_rng(seed)
-    samples = []
-    for _ in range(resamples):
-        chosen = rng.integers(0, len(real), len(real))
-        others = chosen if paired else rng.integers(0, len(generated), len(generated))
-        samples.append(_fid_kid(np.concatenate([real[i] for i in chosen]),
-                                np.concatenate([generated[i] for i in others])))
-    # The normal interval, value +- 1.96 bootstrap standard deviations: resampling with replacement repeats images,
-    # which biases FID upwards, so percentile intervals can miss the value itself; the spread is what we want.
-    spread = 1.959964 * np.asarray(samples).std(axis=0, ddof=1) if resamples > 1 else np.zeros(2)
-    fid_interval, kid_interval = (Interval(float(value[k]), float(value[k] - spread[k]), float(value[k] + spread[k]))
-                                  for k in range(2))
+    value, spread = _bootstrap(lambda a, b: _fid_kid(_gather(real, a), _gather(generated, b)),
+                               (len(real), len(generated)), paired, resamples, seed)
+    fid_interval, kid_interval = _intervals(value, spread)
     return SetScores(len(generated), sum(len(g) for g in generated), fid_interval, kid_interval, resamples)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A candidate's FID and KID minus a baseline's on the same test images (negative: the candidate is closer to
+    the real images), with paired 95 % intervals."""
+
+    fid: Interval
+    kid: Interval
+
+    @property
+    def verdict(self) -> str:
+        if self.fid.high < 0 and self.kid.high < 0:
+            return "better"
+        if self.fid.low > 0 and self.kid.low > 0:
+            return "worse"
+        return "not told apart"
+
+
+def paired_difference(real: Sequence[np.ndarray], candidate: Sequence[np.ndarray], baseline: Sequence[np.ndarray],
+                      resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Difference:
+    """FID and KID of `candidate` minus those of `baseline`, both against `real` (features grouped by test image,
+    the same images in the same order), each resample scoring both on the same draw of images. Much tighter than
+    two separate intervals: most of what varies between draws of test images moves both models alike."""
+    if not len(real) == len(candidate) == len(baseline) >= 2:
+        raise SafronInputError(f"need the same number (>= 2) of images in all three sets, got {len(real)}, "
+                               f"{len(candidate)} and {len(baseline)}")
+
+    def statistic(chosen, _):
+        reference = _gather(real, chosen)
+        return (np.asarray(_fid_kid(reference, _gather(candidate, chosen)))
+                - np.asarray(_fid_kid(reference, _gather(baseline, chosen))))
+
+    value, spread = _bootstrap(statistic, (len(real), len(real)), True, resamples, seed)
+    return Difference(*_intervals(value, spread))
+
+
+FEATURES_FILE = "features.npz"
+
+
+def save_features(path: Path, groups: dict[str, Sequence[np.ndarray]]) -> None:
+    """Grouped features (name -> one [k_i, D] array per test image) as one compressed .npz."""
+    arrays = {}
+    for name, group in groups.items():
+        arrays[name] = np.concatenate(group).astype(np.float32)  # float32: half the file, far below FID's noise
+        arrays[f"{name}.counts"] = np.array([len(g) for g in group], np.int64)
+    np.savez_compressed(path, **arrays)
+
+
+def load_features(path: Path) -> dict[str, list[np.ndarray]]:
+    """What `save_features` wrote, or a one-line error for a file that is not such a record."""
+    try:
+        with np.load(path) as stored:
+            data = {name: stored[name] for name in stored.files}
+    except (OSError, ValueError) as exc:
+        raise SafronInputError(f"{path}: not a safron-eval features file ({exc})") from None
+    groups = {}
+    for name in (n for n in data if not n.endswith(".counts")):
+        counts = data.get(f"{name}.counts")
+        if counts is None or counts.sum() != len(data[name]):
+            raise SafronInputError(f"{path}: features {name!r} without matching counts")
+        groups[name] = np.split(data[name].astype(np.float64), np.cumsum(counts)[:-1])
+    return groups
 
 
 # --- seams and the patch grid --------------------------------------------------------------------------------------
@@ -323,10 +404,14 @@ def evaluate(
     resamples: int = DEFAULT_RESAMPLES,
     seam_side: int = SEAM_SIDE,
     reference: bool = False,
+    baseline: str | os.PathLike | None = None,
     progress: bool = True,
     note: Callable[[str], None] = lambda text: None,
 ) -> Report:
-    """Run the protocol (module docstring) and write the report folder `out_dir`; returns the figures."""
+    """Run the protocol (module docstring) and write the report folder `out_dir`; returns the figures.
+
+    `baseline`: the folder of an earlier report (another model, the same test images): the report then adds this
+    model's FID and KID minus the baseline's, with paired intervals, from the features that report saved."""
     from tqdm import tqdm
 
     from . import engine
@@ -341,6 +426,12 @@ def evaluate(
     model_path = Path(model) if model is not None else engine.default_model_path()
     out_dir = Path(out_dir)
     cases = load_testa(glas)
+    baseline_features = None
+    if baseline is not None:
+        baseline_file = Path(baseline) / FEATURES_FILE
+        if not baseline_file.is_file():
+            raise SafronInputError(f"{baseline}: not a safron-eval report folder (no {FEATURES_FILE})")
+        baseline_features = load_features(baseline_file)
     out_dir.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
 
@@ -368,15 +459,21 @@ def evaluate(
 
         torch.set_num_threads(threads)
     real_images, synthetic = [c.image for c in cases], rendered
-    scores = {}
+    scores, differences, features = {}, {}, {}
     train = _train_images(glas) if reference else None
     for name, crop in (("whole", None), ("crops", CROP)):
         real_features = _grouped_features(real_images, crop, progress, f"features real ({name})")
         synthetic_features = _grouped_features(synthetic, crop, progress, f"features synthetic ({name})")
+        features |= {f"real_{name}": real_features, f"synthetic_{name}": synthetic_features}
         scores[name] = bootstrap_scores(real_features, synthetic_features, resamples)
         if train is not None:
             train_features = _grouped_features(train, crop, progress, f"features train ({name})")
             scores[f"reference_{name}"] = bootstrap_scores(real_features, train_features, resamples, paired=False)
+        if baseline_features is not None:
+            differences[name] = paired_difference(
+                real_features, synthetic_features, _baseline_group(baseline_features, name, real_features, baseline),
+                resamples)
+    save_features(out_dir / FEATURES_FILE, features)
     seconds["features and scores"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -390,7 +487,8 @@ def evaluate(
         profile_model=border_profile(rendered).tolist(), profile_real=border_profile(real_images).tolist(),
         seam=seam, seam_side=seam_side, dice_synthetic=dice_synthetic, dice_real=dice_real, segmenter=segmenter,
         reference_whole=scores.get("reference_whole"), reference_crops=scores.get("reference_crops"),
-        seconds=seconds,
+        baseline=str(baseline) if baseline is not None else None, versus_whole=differences.get("whole"),
+        versus_crops=differences.get("crops"), seconds=seconds,
     )
     by_name = {c.name: (c, image) for c, image in zip(cases, rendered)}
     sheet_rows = [(masks.labels_to_colour(c.labels), c.image, image)
@@ -402,6 +500,18 @@ def evaluate(
     _plots(out_dir, report, real_images, rendered)
     write_report(report, out_dir)
     return report
+
+
+def _baseline_group(stored: dict[str, list[np.ndarray]], name: str, real: list[np.ndarray],
+                    baseline) -> list[np.ndarray]:
+    """The baseline's synthetic features for protocol `name`, once its real ones show it scored the same images."""
+    theirs = stored.get(f"real_{name}")
+    same = theirs is not None and len(theirs) == len(real) and all(
+        a.shape == b.shape and np.allclose(a, b, rtol=0, atol=1e-3) for a, b in zip(theirs, real))
+    if not same or f"synthetic_{name}" not in stored:
+        raise SafronInputError(f"{baseline}: that report scored other test images (or another feature network); "
+                               f"compare reports of the same GlaS testA")
+    return stored[f"synthetic_{name}"]
 
 
 def _train_images(glas: str | os.PathLike) -> list[np.ndarray]:
@@ -486,6 +596,14 @@ def write_report(report: Report, out_dir: str | os.PathLike) -> Path:
                  (f"reference: real train vs testA, {CROP} px crops", report.reference_crops)]
     for name, scores in rows:
         lines.append(f"| {name} | {scores.samples_per_set} | {_interval(scores.fid, 1)} | {_interval(scores.kid, 4)} |")
+    if report.baseline is not None:
+        lines += ["", f"Against the baseline report `{report.baseline}` (this model minus the baseline on the same "
+                  "test images, paired intervals; negative = closer to the real images):", "",
+                  "| protocol | FID difference [95 %] | KID difference [95 %] | verdict |", "|---|---|---|---|"]
+        for name, difference in (("whole images", report.versus_whole), (f"{CROP} px crops", report.versus_crops)):
+            lines.append(f"| {name} | {difference.fid.value:+.1f} [{difference.fid.low:+.1f}, {difference.fid.high:+.1f}]"
+                         f" | {difference.kid.value:+.4f} [{difference.kid.low:+.4f}, {difference.kid.high:+.4f}] | "
+                         f"{difference.verdict} |")
     lines += ["", "| figure | synthetic | real |", "|---|---|---|"]
     if report.dice_synthetic is not None:
         lines.append(f"| gland Dice (segmenter vs gland mask) | {report.dice_synthetic:.3f} | {report.dice_real:.3f} |")

@@ -208,6 +208,9 @@ def eval_parser() -> argparse.ArgumentParser:
                         help="side of the synthetic mask rendered for the seam score, 0 = skip (default: %(default)s)")
     report.add_argument("--reference", action="store_true",
                         help="also score real GlaS train against real testA: the floor a generator can approach")
+    report.add_argument("--baseline", metavar="REPORT_DIR",
+                        help="an earlier report (another model): add this model's FID and KID minus its, with paired "
+                             "intervals, and say whether the difference is beyond what the test set can tell")
     folders = p.add_argument_group("folder mode")
     folders.add_argument("--kid-subsets", type=_positive_int, default=DEFAULT_KID_SUBSETS, metavar="N",
                          help="random subsets KID is averaged over (default: %(default)s)")
@@ -247,17 +250,24 @@ def _write_report(args) -> None:
     if args.model is not None and not Path(args.model).exists():
         raise SafronInputError(f"{args.model}: no such model file or run directory")
     # The cheap checks before the slow work: the data folder, then the install hint for the feature network.
+    if args.baseline is not None and not (Path(args.baseline) / "features.npz").is_file():
+        raise SafronInputError(f"{args.baseline}: not a safron-eval report folder (no features.npz)")
     if not (Path(args.glas) / "testA" / "images").is_dir():
         raise SafronInputError(f"{args.glas}: no testA/images folder (the GlaS layout: testA/images, testA/masks)")
     _feature_extractor()
     report = evaluate(args.glas, args.report, args.model, blend=args.blend, overlap=args.overlap, threads=args.threads,
                       resamples=args.bootstrap, seam_side=args.seam_size, reference=args.reference,
-                      progress=not args.quiet)
+                      baseline=args.baseline, progress=not args.quiet)
     print(f"FID {report.whole.fid.value:.1f} / KID {report.whole.kid.value:.4f} (whole images), "
           f"FID {report.crops.fid.value:.1f} / KID {report.crops.kid.value:.4f} ({report.crops.samples_per_set} crops)"
           + (f", seam {report.seam:.3f}" if report.seam is not None else "")
           + (f", gland Dice {report.dice_synthetic:.3f} (real {report.dice_real:.3f})"
              if report.dice_synthetic is not None else ""))
+    for name, difference in (("whole", report.versus_whole), ("crops", report.versus_crops)):
+        if difference is not None:
+            print(f"versus {args.baseline} ({name}): FID {difference.fid.value:+.1f} "
+                  f"[{difference.fid.low:+.1f}, {difference.fid.high:+.1f}], KID {difference.kid.value:+.4f} "
+                  f"[{difference.kid.low:+.4f}, {difference.kid.high:+.4f}]: {difference.verdict}")
     print(f"report: {Path(args.report) / 'report.md'}")
 
 
