@@ -472,3 +472,25 @@ def test_a_resize_decoder_exports_and_reads_back_into_pytorch(tmp_path):
         assert np.abs(reference.run(masks) - torch_images(model, masks)).max() <= PARITY_TOLERANCE
     finally:
         reference.close()
+
+
+def test_a_dilated_context_exports_unfolded_and_reads_back_into_pytorch(tmp_path):
+    torch.manual_seed(2)
+    model = Generator(ngf=NGF, context="dilated", upsample="resize")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(model.eval(), run / export.RUN_DIR_CHECKPOINT)
+    result = export.export_onnx(run, tmp_path / "dilated.onnx")
+    assert not result.folded and _context_input_channels(result.out_path) == 3
+    masks = random_masks(2, 296, seed=4)
+    expected = torch_images(model, masks)
+    np.testing.assert_allclose(ort_session(result.out_path).run(None, {"mask": masks})[0], expected, rtol=0,
+                               atol=PARITY_TOLERANCE)
+    reference = create_backend("torch", result.out_path)
+    try:
+        assert np.abs(reference.run(masks) - expected).max() <= PARITY_TOLERANCE
+    finally:
+        reference.close()

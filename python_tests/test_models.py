@@ -309,3 +309,33 @@ def test_only_the_transposed_decoder_draws_a_checkerboard_at_initialisation():
                 parameter.add_(torch.randn_like(parameter) * 0.05)
             energies[upsample] = _nyquist_energy(generator(uniform))
     assert energies["transpose"] > 3 * energies["resize"], energies
+
+
+# --- the dilated context reader ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("margin,dilations", [(20, [1, 2, 4, 8, 5]), (22, [1, 2, 4, 8, 7]), (15, [1, 2, 4, 8]),
+                                              (1, [1])])
+def test_context_dilations_add_up_to_the_margin(margin, dilations):
+    from safron.models import context_dilations
+
+    assert context_dilations(margin) == dilations and sum(dilations) == margin
+
+
+def test_dilated_context_keeps_the_contract_and_reaches_as_far_as_the_dense_one():
+    generator = seeded_generator(context="dilated").eval()
+    masks = random_masks(2)
+    with torch.no_grad():
+        out = generator(masks)
+    assert out.shape == (2, 3, 256, 256)
+    assert generator.config()["context"] == "dilated"
+    dense_parameters = count_parameters(seeded_generator().context)
+    assert count_parameters(generator.context) < dense_parameters / 4
+    # Reach: an output pixel changes when the mask changes 20 px away (the margin), and not 21 px away.
+    probe = torch.zeros_like(masks[:1], requires_grad=True)
+    generator.context(probe)[0, :, 0, 0].sum().backward()
+    reached = probe.grad[0].abs().sum(dim=0) > 0
+    assert reached[:41, :41].all() and not reached[41:].any() and not reached[:, 41:].any()
+    legacy = {k: v for k, v in seeded_generator().config().items() if k != "context"}
+    assert Generator.from_config(legacy).context_kind == "dense"
+    with pytest.raises(SafronInputError, match="context must be one of dense, dilated"):
+        Generator(ngf=NGF, context="sparse")

@@ -799,3 +799,13 @@ def test_checkpoints_from_before_the_small_images_setting_resume_skipping_them(t
     result = quick_train(tmp_path / "run", data_dir, 2, config=None, resume=True)
     assert result.step == 2
     assert json.loads(latest_checkpoint(tmp_path / "run").read_text())["training"]["small_images"] == "skip"
+
+
+def test_the_cheaper_context_and_the_resize_decoder_train_and_resume_exactly(tmp_path, data_dir):
+    config = TrainConfig(data=str(data_dir), tile=256, context="dilated", upsample="resize", lambda_fm=1.0, **TINY)
+    quick_train(tmp_path / "straight", data_dir, 3, config=config)
+    quick_train(tmp_path / "resumed", data_dir, 1, config=config)
+    quick_train(tmp_path / "resumed", data_dir, 3, config=None, resume=True)
+    assert loss_values(read_losses(tmp_path / "straight")) == loss_values(read_losses(tmp_path / "resumed"))
+    generator = load_generator(tmp_path / "resumed")
+    assert (generator.context_kind, generator.upsample) == ("dilated", "resize")

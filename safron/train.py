@@ -73,7 +73,7 @@ from .export import (
     CONFIG_METADATA_KEY, EMA_PREFIX, GENERATOR_PREFIX, RUN_DIR_CHECKPOINT, load_generator, save_checkpoint,
     tensors_under,
 )
-from .models import UPSAMPLING, Discriminator, Generator, unfold_one_hot
+from .models import CONTEXTS, UPSAMPLING, Discriminator, Generator, unfold_one_hot
 from .pipeline import prefetch
 from .stitch import BLENDS, cut_windows, stitch
 
@@ -127,6 +127,7 @@ class TrainConfig:
     # written before the choice existed skipped them, and load so (`_stored_config`).
     small_images: str = "mirror"
     upsample: str = "transpose"  # the generator's decoder (models.UPSAMPLING); "resize" avoids checkerboard grids
+    context: str = "dense"  # how the generator reads the mask context (models.CONTEXTS); "dilated" is cheaper
 
     @property
     def loss_names(self) -> tuple[str, ...]:
@@ -335,6 +336,8 @@ def check_config(config: TrainConfig) -> None:
         parse_policy(config.diffaugment)
     except ValueError as exc:
         raise SafronInputError(str(exc)) from None
+    if config.context not in CONTEXTS:
+        raise SafronInputError(f"context must be one of {', '.join(CONTEXTS)}, got {config.context!r}")
     if config.upsample not in UPSAMPLING:
         raise SafronInputError(f"upsample must be one of {', '.join(UPSAMPLING)}, got {config.upsample!r}")
     if config.small_images not in SMALL_IMAGES:
@@ -356,8 +359,9 @@ class Trainer:
         check_config(config)
         self.config, self.dataset, self.device, self.precision = config, dataset, device, precision
         torch.manual_seed(config.seed)
-        self.generator = Generator(ngf=config.ngf, upsample=config.upsample).to(device)
-        self.generator.context = FourierContextConvolution.replacing(self.generator.context)
+        self.generator = Generator(ngf=config.ngf, upsample=config.upsample, context=config.context).to(device)
+        if config.context == "dense":
+            self.generator.context = FourierContextConvolution.replacing(self.generator.context)
         self.discriminator = Discriminator(ndf=config.ndf).to(device)
         margin = (self.generator.window - self.generator.patch) // 2
         if dataset.tile < self.generator.patch or dataset.margin != margin:
@@ -870,7 +874,7 @@ def _augmentation_policy(text):
 # CLI options that define a run (TrainConfig fields); they default to None so that --resume can tell the ones given.
 _RUN_OPTIONS = ("data", "tile", "stride", "ngf", "ndf", "lr", "beta1", "lambda_l1", "lambda_adv", "lambda_shift",
                 "ema_decay", "blend", "seed", "tiles_per_step", "lambda_fm", "gan_loss", "diffaugment", "lr_d",
-                "small_images", "upsample")
+                "small_images", "upsample", "context")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -906,6 +910,10 @@ def train_parser() -> argparse.ArgumentParser:
                    help="how the generator's decoder doubles resolution: transpose (pix2pix's 4x4 stride-2 transposed "
                         "convolution) or resize (nearest-neighbour, then 3x3 convolution: no checkerboard grids) "
                         f"(default: {defaults.upsample})")
+    p.add_argument("--context", choices=CONTEXTS,
+                   help="how the generator reads the mask around its patch: dense (one 41x41 convolution, the "
+                        "paper's) or dilated (3x3 convolutions with dilations 1, 2, 4, 8, 5: the same reach, about a "
+                        f"sixth of the work at width 16) (default: {defaults.context})")
     p.add_argument("--ndf", type=_positive_int, metavar="C", help=f"discriminator width (default: {defaults.ndf})")
     p.add_argument("--lr", type=_positive_float, metavar="LR", help=f"Adam learning rate (default: {defaults.lr:g})")
     p.add_argument("--beta1", type=_non_negative_float, metavar="B", help=f"Adam beta1 (default: {defaults.beta1:g})")
@@ -967,6 +975,7 @@ def _config_from_args(args) -> TrainConfig | None:
             generator = generator_from_onnx(args.init)
             given.setdefault("ngf", generator.ngf)
             given.setdefault("upsample", generator.upsample)
+            given.setdefault("context", generator.context_kind)
             return TrainConfig(**given)
         return dataclasses.replace(_stored_config(training_checkpoint(args.init)), **given)
     if args.resume:
