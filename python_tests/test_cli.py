@@ -57,7 +57,7 @@ def test_help_describes_options():
     proc = safron_render("--help")
     assert proc.returncode == 0
     for option in ("--model", "--backend", "--batch-size", "--blend", "--compression", "--quality", "--mpp",
-                   "--resume", "--threads", "--quiet"):
+                   "--colour-tolerance", "--resume", "--threads", "--quiet"):
         assert option in proc.stdout
 
 
@@ -105,6 +105,8 @@ def test_bad_masks_exit_2_with_one_line_and_no_output(tmp_path, models, kind, ne
     (["--backend", "tensorflow"], "--backend"),
     (["--mpp", "-1"], "--mpp"),
     (["--threads", "many"], "--threads"),
+    (["--colour-tolerance", "-1"], "--colour-tolerance"),
+    (["--colour-tolerance", "nan"], "--colour-tolerance"),
 ])
 def test_bad_options_exit_2(tmp_path, mask_png, models, args, needle):
     proc = safron_render(mask_png, tmp_path / "out.tif", "--model", models["crop"], *args)

@@ -32,6 +32,7 @@ from safron.errors import MaskError, ModelError, OutputWriteError, SafronInputEr
 from test_engine import random_labels
 
 RESUME_HINT = "run the same command with --resume"
+EXAMPLE_MODEL = Path(__file__).resolve().parents[1] / "examples" / "centre_crop.onnx"
 
 
 def safron_render(*args, timeout=300):
@@ -146,6 +147,9 @@ BAD_ARGUMENTS = [
     ({"blend": "gaussian"}, "unknown blend"),
     ({"overlap": -3}, "overlap must be an integer >= 0"),
     ({"mpp": "half"}, "mpp must be a positive number"),
+    ({"colour_tolerance": -1}, "colour tolerance must be a number >= 0"),
+    ({"colour_tolerance": float("nan")}, "colour tolerance must be a number >= 0"),
+    ({"colour_tolerance": "wide"}, "colour tolerance must be a number >= 0"),
 ]
 
 
@@ -161,7 +165,7 @@ def test_bad_arguments_are_one_line_input_errors_before_any_file(tmp_path, mask_
         engine.render(mask_tif, out, model=models["crop"], progress=False, **kwargs)
     assert "\n" not in str(raised.value)
     assert names(tmp_path) == ["mask.tif"]
-    if set(kwargs) <= {"threads", "batch_size", "blend", "overlap"}:
+    if set(kwargs) <= {"threads", "batch_size", "blend", "overlap", "colour_tolerance"}:
         with pytest.raises(SafronInputError, match=needle):
             engine.render_array(random_labels(50, 50), model=models["crop"], **kwargs)
     monkeypatch.undo()
@@ -549,3 +553,78 @@ def test_a_real_disk_filling_up_mid_render_resumes_once_there_is_room(tmp_path, 
     assert resumed.returncode == EXIT_OK, resumed.stderr
     np.testing.assert_array_equal(tifffile.imread(out), masks.labels_to_colour(labels))
     assert names(small_tmpfs) == ["out.tif"]
+
+
+# --- 10. JPEG masks: smear along class edges is taken, wrong colours are not -------------------------------------
+
+def _labels_of_render(out: Path) -> np.ndarray:
+    """The labels a centre-crop render drew (it reproduces the mask's class colours exactly in a lossless TIFF)."""
+    image = tifffile.imread(out, level=0)
+    labels = np.full(image.shape[:2], 255, np.uint8)
+    for label, colour in masks.CLASS_COLOURS.items():
+        labels[(image == colour).all(axis=-1)] = label
+    assert (labels != 255).all(), "the render holds colours that are no class colour"
+    return labels
+
+
+def _class_edges(labels: np.ndarray, radius: int = 1) -> np.ndarray:
+    """Pixels within `radius` (chessboard) of a pixel of another class."""
+    padded = np.pad(labels, radius, mode="edge")
+    height, width = labels.shape
+    edges = np.zeros(labels.shape, bool)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            edges |= padded[dy:dy + height, dx:dx + width] != labels
+    return edges
+
+
+def test_a_default_jpeg_of_a_synthetic_mask_renders_with_its_labels(tmp_path):
+    from PIL import Image
+
+    labels = masks.synthesize(700, 900, seed=21)
+    mask = tmp_path / "mask.jpg"
+    Image.fromarray(masks.labels_to_colour(labels)).save(mask)  # Pillow's default: quality 75, 4:2:0 chroma
+    decoded = np.asarray(Image.open(mask).convert("RGB")).astype(float)
+    distance = np.sqrt(((decoded[..., None, :] - np.array(list(masks.CLASS_COLOURS.values()))) ** 2).sum(-1))
+    assert distance.min(-1).max() > 208.2, "the test needs 4:2:0 smear further from every class than grey is"
+    out = tmp_path / "out.tif"
+    proc = safron_render(mask, out, "--model", EXAMPLE_MODEL, "--compression", "none", "--quiet")
+    assert proc.returncode == EXIT_OK, proc.stderr
+    rendered = _labels_of_render(out)
+    wrong = rendered != labels
+    assert wrong.mean() <= 0.01  # measured: 0.1 %
+    assert not (wrong & ~_class_edges(labels)).any()  # every pixel off the class edges keeps its class
+
+
+def test_a_jpeg_with_wrong_colours_drawn_into_it_is_a_one_line_error(tmp_path, models):
+    from PIL import Image
+
+    colour = masks.labels_to_colour(masks.synthesize(600, 500, seed=22))
+    yy, xx = np.mgrid[:600, :500]
+    for cy, cx in ((450, 120), (480, 400)):  # below the first band: found mid-render
+        colour[(yy - cy) ** 2 + (xx - cx) ** 2 <= 10 ** 2] = (255, 255, 0)
+    mask = tmp_path / "mask.jpg"
+    Image.fromarray(colour).save(mask)
+    proc = safron_render(mask, tmp_path / "out.tif", "--model", models["crop"], "--quiet")
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    line = one_line(proc.stderr)
+    assert "is not a class colour" in line and "more than 2 px from every class colour" in line
+    y, x = (int(v) for v in line.split("at (y=")[1].split(")")[0].replace("x=", "").split(", "))
+    assert (y - 450) ** 2 + (x - 120) ** 2 <= 10 ** 2
+    assert names(tmp_path) == ["mask.jpg"]  # the mask will not change by itself: nothing to resume
+
+
+def test_colour_tolerance_inf_takes_a_lossless_copy_of_a_jpeg(tmp_path, models):
+    from PIL import Image
+
+    labels = masks.synthesize(400, 500, seed=23)
+    Image.fromarray(masks.labels_to_colour(labels)).save(tmp_path / "mask.jpg")
+    Image.open(tmp_path / "mask.jpg").save(tmp_path / "mask.png")  # the smear, now in a lossless file
+    out = tmp_path / "out.tif"
+    strict = safron_render(tmp_path / "mask.png", out, "--model", models["crop"], "--quiet")
+    assert strict.returncode == EXIT_USAGE and "on a class edge" in one_line(strict.stderr)
+    lifted = safron_render(tmp_path / "mask.png", out, "--model", models["crop"], "--quiet", "--compression", "none",
+                           "--colour-tolerance", "inf")
+    assert lifted.returncode == EXIT_OK, lifted.stderr
+    assert not ((_labels_of_render(out) != labels) & ~_class_edges(labels, radius=2)).any()
+

@@ -127,6 +127,7 @@ def _threads(text):
 
 _non_negative_int = _argument_type(int, "a non-negative integer", lambda v: v >= 0)
 _positive_float = _argument_type(float, "a positive number", lambda v: 0 < v < float("inf"))
+_colour_tolerance = _argument_type(float, "a number >= 0 or inf", lambda v: v >= 0)  # NaN fails v >= 0
 _quality = _argument_type(int, "1..100", lambda v: 1 <= v <= 100)
 _probability = _argument_type(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
 _tile_side = _argument_type(int, "a positive multiple of 16", lambda v: v >= 16 and v % 16 == 0)
@@ -135,6 +136,7 @@ _tile_side = _argument_type(int, "a positive multiple of 16", lambda v: v >= 16 
 def render_parser() -> argparse.ArgumentParser:
     from .backends import BACKEND_NAMES
     from .engine import BLENDS, DEFAULT_BLEND
+    from .masks import COLOUR_TOLERANCE, SMEAR_RADIUS
     from .pyramid_tiff import COMPRESSIONS
 
     p = _Parser(
@@ -167,6 +169,11 @@ def render_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", choices=COMPRESSIONS, default="jpeg", help="tile compression (default: %(default)s)")
     p.add_argument("--quality", type=_quality, default=90, metavar="Q", help="JPEG quality 1..100 (default: %(default)s)")
     p.add_argument("--mpp", type=_positive_float, metavar="UM", help="microns per pixel to record (default: taken from the mask)")
+    p.add_argument("--colour-tolerance", "--color-tolerance", dest="colour_tolerance", type=_colour_tolerance,
+                   default=COLOUR_TOLERANCE, metavar="T",
+                   help="RGB distance within which a mask colour snaps to the nearest class colour; other colours "
+                        f"are errors, except in lossy (JPEG) masks within {SMEAR_RADIUS} px of a class colour, taken "
+                        "for the codec's smear along class edges; inf snaps every colour (default: %(default)g)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted render of OUT")
     p.add_argument("--threads", type=_threads, metavar="N", help="CPU threads (default: all cores)")
     p.add_argument("--profile", action="store_true",
@@ -184,7 +191,7 @@ def render_main(argv=None) -> int:
         result = render(
             args.mask, args.out, model=args.model, backend=args.backend, batch_size=args.batch_size,
             blend=args.blend, compression=args.compression, quality=args.quality, mpp=args.mpp,
-            resume=args.resume, progress=not args.quiet, threads=args.threads,
+            resume=args.resume, progress=not args.quiet, threads=args.threads, colour_tolerance=args.colour_tolerance,
         )
         if args.profile:
             print(result.profile(), file=sys.stderr)

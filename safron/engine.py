@@ -139,6 +139,16 @@ def _check_render_options(batch_size, blend, overlap, threads) -> None:
     _check_threads(threads)
 
 
+def _check_colour_tolerance(colour_tolerance) -> float:
+    if isinstance(colour_tolerance, bool) or not isinstance(colour_tolerance, (int, float, np.integer, np.floating)) \
+            or not colour_tolerance >= 0:  # NaN too
+        raise SafronInputError(
+            f"colour tolerance must be a number >= 0, inf to snap every colour to the nearest class (got "
+            f"{colour_tolerance!r})"
+        )
+    return float(colour_tolerance)
+
+
 def _check_output_options(compression, quality, mpp) -> None:
     from .pyramid_tiff import COMPRESSIONS
 
@@ -421,15 +431,16 @@ def render_array(
     overlap: int = DEFAULT_OVERLAP,
     threads: int | None = None,
     progress: bool = False,
+    colour_tolerance: float = masks.COLOUR_TOLERANCE,
 ) -> np.ndarray:
     """Render an in-memory mask (labels HxW or colour HxWx3, uint8) to an HxWx3 uint8 RGB image.
 
     `backend` is a name (then `model` and `threads` open it, and it is closed afterwards) or an open `Backend`
     (e.g. from `safron.backends.create_backend`), which is used as it is and left open, so that many small masks
-    can share one loaded model.
+    can share one loaded model. `colour_tolerance`: see `safron.masks.COLOUR_TOLERANCE`.
     """
     _check_render_options(batch_size, blend, overlap, threads)
-    source = masks.from_array(np.asarray(mask))
+    source = masks.from_array(np.asarray(mask), colour_tolerance=_check_colour_tolerance(colour_tolerance))
     engine = backend if isinstance(backend, Backend) else create_backend(backend, _resolve_model(model), threads=threads)
     try:
         renderer = _Renderer(source, engine, batch_size, blend, overlap, threads)
@@ -495,23 +506,28 @@ def render(
     progress: bool = True,
     threads: int | None = None,
     overlap: int = DEFAULT_OVERLAP,
+    colour_tolerance: float = masks.COLOUR_TOLERANCE,
 ) -> RenderResult:
     """Render the mask at `mask_path` to a pyramidal tiled BigTIFF at `out_path`.
 
     The output replaces `out_path` only when complete. Finished rows go to a canvas file next to it with a
     journal, so an interrupted render continues with `resume=True` and yields the same bytes. Every argument is
     checked before any file is created, and one render at a time may write to `out_path` (`canvas.OutputLock`).
+    `colour_tolerance`: see `safron.masks.COLOUR_TOLERANCE`.
     """
     mask_path, out_path = Path(mask_path), Path(out_path)
     _check_render_options(batch_size, blend, overlap, threads)
     _check_output_options(compression, quality, mpp)
+    # Not pinned in the journal: a colour that snaps at all snaps to the same class whatever the tolerance (which
+    # only decides whether a colour is refused), so a resume under another tolerance writes the same bytes.
+    colour_tolerance = _check_colour_tolerance(colour_tolerance)
     _check_paths(mask_path, out_path)
     model_path = _resolve_model(model)
     canvas_path, journal_path = side_paths(out_path)
     with OutputLock(out_path):
         if resume and not journal_path.exists():
             raise SafronInputError(f"cannot resume: no interrupted render of {out_path} (no {journal_path.name})")
-        with masks.open_mask(mask_path) as source:
+        with masks.open_mask(mask_path, colour_tolerance=colour_tolerance) as source:
             engine = create_backend(backend, model_path, threads=threads)
             try:
                 renderer = _Renderer(source, engine, batch_size, blend, overlap, threads)
