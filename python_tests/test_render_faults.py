@@ -628,3 +628,63 @@ def test_colour_tolerance_inf_takes_a_lossless_copy_of_a_jpeg(tmp_path, models):
     assert lifted.returncode == EXIT_OK, lifted.stderr
     assert not ((_labels_of_render(out) != labels) & ~_class_edges(labels, radius=2)).any()
 
+
+# --- 12. malformed TIFF masks: one line, ours, with nothing of tifffile's before it --------------------------------
+
+def _patched_tiff(path: Path, tag: int, value: int) -> Path:
+    """A classic little-endian TIFF as tifffile writes it, with the LONG value of `tag` in its first IFD replaced."""
+    data = bytearray(path.read_bytes())
+    ifd = int.from_bytes(data[4:8], "little")
+    for entry in range(int.from_bytes(data[ifd:ifd + 2], "little")):
+        at = ifd + 2 + 12 * entry
+        if int.from_bytes(data[at:at + 2], "little") == tag:
+            assert int.from_bytes(data[at + 2:at + 4], "little") == 4, "expected a LONG tag"
+            data[at + 8:at + 12] = value.to_bytes(4, "little")
+            path.write_bytes(data)
+            return path
+    raise AssertionError(f"tag {tag} not found")
+
+
+MALFORMED_TIFFS = {
+    # ImageWidth claims 4 billion pixels: tifffile logs that its shaped series does not match the page.
+    "a huge width": (lambda path: _patched_tiff(path, 256, 4_000_000_000), "TIFF lists 20 tiles/strips"),
+    # The first IFD lies beyond the end of the file: tifffile logs "invalid offset to first page".
+    "an IFD beyond the end": (lambda path: path.write_bytes(path.read_bytes()[:4] + (10 ** 9).to_bytes(4, "little")
+                                                            + path.read_bytes()[8:]), "invalid offset to first page"),
+}
+
+
+@pytest.mark.parametrize("kind", list(MALFORMED_TIFFS))
+def test_a_malformed_tiff_mask_is_exactly_one_line_on_stderr(tmp_path, models, kind):
+    mask = tmp_path / "mask.tif"
+    tifffile.imwrite(mask, random_labels(600, 500, seed=1), tile=(128, 128))
+    corrupt, needle = MALFORMED_TIFFS[kind]
+    corrupt(mask)
+    proc = safron_render(mask, tmp_path / "out.tif", "--model", models["crop"], "--quiet")
+    assert proc.returncode == EXIT_USAGE
+    line = one_line(proc.stderr)
+    assert line.startswith(f"safron-render: error: {mask}: ") and needle in line
+    assert names(tmp_path) == ["mask.tif"]
+
+
+def test_tifffile_log_is_captured_while_reading_masks_and_left_alone_otherwise(tmp_path, caplog):
+    mask = tmp_path / "mask.tif"
+    tifffile.imwrite(mask, random_labels(300, 200, seed=1), tile=(128, 128))
+    # A shape in tifffile's own metadata that the page does not have: tifffile logs it and reads the page as it is.
+    data = mask.read_bytes()
+    assert data.count(b'"shape": [300, 200]') == 1
+    mask.write_bytes(data.replace(b'"shape": [300, 200]', b'"shape": [301, 200]'))
+    with caplog.at_level("WARNING", logger="tifffile"):
+        with masks.open_mask(mask) as opened:
+            np.testing.assert_array_equal(opened.read_labels(0, 0, 300, 200), random_labels(300, 200, seed=1))
+        assert not caplog.records  # read well: what tifffile found odd is not worth a line
+        with tifffile.TiffFile(mask) as tif:  # tifffile used by anyone else logs as before
+            tif.series[0].shape
+        assert [record.name for record in caplog.records] == ["tifffile"]
+        caplog.clear()
+        _patched_tiff(mask, 256, 4_000_000_000)
+        with pytest.raises(MaskError) as raised:
+            masks.open_mask(mask)
+        assert not caplog.records
+    message = str(raised.value)
+    assert "\n" not in message and message.endswith("; tifffile: shaped series shape does not match page shape")

@@ -10,14 +10,17 @@ as a uint8 array, without loading the whole image where the format allows it:
   formats cannot be decoded by region.
 
 Problems with the file itself (missing, empty, truncated, corrupt, unsupported) raise `MaskError`
-with one line naming the path, also when they only show up while decoding a region.
+with one line naming the path, also when they only show up while decoding a region; what tifffile logs about
+a file while we read it goes into that line instead of onto stderr (`_TifffileLog`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
+import re
 import shutil
 import stat
 import threading
@@ -74,6 +77,47 @@ _pillow_limit_lock = threading.Lock()
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+class _TifffileLog(logging.Filter):
+    """tifffile reports what it finds odd in a file through the `logging` module (logger "tifffile"), which with no
+    handler configured prints it to stderr: a malformed mask then printed tifffile's line before ours. A filter on
+    that logger takes the records of threads that are inside `capture()` (and passes everyone else's on as before),
+    so that what tifffile found can be folded into our one-line message, or dropped when the file reads well."""
+
+    def __init__(self):
+        super().__init__()
+        self._local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        captured = getattr(self._local, "captured", None)
+        if captured is None:
+            return True
+        # tifffile starts its messages with the repr of the object that logs them: "<tifffile.TiffFile 'x.tif'> ..."
+        captured.append(re.sub(r"^<[^>]*>\s*", "", " ".join(record.getMessage().split())))
+        return False
+
+    @contextlib.contextmanager
+    def capture(self):
+        """Collect tifffile's messages of this thread in the list yielded, instead of printing them."""
+        outer = getattr(self._local, "captured", None)
+        captured = self._local.captured = []
+        try:
+            yield captured
+        finally:
+            self._local.captured = outer
+
+
+_tifffile_log = _TifffileLog()
+logging.getLogger("tifffile").addFilter(_tifffile_log)
+
+
+def _with_tifffile_log(error: MaskError, captured: list[str]) -> MaskError:
+    """`error` with what tifffile logged on the way to it, where it logged anything (it often says more)."""
+    if not captured:
+        return error
+    detail = captured[0] if len(captured[0]) <= 200 else captured[0][:197] + "..."
+    return MaskError(f"{error}; tifffile: {detail}")
 
 
 class RasterReader:
@@ -172,6 +216,15 @@ class TiffRaster(RasterReader):
 
     def __init__(self, path: str | os.PathLike, *, cache_bytes: int | None = None):
         self.path = os.fspath(path)
+        with _tifffile_log.capture() as logged:
+            try:
+                self._open(cache_bytes)
+            except MaskError as exc:
+                raise _with_tifffile_log(exc, logged) from exc.__cause__
+        self._lock = threading.Lock()
+        self.segments_decoded = 0
+
+    def _open(self, cache_bytes: int | None) -> None:
         try:
             self._tif = tifffile.TiffFile(self.path)
         except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ...
@@ -181,8 +234,6 @@ class TiffRaster(RasterReader):
         except BaseException:
             self._tif.close()
             raise
-        self._lock = threading.Lock()
-        self.segments_decoded = 0
 
     def _setup(self, cache_bytes: int | None) -> None:
         path = self.path
@@ -345,10 +396,12 @@ class TiffRaster(RasterReader):
             data = filehandle.read(count)
             if len(data) != count:
                 raise MaskError(f"{self.path}: file is truncated in {where}")
-        try:
-            decoded, _, shape = self._decode(data, index, **self._jpeg_args)
-        except Exception as exc:  # codecs raise their own types (imagecodecs.*Error, ValueError, ...)
-            raise MaskError(f"{self.path}: cannot decode {where}: {_one_line(exc)}") from exc
+        with _tifffile_log.capture() as logged:
+            try:
+                decoded, _, shape = self._decode(data, index, **self._jpeg_args)
+            except Exception as exc:  # codecs raise their own types (imagecodecs.*Error, ValueError, ...)
+                error = MaskError(f"{self.path}: cannot decode {where}: {_one_line(exc)}")
+                raise _with_tifffile_log(error, logged) from exc
         self.segments_decoded += 1
         if decoded is None:  # a sparse file leaves never-written tiles out
             decoded = np.full(shape, self._page.nodata, self._page.dtype)
