@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -627,6 +628,88 @@ def test_colour_tolerance_inf_takes_a_lossless_copy_of_a_jpeg(tmp_path, models):
                            "--colour-tolerance", "inf")
     assert lifted.returncode == EXIT_OK, lifted.stderr
     assert not ((_labels_of_render(out) != labels) & ~_class_edges(labels, radius=2)).any()
+
+
+# --- 11. kill -9, then --resume ----------------------------------------------------------------------------------
+
+_KILLED_AT = {
+    # SIGKILL at a point of the render's last steps: after the journal names the file to be renamed onto OUT, the
+    # rename (the writer's close), removing the canvas, removing the journal.
+    "before the rename": "PyramidTiffWriter.close", "after the rename": "PyramidTiffWriter.close",
+    "after the canvas is removed": "Canvas.remove",
+}
+
+
+def _render_killed(point: str, mask: Path, out: Path, *args) -> subprocess.CompletedProcess:
+    where, method = _KILLED_AT[point].split(".")
+    before = point.startswith("before")
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from safron.canvas import Canvas
+        from safron.pyramid_tiff import PyramidTiffWriter
+        from safron.cli import render_main
+
+        real = {where}.{method}
+
+        def killed(self, *args, **kwargs):
+            if not {before}:
+                real(self, *args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        {where}.{method} = killed
+        sys.exit(render_main([{str(mask)!r}, {str(out)!r}, *{[str(a) for a in args]!r}]))
+    """)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("point", list(_KILLED_AT))
+def test_a_render_killed_in_its_last_steps_resumes_cleanly(tmp_path, mask_tif, models, point):
+    common = ["--model", models["crop"], "--compression", "deflate", "--quiet"]
+    reference = tmp_path / "reference.tif"
+    assert safron_render(mask_tif, reference, *common).returncode == EXIT_OK
+    out = tmp_path / "out.tif"
+    killed = _render_killed(point, mask_tif, out, *common)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = {
+        "before the rename": ["out.tif.partial", "out.tif.safron-canvas", "out.tif.safron-journal"],
+        "after the rename": ["out.tif", "out.tif.safron-canvas", "out.tif.safron-journal"],
+        "after the canvas is removed": ["out.tif", "out.tif.safron-journal"],
+    }[point]
+    # Before the rename the writer may still be encoding, with a reduced level's raw file open.
+    scratch = [name for name in names(tmp_path) if re.fullmatch(r"out\.tif\.level\d+\.raw", name)]
+    assert not scratch or point == "before the rename"
+    assert names(tmp_path) == sorted(["mask.tif", "reference.tif", "out.tif.safron-lock", *left, *scratch])
+    if "out.tif" in left:
+        assert out.read_bytes() == reference.read_bytes()
+
+    resumed = safron_render(mask_tif, out, *common[:-1], "--resume")
+    assert resumed.returncode == EXIT_OK, resumed.stderr
+    if point == "before the rename":
+        assert "wrote" in resumed.stderr  # OUT was never complete: the resume wrote it
+    else:
+        assert one_line(resumed.stderr) == f"{out} is already complete (its render was stopped after finishing it); " \
+                                           "nothing to resume"
+    assert out.read_bytes() == reference.read_bytes()
+    assert names(tmp_path) == ["mask.tif", "out.tif", "reference.tif"]
+
+    again = safron_render(mask_tif, out, *common, "--resume")  # now nothing ties OUT to this command
+    assert again.returncode == EXIT_USAGE
+    assert one_line(again.stderr).endswith("(no out.tif.safron-journal); out.tif exists, but nothing says it is this "
+                                           "render's: run without --resume to render it")
+
+
+def test_a_resume_after_the_rename_with_other_output_options_writes_them(tmp_path, mask_tif, models):
+    out = tmp_path / "out.tif"
+    killed = _render_killed("after the rename", mask_tif, out, "--model", models["crop"], "--quiet")
+    assert killed.returncode == -signal.SIGKILL
+    with tifffile.TiffFile(out) as tif:
+        assert tif.pages[0].compression == tifffile.COMPRESSION.JPEG
+    resumed = safron_render(mask_tif, out, "--model", models["crop"], "--compression", "zstd", "--resume")
+    assert resumed.returncode == EXIT_OK and "wrote" in resumed.stderr, resumed.stderr
+    with tifffile.TiffFile(out) as tif:
+        assert tif.pages[0].compression == tifffile.COMPRESSION.ZSTD
+    np.testing.assert_array_equal(tifffile.imread(out), masks.labels_to_colour(tifffile.imread(mask_tif)))
+    assert names(tmp_path) == ["mask.tif", "out.tif"]
 
 
 # --- 12. malformed TIFF masks: one line, ours, with nothing of tifffile's before it --------------------------------

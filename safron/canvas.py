@@ -13,7 +13,9 @@ identity, model hash, geometry, blend, batch size), then one line per finished b
 that are final on the canvas. A band's line is appended only after the canvas is synced to disk, so after a
 crash the journal never claims rows the canvas does not hold. `JournalThread` does the syncing and appending
 off the render's main thread: writing a whole-slide band to disk takes as long as the disk needs, and done
-inline (an msync per finalised block) it was most of the main thread's time in CPU renders.
+inline (an msync per finalised block) it was most of the main thread's time in CPU renders. When every row is
+rendered, a last line names the file about to be renamed onto the output (`record_output`); the journal is removed
+after the canvas, last of all, so a render killed after the rename leaves a journal that says its output is complete.
 """
 
 from __future__ import annotations
@@ -216,15 +218,24 @@ class Canvas:
         self.path.unlink(missing_ok=True)
 
 
+def file_identity(path: Path) -> list[int]:
+    """(device, inode) of a file: what a rename keeps and no other file shares while this one exists."""
+    info = os.stat(path)
+    return [info.st_dev, info.st_ino]
+
+
 class Journal:
-    """Append-only record of finished bands; `header` must match exactly for a resume to be allowed."""
+    """Append-only record of finished bands; `header` must match exactly for a resume to be allowed.
+
+    `rows_done`: rows final on the canvas. `output`: what `record_output` last recorded, else None."""
 
     def __init__(self, path: Path, header: dict, *, resume: bool):
         self.path = Path(path)
         self.header = header
         self.rows_done = 0
+        self.output: dict | None = None
         if resume:
-            self.rows_done = self._load()
+            self.rows_done, self.output = self._load()
         else:
             with open(self.path, "w") as f:
                 f.write(json.dumps(header, sort_keys=True) + "\n")
@@ -243,19 +254,44 @@ class Journal:
                 raise SafronInputError(
                     f"cannot resume: {key} differs from the interrupted render ({saved.get(key)!r} != {value!r})"
                 )
-        rows_done = 0
+        rows_done, output = 0, None
         for line in lines[1:]:
             try:
-                rows_done = int(json.loads(line)["rows_done"])
+                entry = json.loads(line)
+                if "output" in entry:
+                    output = {"output": [int(value) for value in entry["output"]], "options": entry["options"]}
+                else:
+                    rows_done = int(entry["rows_done"])
             except (ValueError, KeyError, TypeError):
                 break  # a line torn by the crash: everything before it is valid
-        return rows_done
+        return rows_done, output
 
     def record(self, rows_done: int) -> None:
-        self._file.write(json.dumps({"rows_done": rows_done}) + "\n")
+        self._append({"rows_done": rows_done})
+        self.rows_done = rows_done
+
+    def record_output(self, identity: list[int], options: dict) -> None:
+        """Say, durably, that the file with this `file_identity`, written with these output `options` (those that the
+        header leaves out because the canvas does not depend on them), becomes the output once renamed into place:
+        whoever finds the output with that identity knows it complete, the rename being the writer's last step."""
+        entry = {"output": identity, "options": options}
+        self._append(entry)
+        self.output = json.loads(json.dumps(entry))  # as _load would read it back
+
+    def output_is(self, out_path: Path, options: dict) -> bool:
+        """Whether `out_path` is the file `record_output` named, written with `options`: then the render finished,
+        even if its clean-up did not."""
+        if self.output is None or self.output["options"] != json.loads(json.dumps(options)):
+            return False
+        try:
+            return file_identity(out_path) == self.output["output"]
+        except OSError:
+            return False
+
+    def _append(self, entry: dict) -> None:
+        self._file.write(json.dumps(entry) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
-        self.rows_done = rows_done
 
     def close(self) -> None:
         self._file.close()

@@ -193,7 +193,11 @@ def render_main(argv=None) -> int:
             blend=args.blend, compression=args.compression, quality=args.quality, mpp=args.mpp,
             resume=args.resume, progress=not args.quiet, threads=args.threads, colour_tolerance=args.colour_tolerance,
         )
-        if args.profile:
+        if result.already_complete:
+            if not args.quiet:
+                print(f"{result.out_path} is already complete (its render was stopped after finishing it); "
+                      "nothing to resume", file=sys.stderr)
+        elif args.profile:
             print(result.profile(), file=sys.stderr)
         elif not args.quiet:
             print(

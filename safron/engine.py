@@ -27,7 +27,7 @@ import numpy as np
 
 from . import geometry, masks
 from .backends import Backend, create_backend
-from .canvas import Canvas, Journal, JournalThread, OutputLock, side_paths
+from .canvas import Canvas, Journal, JournalThread, OutputLock, file_identity, side_paths
 from .errors import ModelError, OutputWriteError, SafronInputError, is_storage_error
 from .pipeline import StageClock, prefetch
 from .slide_io import check_free_space, check_output_path
@@ -68,6 +68,9 @@ class RenderResult:
     backend: str
     seconds: float = 0.0
     stage_seconds: dict = field(default_factory=dict)
+    # A resume that found the output already complete (its render was killed after the output was renamed into
+    # place): nothing was rendered, and the leftover canvas and journal were removed.
+    already_complete: bool = False
 
     @property
     def megapixels_per_second(self) -> float:
@@ -526,7 +529,15 @@ def render(
     canvas_path, journal_path = side_paths(out_path)
     with OutputLock(out_path):
         if resume and not journal_path.exists():
-            raise SafronInputError(f"cannot resume: no interrupted render of {out_path} (no {journal_path.name})")
+            # Not "already complete" (exit 0), although a finished render leaves just this: its journal goes last, so
+            # one killed after its output was renamed into place still has a journal that says so (below). Without
+            # one, nothing ties OUT to this command: it may be an older render that a render killed before it made
+            # its journal was about to replace, and exit 0 would pass it off as this command's result.
+            existing = f"; {out_path.name} exists, but nothing says it is this render's" if out_path.exists() else ""
+            raise SafronInputError(
+                f"cannot resume: no interrupted render of {out_path} (no {journal_path.name}){existing}: run without "
+                "--resume to render it"
+            )
         with masks.open_mask(mask_path, colour_tolerance=colour_tolerance) as source:
             engine = create_backend(backend, model_path, threads=threads)
             try:
@@ -545,8 +556,13 @@ def render(
                     "blend": blend,
                     "batch_size": renderer.batch_size,
                 }
+                # Plain numbers (not numpy's, which the checks accept): the journal records these as JSON.
+                output_options = dict(compression=compression, quality=int(quality),
+                                      mpp=None if mpp is None else float(mpp))
+                if resume and _remove_if_complete(out_path, header, output_options):
+                    return RenderResult(out_path, height, width, 0, mpp, engine.name, already_complete=True)
                 _check_disk_space(out_path, height, width, compression, canvas_path if resume else None)
-                writer_options = dict(compression=compression, quality=quality, mpp=mpp, workers=threads)
+                writer_options = dict(output_options, workers=threads)
                 seconds = _render_to_files(renderer, out_path, header, resume, writer_options, progress,
                                            desc=mask_path.name)
             finally:
@@ -554,6 +570,24 @@ def render(
     return RenderResult(
         out_path, height, width, renderer.plan.count, mpp, engine.name, seconds, dict(renderer.clock.seconds)
     )
+
+
+def _remove_if_complete(out_path: Path, header: dict, output_options: dict) -> bool:
+    """Whether the render to resume had finished: killed after its output was renamed into place, before its canvas
+    and journal were removed. Then they are removed now. A journal of another render is refused (SafronInputError).
+
+    Exit 0 rather than an error: OUT is exactly what `--resume` would have written (the journal pins the mask, the
+    model and every option that changes a byte, and names the very file that became OUT), so a job that resumes
+    after being killed gets the same answer whether the kill came before the rename or after it. Asked for other
+    output options (another compression), the render resumes from its canvas as after any other interruption."""
+    canvas_path, journal_path = side_paths(out_path)
+    journal = Journal(journal_path, header, resume=True)
+    journal.close()
+    if not journal.output_is(out_path, output_options):
+        return False
+    canvas_path.unlink(missing_ok=True)
+    journal.remove()
+    return True
 
 
 def _render_to_files(renderer: _Renderer, out_path: Path, header: dict, resume: bool, writer_options: dict,
@@ -576,6 +610,11 @@ def _render_to_files(renderer: _Renderer, out_path: Path, header: dict, resume: 
             writer.rows_ready(journal.rows_done)
         renderer.run(_FileSink(canvas, recorder, writer), journal.rows_done, progress, desc=desc)
         recorder.close(record_pending=False)  # complete: canvas and journal are removed below
+        # The writer's last step renames its temporary TIFF, <OUT>.partial, onto OUT, and a rename keeps the file's
+        # identity: named in the journal first, it tells a resume after a kill between that rename and the clean-up
+        # below that OUT is complete.
+        output_options = {key: writer_options[key] for key in ("compression", "quality", "mpp")}
+        journal.record_output(file_identity(out_path.with_name(out_path.name + ".partial")), output_options)
         writer.close()
         seconds = time.perf_counter() - started
         renderer.clock.seconds["encode"] = writer.busy_seconds
@@ -604,6 +643,6 @@ def _render_to_files(renderer: _Renderer, out_path: Path, header: dict, resume: 
         if error is not exc:
             raise error from exc
         raise
-    journal.remove()
     canvas.remove()
+    journal.remove()  # last: while it exists, it says what the other files are
     return seconds
