@@ -78,6 +78,7 @@ def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("models")
     return {
         "crop": onnx_models.centre_crop(d / "crop.onnx"),
+        "mix": onnx_models.context_mix(d / "mix.onnx"),
         "slow": onnx_models.slow_crop(d / "slow.onnx"),
         "nan": _pointwise_model(d / "nan.onnx", "Sqrt"),
         "inf": _pointwise_model(d / "inf.onnx", "Div", 0.0),
@@ -631,6 +632,45 @@ def test_colour_tolerance_inf_takes_a_lossless_copy_of_a_jpeg(tmp_path, models):
 
 
 # --- 11. kill -9, then --resume ----------------------------------------------------------------------------------
+
+def _kill_when_journalled(args: list, journal: Path, rows: int) -> int:
+    """Start safron-render, SIGKILL it once its journal holds `rows` rows; the rows journalled when it died."""
+    proc = subprocess.Popen([sys.executable, "-m", "safron.cli", *map(str, args)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while journal_rows(journal) < rows and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    return journal_rows(journal)
+
+
+@pytest.mark.slow
+def test_kill_9_twice_then_resume_writes_the_bytes_of_an_uninterrupted_render(tmp_path, models):
+    # test_cli's killed render resumes once; this one kills the resumed render too (its journal continues the first
+    # one's, on a canvas reopened without being created), leaving two killed TIFF writers' files (.partial, level
+    # files) behind. The model mixes each window's mean colour into its patch, so overlapping patches disagree: with a
+    # centre crop every patch agrees with its neighbours, and a resume that re-finalised rows from partial sums (no
+    # discard below the journalled row) wrote the same bytes (tried).
+    labels = random_labels(16000, 2000, seed=24)  # 68 patch rows: about 2 s to render with this model
+    mask = tmp_path / "mask.tif"
+    tifffile.imwrite(mask, labels, tile=(256, 256), compression="zlib")
+    common = ["--model", models["mix"], "--compression", "deflate", "--quiet"]
+    reference = tmp_path / "reference.tif"
+    assert safron_render(mask, reference, *common).returncode == EXIT_OK
+    out = tmp_path / "out.tif"
+    journal = side_paths(out)[1]
+
+    first = _kill_when_journalled([mask, out, *common], journal, 3000)
+    second = _kill_when_journalled([mask, out, *common, "--resume"], journal, first + 4000)
+    assert 0 < first < second < labels.shape[0], "both renders must be killed mid-way for this test to mean anything"
+    assert not out.exists()
+
+    resumed = safron_render(mask, out, *common, "--resume")
+    assert resumed.returncode == EXIT_OK, resumed.stderr
+    # The writer embeds nothing that changes from run to run (no DateTime tag), so the files compare byte for byte.
+    assert out.read_bytes() == reference.read_bytes()
+    assert names(tmp_path) == ["mask.tif", "out.tif", "reference.tif"]
+
 
 _KILLED_AT = {
     # SIGKILL at a point of the render's last steps: after the journal names the file to be renamed onto OUT, the
