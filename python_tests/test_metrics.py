@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from safron import metrics
+from safron.cli.eval import main as eval_main
 from safron.errors import SafronInputError
 
 needs_fid_helper = pytest.mark.skipif(
@@ -171,7 +172,7 @@ def _write_images(folder, images):
 def test_eval_prints_fid_and_kid(tmp_path, capsys):
     real = _write_images(tmp_path / "real", _smooth_images(0, 4))
     generated = _write_images(tmp_path / "generated", _noised(_smooth_images(0, 4), 1))
-    assert metrics.eval_main([str(real), str(generated), "--kid-subsets", "5"]) == 0
+    assert eval_main([str(real), str(generated), "--kid-subsets", "5"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "real 4 images, generated 4 images"
     assert float(lines[1].split()[1]) > 0
@@ -179,7 +180,7 @@ def test_eval_prints_fid_and_kid(tmp_path, capsys):
 
 
 def _error_of(argv, capsys) -> str:
-    assert metrics.eval_main(argv) == 2
+    assert eval_main(argv) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1, error
     return error

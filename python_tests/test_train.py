@@ -27,9 +27,9 @@ from safron.errors import SafronInputError  # noqa: E402
 from safron.export import is_checkpoint_path  # noqa: E402
 from safron.models import Generator  # noqa: E402
 from safron.train import (  # noqa: E402
-    LOSS_NAMES, FourierContextConvolution, TrainConfig, Trainer, latest_checkpoint, load_generator, main, train,
-    train_parser,
+    LOSS_NAMES, FourierContextConvolution, TrainConfig, Trainer, latest_checkpoint, load_generator, train,
 )
+from safron.cli.train import main, train_parser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tiny widths and one-patch tiles keep a step near 0.1 s on a CPU; the code path is the one of full-size runs.

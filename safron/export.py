@@ -23,7 +23,6 @@ fp16 the same way, and the result also reports how far rounding moved the output
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import importlib.util
@@ -39,7 +38,6 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import __version__, masks
-from .cli import _Parser, _positive_float, _positive_int, run_main
 from .errors import ModelError, SafronInputError, first_line
 from .slide_io import check_output_path
 
@@ -456,63 +454,7 @@ def _temporary_beside(path: Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
-# --- command line ----------------------------------------------------------------------------------------------
+if __name__ == "__main__":  # python -m safron.export: the same as safron-export
+    from .cli.export import main
 
-def export_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="safron-export",
-        description=(
-            "Export a trained generator (a safron-train run directory, or a checkpoint: .safetensors or the "
-            "step's .json beside it) to an ONNX "
-            "model that meets the model contract (input 'mask' float32 [N,3,296,296], output 'image' float32 "
-            "[N,3,256,256]), then check ONNX Runtime against PyTorch on random masks."
-        ),
-        epilog="Exit status: 0 exported, 2 bad input or usage, 1 the check failed or an internal error.",
-    )
-    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT",
-                   help="safron-train run directory or .safetensors file")
-    p.add_argument("out", metavar="OUT.onnx",
-                   help="ONNX model to write (under a temporary name, renamed when checked)")
-    p.add_argument("--opset", type=_positive_int, default=DEFAULT_OPSET, metavar="N",
-                   help="ONNX opset (default: %(default)s)")
-    p.add_argument("--check-samples", type=_positive_int, default=DEFAULT_CHECK_SAMPLES, metavar="N",
-                   help="random masks on which ONNX Runtime is checked against PyTorch (default: %(default)s)")
-    p.add_argument("--tolerance", type=_positive_float, default=PARITY_TOLERANCE, metavar="T",
-                   help="largest accepted |ONNX Runtime - PyTorch| on the [-1, 1] output (default: %(default)g)")
-    p.add_argument("--no-fold", dest="fold", action="store_false",
-                   help="keep the context convolution over all three one-hot channels (by default the one-hot input "
-                        "is folded into it: a third less work in the layer that dominates CPU inference)")
-    p.add_argument("--weights", choices=WEIGHT_DTYPES, default="float32",
-                   help="how the weights are stored: float16 halves the file, computing in float32 all the same "
-                        "(default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="print nothing on success")
-    return p
-
-
-def main(argv=None) -> int:
-    args = export_parser().parse_args(argv)
-
-    def command() -> None:
-        result = export_onnx(
-            args.checkpoint, args.out, opset=args.opset, check_samples=args.check_samples, tolerance=args.tolerance,
-            weights=args.weights, fold=args.fold,
-        )
-        if not args.quiet:
-            rounding = ""
-            if result.folded:
-                rounding += f"; folding the one-hot input moved the output by at most {result.fold_difference:.3g}"
-            if result.weights == "float16":
-                rounding += f"; fp16 weights moved the output by at most {result.rounding_difference:.3g}"
-            print(
-                f"wrote {result.out_path} (opset {result.opset}, {result.parameters:,} parameters, {result.weights} "
-                f"weights, from {result.checkpoint} sha256 {result.checkpoint_sha256[:12]}); ONNX Runtime vs "
-                f"PyTorch on {result.check_samples} random masks: max |difference| {result.max_abs_difference:.3g} "
-                f"(tolerance {result.tolerance:g}){rounding}",
-                file=sys.stderr,
-            )
-
-    return run_main("safron-export", command, interrupted="interrupted; nothing written", failures=(ParityError,))
-
-
-if __name__ == "__main__":
     sys.exit(main())
