@@ -104,7 +104,7 @@ def _resolve_model(model) -> Path:
 
 def _model_sha256(path: Path) -> str:
     """The hash that pins a model in the resume journal: the ONNX file, or a checkpoint's weights."""
-    from .export import file_sha256, find_checkpoint, is_checkpoint_path
+    from .checkpoints import file_sha256, find_checkpoint, is_checkpoint_path
 
     return file_sha256(find_checkpoint(path).weights if is_checkpoint_path(path) else path)
 

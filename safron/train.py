@@ -32,7 +32,7 @@ A run directory holds
                                          (if any), with the generator config in its metadata, so `safron-export`
                                          reads it too
   checkpoints/step-NNNNNNNN.json         the training state: configs, step, optimiser settings, grad scaler
-  generator.safetensors                  the latest published generator alone (`export.load_generator(RUN_DIR)`)
+  generator.safetensors                  the latest published generator alone (`checkpoints.load_generator(RUN_DIR)`)
   losses.csv, tensorboard/, samples/step-NNNNNNNN.png (mask | real | generated)
 """
 
@@ -67,7 +67,7 @@ from .losses import (
     GAN_LOSSES, augment_pair, discriminator_loss, feature_matching_loss, generator_adversarial_loss,
     parse_policy, sample_augmentation,
 )
-from .export import (
+from .checkpoints import (
     CONFIG_METADATA_KEY, EMA_PREFIX, GENERATOR_PREFIX, RUN_DIR_CHECKPOINT, load_generator, save_checkpoint,
     tensors_under,
 )

@@ -16,7 +16,7 @@ import importlib.util
 import os
 
 from ..errors import SafronInputError
-from ..export import is_checkpoint_path
+from ..checkpoints import is_checkpoint_path
 from .base import Backend, ModelSignature
 
 BACKEND_NAMES = ("auto", "onnxruntime", "tensorrt", "torch")
@@ -80,7 +80,7 @@ def _auto_backend(model_path: str | os.PathLike) -> str:
 def _exported_by_safron(model_path: str | os.PathLike) -> bool:
     import onnx
 
-    from ..export import CONFIG_METADATA_KEY
+    from ..checkpoints import CONFIG_METADATA_KEY
 
     try:
         # The graph's metadata only: the weights (external data, if any) are not needed to decide.

@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError, SafronInputError
-from ..export import file_sha256
+from ..checkpoints import file_sha256
 from .base import Backend, ModelSignature
 
 PRECISIONS = ("fp16", "fp32")

@@ -33,7 +33,7 @@ from torch import nn
 from .. import _core
 from ..cuda_band import infer_on_device, pin_labels
 from ..errors import ModelError, first_line
-from ..export import (
+from ..checkpoints import (
     CONFIG_METADATA_KEY,
     METADATA_FOLDED,
     is_checkpoint_path,
