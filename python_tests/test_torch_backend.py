@@ -17,6 +17,7 @@ from gpu_checks import assert_resident_render_matches_host_path  # noqa: E402
 from onnx_models import centre_crop  # noqa: E402
 
 from safron import backends, engine, geometry, masks  # noqa: E402
+from safron.accumulator import BandAccumulator, StagingBandAccumulator  # noqa: E402
 from safron.backends.onnx_runtime import OnnxRuntimeBackend  # noqa: E402
 from safron.backends.torch_backend import (  # noqa: E402
     TorchBackend,
@@ -133,7 +134,7 @@ class _Patches:
         return _Patches(self.array[index])
 
 
-class _Band:
+class _Band(BandAccumulator):
     def __init__(self, inner):
         self.inner, self.added = inner, 0
         self.block_cols = inner.block_cols
@@ -185,7 +186,7 @@ def test_the_engine_goes_through_the_backend_hooks_and_gets_the_same_image(tmp_p
     np.testing.assert_array_equal(image, engine.render_array(labels, model=model, batch_size=batch_size))
 
 
-class _StagedBand(_Band):
+class _StagedBand(_Band, StagingBandAccumulator):
     """A band with a GPU accumulator's contract (see safron.cuda_band.CudaBand): whole rows per finalise, pixels
     handed back in a buffer of its own, which the file sink writes to the canvas itself."""
 

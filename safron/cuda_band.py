@@ -6,7 +6,7 @@ one-hot encoded on the GPU and run through the backend's generator on its stream
 TensorRT backend differ only in that generator call.
 
 `CudaBand` gives `_core.CudaBandAccumulator` (raw device pointers and a cudaStream_t) the interface the engine
-uses for the CPU `BandAccumulator`: `add(patches, ys, xs, image_height)`, `finalise(y0, y1, out, x0, x1)`,
+uses for the CPU `BandAccumulator` (safron.accumulator's, with the staging capability): `add(patches, ys, xs, image_height)`, `finalise(y0, y1, out, x0, x1)`,
 `discard(...)`, `block_cols`. Patches arrive as `DevicePatches`: a CUDA tensor plus the event recorded on the
 inference stream after the generator wrote it, so the accumulate kernel waits for exactly that work and no
 more, and inference of the next batch runs on its own stream meanwhile.
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _core
+from .accumulator import StagingBandAccumulator
 from .masks import MODEL_INPUT_CLASSES
 
 
@@ -85,7 +86,7 @@ class DevicePatches:
         return int(self.tensor.shape[0])
 
 
-class CudaBand:
+class CudaBand(StagingBandAccumulator):
     """A band accumulator in device memory on `device`, with its own CUDA stream."""
 
     def __init__(self, plan, blend: str, device):

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import geometry, masks
+from .accumulator import BandAccumulator, StagingBandAccumulator
 from .backends import Backend, create_backend
 from .canvas import Canvas, Journal, JournalThread, OutputLock, file_identity, side_paths
 from .errors import ModelError, OutputWriteError, SafronInputError, is_storage_error
@@ -193,6 +194,9 @@ class _Renderer:
             raise SafronInputError(f"overlap must be in [0, {sig.patch}) for this model (got {overlap})")
         self.plan = geometry.plan(mask.height, mask.width, patch=sig.patch, margin=sig.margin, overlap=overlap)
         self.accumulator = backend.band_accumulator(self.plan, blend)
+        if not isinstance(self.accumulator, BandAccumulator):
+            raise TypeError(f"{type(backend).__name__}.band_accumulator returned a {type(self.accumulator).__name__}, "
+                            "not a safron.accumulator.BandAccumulator")
         self.clock = StageClock(STAGES)
         if threads:
             self.accumulator.set_num_threads(threads)
@@ -360,11 +364,10 @@ class _FileSink:
         self.canvas, self.journal, self.writer = canvas, journal, writer
 
     def finalise(self, accumulator, y0, y1, x0, x1):
-        finalise_staged = getattr(accumulator, "finalise_staged", None)
-        if finalise_staged is not None:
+        if isinstance(accumulator, StagingBandAccumulator):
             # A GPU accumulator's pixels arrive in a host buffer of its own: written from there, not copied into
             # a memory map (page faults made that most of the main thread's time on the GPU).
-            pixels, uncovered = finalise_staged(y0, y1, x0, x1)
+            pixels, uncovered = accumulator.finalise_staged(y0, y1, x0, x1)
             _check_covered(uncovered, y0, y1)
             self.canvas.write(y0, x0, pixels)
             return
