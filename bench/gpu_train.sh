@@ -5,6 +5,12 @@
 #   here:   python bench/pack_training_data.py ../shared/data/glas/train .glas   # 26 MiB; .glas excluded in git
 #           # and the openslide wheels (bench/RESULTS.md, "bench/gpu.sh"); imagecodecs is not needed to train
 #   there:  SAFRON_TRAIN_DATA=.glas OUT=$OUT bench/gpu_train.sh --ngf 32 --ndf 64 --ema-decay 0.999
+#   the recipe to try next (issue 12, sixth session; MODEL_CARD.md): feature matching and DiffAugment improved the
+#   whole-image scores of a CPU fine-tune; train with the blend renders use, so seams are trained away:
+#           ... bench/gpu_train.sh --ngf 32 --ndf 64 --ema-decay 0.999 --lambda-l1 10 --lambda-fm 10 \
+#               --diffaugment translation,cutout --blend cosine [--upsample resize] [--context dilated]
+#   (--upsample resize removed the dot lattice of the transposed decoder in a short CPU run but drew axis-aligned
+#   streaks there; --context dilated makes CPU inference ~3x faster; neither is judged for quality yet)
 #   dry run on a CPU:  SAFRON_GPU_DRY_RUN=1 SAFRON_TRAIN_DATA=DIR OUT=/tmp/x bench/gpu_train.sh
 #   batches of tiles (safron-train --tiles-per-step N) are untimed on a GPU: time them first in the same call,
 #   `python bench/train_step.py --device cuda --ngf 32 --tiles 492 --tiles-per-step 1 4 8` (about a minute)
