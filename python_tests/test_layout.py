@@ -142,3 +142,28 @@ def test_inference_does_not_import_export():
     graph = import_graph()
     inference = ["safron.engine"] + [name for name in graph if name.startswith("safron.backends")]
     assert {name: "safron.export" in graph[name] for name in inference} == dict.fromkeys(inference, False)
+
+
+def _assigned_and_called(path: Path) -> tuple[set[str], set[str]]:
+    """Names assigned at module level, and dotted names called anywhere, in one file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    targets = [target for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+               for target in (node.targets if isinstance(node, ast.Assign) else [node.target])]
+    assigned = {name.id for target in targets for name in ast.walk(target) if isinstance(name, ast.Name)}
+    called = {ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    return assigned, called
+
+
+def test_one_definition_each_of_the_blends_the_overlap_and_the_atomic_rename():
+    where: dict[str, set[str]] = {"BLENDS": set(), "OVERLAP": set(), "os.replace": set()}
+    for name, path in _modules().items():
+        if path is None:
+            continue
+        assigned, called = _assigned_and_called(path)
+        where["BLENDS"] |= {name} if "BLENDS" in assigned else set()
+        where["OVERLAP"] |= {name} if {"OVERLAP", "DEFAULT_OVERLAP"} & assigned else set()
+        where["os.replace"] |= {name} if "os.replace" in called else set()
+    # engine.DEFAULT_OVERLAP is geometry.OVERLAP under the engine's name; the pyramidal TIFF writer renames its own
+    # resumable .partial file, which files.written_atomically's temporary names are not.
+    assert where == {"BLENDS": {"safron.geometry"}, "OVERLAP": {"safron.geometry", "safron.engine"},
+                     "os.replace": {"safron.files", "safron.pyramid_tiff"}}

@@ -9,19 +9,18 @@ are imported when a function needs them, so inference without them can still tel
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from .errors import ModelError, SafronInputError, first_line
+from .files import written_atomically
 
 CHECKPOINT_SUFFIX = ".safetensors"
 # The generator's config as JSON inside a checkpoint's safetensors metadata.
@@ -148,9 +147,8 @@ def save_checkpoint(generator, path: str | os.PathLike, metadata: dict[str, str]
     stored[CONFIG_METADATA_KEY] = json.dumps(generator.config(), sort_keys=True)
     # safetensors refuses tensors that share memory or are not contiguous; a state dict can hold either.
     tensors = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in generator.state_dict().items()}
-    with temporary_beside(path) as temporary:
+    with written_atomically(path) as temporary:
         save_file(tensors, str(temporary), metadata=stored)
-        os.replace(temporary, path)
     return path
 
 
@@ -224,15 +222,3 @@ def onnx_weights(model) -> dict:
             name, values = name[: -len(FLOAT16_SUFFIX)], values.astype(np.float32)
         weights[name] = values
     return weights
-
-
-@contextlib.contextmanager
-def temporary_beside(path: Path) -> Iterator[Path]:
-    """A temporary name in `path`'s directory, so that renaming it to `path` is atomic; whatever is there is
-    removed on exit unless it was renamed away. The file is left to its writer to create, so that it gets the
-    permissions the user's umask gives (mkstemp's would be private)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        yield temporary
-    finally:
-        temporary.unlink(missing_ok=True)

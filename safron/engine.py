@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import geometry, masks
+from .geometry import BLENDS
 from .accumulator import BandAccumulator, StagingBandAccumulator
 from .backends import Backend, create_backend
 from .canvas import Canvas, Journal, JournalThread, OutputLock, file_identity, side_paths
@@ -33,12 +34,11 @@ from .errors import ModelError, OutputWriteError, SafronInputError, is_storage_e
 from .pipeline import StageClock, prefetch
 from .slide_io import check_free_space, check_output_path
 
-BLENDS = ("uniform", "linear", "cosine")
 # Not the paper's plain average: the embedded generator's patch edges leave a thin line wherever a patch
 # starts or ends inside another with "uniform", which the cosine ramp hides (GlaS testA with the step-6741
 # generator: FID 235.2 / KID 0.144 cosine against 238.5 / 0.148 uniform, and the lines gone; MODEL_CARD.md).
 DEFAULT_BLEND = "cosine"
-DEFAULT_OVERLAP = 20
+DEFAULT_OVERLAP = geometry.OVERLAP
 # A pyramidal BigTIFF is written whatever OUT is called; a name that promises another format would mislead every
 # program that trusts it. (.btf and .tf8 are the usual BigTIFF names.)
 OUTPUT_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")

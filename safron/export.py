@@ -36,9 +36,10 @@ from .checkpoints import (  # noqa: F401  the checkpoint names are re-exported: 
     CHECKPOINT_SUFFIX, CONFIG_METADATA_KEY, EMA_PREFIX, FLOAT16_SUFFIX, GENERATOR_PREFIX, METADATA_CHECKPOINT,
     METADATA_CHECKPOINT_SHA256, METADATA_FOLDED, METADATA_GENERATOR_CONFIG, METADATA_VERSION, METADATA_WEIGHTS,
     RUN_DIR_CHECKPOINT, Checkpoint, file_sha256, find_checkpoint, is_checkpoint_path, load_generator, load_weights,
-    load_checkpoint, onnx_weights, require_module, save_checkpoint, temporary_beside, tensors_under,
+    load_checkpoint, onnx_weights, require_module, save_checkpoint, tensors_under,
 )
 from .errors import ModelError, SafronInputError
+from .files import written_atomically
 from .slide_io import check_output_path
 
 DEFAULT_OPSET = 17  # read by ONNX Runtime >= 1.13 and TensorRT >= 8.6
@@ -149,7 +150,7 @@ def export_onnx(
                 tensor.copy_(tensor.half().float())
             rounding_difference = float(np.abs(generator(torch.from_numpy(samples)).numpy() - unrounded).max())
 
-    with temporary_beside(out_path) as temporary:
+    with written_atomically(out_path) as temporary:  # renamed only once every check passed
         _torch_export(generator, torch.from_numpy(samples[:1]), temporary, opset)
         model = onnx.load(str(temporary))
         model.doc_string = (
@@ -190,7 +191,6 @@ def export_onnx(
                 f"ONNX Runtime differs from PyTorch by {difference:.3g} on {check_samples} random masks "
                 f"(tolerance {tolerance:g}); {out_path} not written"
             )
-        os.replace(temporary, out_path)
     return ExportResult(
         out_path=out_path, checkpoint=located.weights, checkpoint_sha256=checkpoint_sha256, opset=opset,
         parameters=count_parameters(generator), check_samples=check_samples, max_abs_difference=difference,

@@ -11,9 +11,11 @@ the model sees the background class.
 
 from __future__ import annotations
 
-from ._core import BandAccumulator, PatchPlan
+from ._core import BandAccumulator, PatchPlan, blend_modes
 
 PATCH, MARGIN, OVERLAP = 256, 20, 20
+# The weight windows of overlapping patches (csrc/include/safron/blend.h): "uniform", "linear", "cosine".
+BLENDS = tuple(blend_modes())
 
 
 def plan(height: int, width: int, patch: int = PATCH, margin: int = MARGIN, overlap: int = OVERLAP) -> PatchPlan:

@@ -24,11 +24,9 @@ import torch
 
 from . import _core
 from .errors import SafronInputError
-from .geometry import OVERLAP, PatchPlan
+from .geometry import BLENDS, OVERLAP, PatchPlan
 
 __all__ = ["BLENDS", "stitch", "cut_windows", "context_size"]
-
-BLENDS = tuple(_core.blend_modes())
 
 
 def _check_blend(blend: str) -> None:

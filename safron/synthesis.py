@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SafronInputError
+from .files import written_atomically
 from .masks import BACKGROUND, GLAND, STROMA, labels_to_colour
 from .slide_io import check_output_path
 
@@ -473,21 +474,14 @@ def write_mask(
 def _written_atomically(path: Path):
     """Yield a temporary name next to `path` to write to; rename it onto `path` only when the write
     succeeds, and remove it on any failure, so a partial mask never appears under its final name."""
-    partial = path.with_name(path.name + ".partial")
     try:
-        yield partial
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        raise SafronInputError(f"{path}: cannot write the mask: {error.strerror or error}") from error
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    try:
-        os.replace(partial, path)
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        raise SafronInputError(
-            f"{path}: cannot move the finished mask into place: {error.strerror}") from error
+        with written_atomically(path) as partial:
+            try:
+                yield partial
+            except OSError as error:
+                raise SafronInputError(f"{path}: cannot write the mask: {error.strerror or error}") from error
+    except OSError as error:  # only the rename's: the write's are SafronInputErrors by now
+        raise SafronInputError(f"{path}: cannot move the finished mask into place: {error.strerror}") from error
 
 
 def _write_png(path, synthesizer, height, width, colour, mpp) -> None:

@@ -63,6 +63,7 @@ from tqdm import tqdm
 from . import geometry, masks
 from .data import SMALL_IMAGES, TileDataset, TrainingTile
 from .errors import ModelError, SafronInputError, first_line
+from .files import written_atomically
 from .losses import (
     GAN_LOSSES, augment_pair, discriminator_loss, feature_matching_loss, generator_adversarial_loss,
     parse_policy, sample_augmentation,
@@ -210,16 +211,6 @@ def _unflatten_optimiser(prefix: str, tensors: dict[str, torch.Tensor], stored: 
         state.setdefault(int(index), {})[name] = value
     groups = [dict(group, betas=tuple(group["betas"])) for group in stored["param_groups"]]
     return {"state": state, "param_groups": groups}
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """write(temporary) then rename onto `path`: a checkpoint is either complete or absent."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -547,14 +538,16 @@ class Trainer:
         tensors, state = self.state()
         weights = folder / f"step-{self.step:08d}.safetensors"
         metadata = {CONFIG_METADATA_KEY: json.dumps(self.generator.config(), sort_keys=True)}
-        _write_atomically(weights, lambda path: save_file(tensors, str(path), metadata=metadata))
+        with written_atomically(weights) as temporary:  # a checkpoint is either complete or absent
+            save_file(tensors, str(temporary), metadata=metadata)
         published = {"safron.step": str(self.step)}
         if self.generator_ema is not None:
             published["safron.ema_decay"] = repr(self.config.ema_decay)
         save_checkpoint(self.published_generator, run_dir / RUN_DIR_CHECKPOINT, metadata=published)
         # The JSON goes last: it is what marks the checkpoint complete.
         text = json.dumps(state, indent=2, sort_keys=True) + "\n"
-        _write_atomically(weights.with_suffix(".json"), lambda path: path.write_text(text, encoding="utf-8"))
+        with written_atomically(weights.with_suffix(".json")) as temporary:
+            temporary.write_text(text, encoding="utf-8")
         for old in sorted(folder.glob("step-*.json"))[:-keep]:
             old.unlink()
             old.with_suffix(".safetensors").unlink(missing_ok=True)

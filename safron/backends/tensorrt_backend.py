@@ -54,7 +54,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +61,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError, SafronInputError
+from ..files import written_atomically
 from ..checkpoints import file_sha256
 from .base import Backend, ModelSignature
 
@@ -133,16 +133,10 @@ def load_or_build(path: Path, build: Callable[[], bytes]) -> tuple[bytes, bool]:
         with contextlib.suppress(FileNotFoundError):
             return path.read_bytes(), False  # built by another process while this one waited
         data = build()
-        partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
-        try:
-            with open(partial, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(partial, path)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+        with written_atomically(path) as partial, open(partial, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
     return data, True
 
 

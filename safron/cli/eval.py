@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import SafronInputError
+from ..geometry import BLENDS
 from ..metrics import DEFAULT_KID_SUBSETS, FEATURE_EXTRACTOR, IMAGE_SUFFIXES, _feature_extractor, fid, inception_features, kid
 from .common import Parser, exit_status_help, non_negative_int, positive_int, run_main
 
@@ -49,7 +50,7 @@ def eval_parser() -> argparse.ArgumentParser:
     report.add_argument("--glas", metavar="DIR", help="the GlaS folder holding testA/images and testA/masks")
     report.add_argument("--model", metavar="ONNX", help="generator to judge (default: the embedded model); a run "
                         "directory or training checkpoint works with PyTorch installed")
-    report.add_argument("--blend", choices=("uniform", "linear", "cosine"), help="default: the engine's")
+    report.add_argument("--blend", choices=BLENDS, help="default: the engine's")
     report.add_argument("--overlap", type=non_negative_int, metavar="PX", help="least patch overlap (default: the engine's)")
     report.add_argument("--bootstrap", type=positive_int, default=200, metavar="N",
                         help="bootstrap resamples of the test images for the intervals (default: %(default)s)")

@@ -1,0 +1,37 @@
+"""Writing a file so that its name holds the complete file or nothing: the content goes to a temporary name beside it
+(the same directory, so that the rename is atomic) and is renamed onto the name only when complete; the temporary
+file is removed on any failure. Every writer of a finished file (checkpoints, exported models, masks, TensorRT
+engine caches) goes through here; the pyramidal TIFF writer keeps its own `.partial`, which a resumed render
+reopens."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+from typing import Iterator
+
+PARTIAL_SUFFIX = ".partial"
+
+
+@contextlib.contextmanager
+def temporary_beside(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name in `path`'s directory, hidden and unique to this call (concurrent writers of one name do not
+    collide); whatever is there is removed on exit unless it was renamed away. The file is left to its writer to
+    create, so that it gets the permissions the user's umask gives (mkstemp's would be private)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+    try:
+        yield temporary
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def written_atomically(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary name to write `path`'s content to; when the block ends without an exception, rename it onto
+    `path` (replacing what was there)."""
+    with temporary_beside(path) as temporary:
+        yield temporary
+        os.replace(temporary, path)
