@@ -519,7 +519,7 @@ def test_validate_checks_the_whole_mask_band_by_band(tmp_path, monkeypatch):
     tifffile.imwrite(tmp_path / "good.tif", labels, tile=(64, 64), compression="zlib")
     labels[187, 149] = 3
     tifffile.imwrite(tmp_path / "bad.tif", labels, tile=(64, 64), compression="zlib")
-    monkeypatch.setattr(masks, "_VALIDATE_BYTES", 150 * 16)  # 16-row bands
+    monkeypatch.setattr(masks.reader, "_VALIDATE_BYTES", 150 * 16)  # 16-row bands
     with masks.open_mask(tmp_path / "good.tif") as mask:
         mask.validate()
     with masks.open_mask(tmp_path / "bad.tif") as mask, pytest.raises(MaskError) as excinfo:

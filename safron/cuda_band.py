@@ -27,7 +27,7 @@ import numpy as np
 
 from . import _core
 from .accumulator import StagingBandAccumulator
-from .masks import MODEL_INPUT_CLASSES
+from .masks.classes import MODEL_INPUT_CLASSES
 
 
 _CLASSES_ON_DEVICE: dict = {}

@@ -59,7 +59,7 @@ import numpy as np
 
 from .errors import SafronInputError
 from .files import written_atomically
-from .masks import BACKGROUND, GLAND, STROMA, labels_to_colour
+from .masks.classes import BACKGROUND, GLAND, STROMA, labels_to_colour
 from .slide_io import check_output_path
 
 __all__ = ["Recipe", "GLAS_RECIPE", "MaskSynthesizer", "synthesize", "write_mask", "PNG_MAX_PIXELS"]

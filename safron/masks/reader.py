@@ -1,15 +1,5 @@
-"""Tissue component masks: reading them region by region as class labels, and encoding labels for the model.
-
-Three classes. Single-channel masks store the labels themselves: BACKGROUND 0, STROMA 1, GLAND 2.
-Colour masks use gland green (0, 255, 0), stroma red (255, 0, 0), background blue (0, 0, 255); each
-pixel snaps to the nearest class colour within COLOUR_TOLERANCE, anything else is an error, except in
-masks stored with lossy compression (JPEG), where off colours within SMEAR_RADIUS of a class colour are
-taken for the codec's smear along class edges (see COLOUR_TOLERANCE). The generator's input is the colour
-image scaled to [-1, 1]: a ±1 one-hot in channel order (stroma, gland, background).
-
-Masks are validated as they are read, so a render that reads every pixel validates every pixel
-without a separate pass; `Mask.validate()` does the whole mask upfront for callers that want it.
-"""
+"""Tissue component masks read from files or arrays: `Mask` (validation, colour snapping, label windows),
+`open_mask`, `from_array`, `mirror_index`."""
 
 from __future__ import annotations
 
@@ -19,21 +9,12 @@ import os
 
 import numpy as np
 
-from .errors import MaskError
-from .slide_io import ArrayRaster, RasterReader, open_raster
+from ..errors import MaskError
+from ..slide_io import ArrayRaster, RasterReader, open_raster
+from .classes import CLASS_COLOURS, CLASS_NAMES, GLAND
 
-__all__ = [
-    "BACKGROUND", "STROMA", "GLAND", "CLASS_NAMES", "CLASS_COLOURS", "COLOUR_TOLERANCE", "SMEAR_RADIUS",
-    "MODEL_INPUT_CLASSES", "Mask", "mirror_index", "open_mask", "from_array", "labels_to_model_input",
-    "labels_to_colour",
-]
 
-BACKGROUND, STROMA, GLAND = 0, 1, 2
-CLASS_NAMES = {BACKGROUND: "background", STROMA: "stroma", GLAND: "gland"}
-CLASS_COLOURS = {BACKGROUND: (0, 0, 255), STROMA: (255, 0, 0), GLAND: (0, 255, 0)}
-# Channel c of the generator input is +1 where the label is MODEL_INPUT_CLASSES[c], else -1: the
-# colour image's (R, G, B) scaled to [-1, 1].
-MODEL_INPUT_CLASSES = (STROMA, GLAND, BACKGROUND)
+
 
 # Euclidean RGB distance within which a pixel snaps to the nearest class colour. The class colours are
 # 360.6 apart, so every blend of two of them (antialiased or resampled edges) lies within 180.3 of one;
@@ -289,92 +270,3 @@ def from_array(array: np.ndarray, *, mpp: float | None = None, name: str = "<arr
     return Mask(ArrayRaster(array, path=name, mpp=mpp), colour_tolerance=colour_tolerance)
 
 
-def _check_labels(labels: np.ndarray) -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.dtype != np.uint8 or labels.ndim < 2:
-        raise ValueError(
-            f"labels must be a uint8 array of shape (..., h, w) (got {labels.dtype} {labels.shape})"
-        )
-    if labels.size and labels.max() > GLAND:
-        raise ValueError(f"labels must be 0, 1 or 2 (found {labels.max()})")
-    return labels
-
-
-def labels_to_model_input(labels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Labels uint8 (..., h, w) -> generator input float32 (..., 3, h, w), ±1 one-hot in channel
-    order (stroma, gland, background). `out` may be a preallocated float32 array of that shape."""
-    labels = _check_labels(labels)
-    shape = labels.shape[:-2] + (3,) + labels.shape[-2:]
-    if out is None:
-        out = np.empty(shape, np.float32)
-    elif out.shape != shape or out.dtype != np.float32:
-        raise ValueError(f"out must be float32 {shape} (got {out.dtype} {out.shape})")
-    # Compare straight into the float output, then map {0, 1} to {-1, 1}: the fastest of the variants
-    # measured (2x a per-channel table lookup, 3.5x np.where).
-    for channel, label in enumerate(MODEL_INPUT_CLASSES):
-        np.equal(labels, label, out=out[..., channel, :, :], casting="unsafe")
-    out *= 2
-    out -= 1
-    return out
-
-
-_COLOUR_TABLE = np.array([CLASS_COLOURS[label] for label in (BACKGROUND, STROMA, GLAND)], np.uint8)
-
-
-def labels_to_colour(labels: np.ndarray) -> np.ndarray:
-    """Labels uint8 (..., h, w) -> colour mask uint8 (..., h, w, 3) in the class colours."""
-    return _COLOUR_TABLE[_check_labels(labels)]
-
-
-# Deriving SAFRON's three classes from a binary gland mask (GlaS style: 255 gland, 0 not gland), the one
-# rule used by training, tests and benchmarks. Outside glands, a pixel is BACKGROUND when the mean of
-# min(R, G, B) over the (2r+1) x (2r+1) square around it is at least BACKGROUND_MIN_CHANNEL, else STROMA.
-# Why the darkest channel: haematoxylin and eosin both absorb green strongly and every stained pixel is
-# dark in at least one channel, while unstained glass transmits all three; so min(R, G, B) puts pale pink
-# stroma (e.g. 235, 180, 225) twice as far from white as the mean brightness does. Why 215: on the 85
-# GlaS training images (5x5 mean of the darkest channel, non-gland pixels) unstained areas peak at
-# 240-252 and, in the pink-cast scans, still reach 225-235, while the palest stroma (train_14) has its
-# median at 184; only 5.5 % of non-gland pixels fall between 200 and 215. The 5x5 mean keeps single
-# bright pixels between nuclei from becoming background. The rule uses no per-image statistic, so a crop
-# of an image gets the labels of the whole image's crop (up to r px from its edges, where the square is
-# cut by the border and filled by repeating the edge pixels). On GlaS train it labels 11.9 % of the
-# non-gland area as background (the paper's synthetic masks use 10 %).
-BACKGROUND_MIN_CHANNEL = 215
-BACKGROUND_SMOOTHING_RADIUS = 2
-
-
-def labels_from_gland_mask(image_rgb: np.ndarray, gland_mask: np.ndarray) -> np.ndarray:
-    """Three-class labels uint8 (H, W) from an H&E image uint8 (H, W, 3) (or RGBA, alpha ignored) and a
-    binary gland mask (H, W) of any dtype, nonzero = gland: GLAND where the mask says so; outside glands
-    BACKGROUND on bright unstained pixels and STROMA elsewhere (the rule and its constants are above)."""
-    image = np.asarray(image_rgb)
-    gland = np.asarray(gland_mask)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
-        raise ValueError(f"image_rgb must be uint8 (H, W, 3) or (H, W, 4) (got {image.dtype} {image.shape})")
-    if gland.shape != image.shape[:2]:
-        raise ValueError(f"gland_mask must be (H, W) = {image.shape[:2]} like the image (got {gland.shape})")
-    radius = BACKGROUND_SMOOTHING_RADIUS
-    side = 2 * radius + 1
-    height, width = gland.shape
-    darkest = np.minimum(np.minimum(image[..., 0], image[..., 1]), image[..., 2])
-    darkest = np.pad(darkest, radius, mode="edge").astype(np.uint16)  # sums of 25 bytes fit 16 bits
-    # Box sums as sums of shifted slices, in integers: the threshold test is exact.
-    column_sums = darkest[:height].copy()
-    for shift in range(1, side):
-        column_sums += darkest[shift:shift + height]
-    box = column_sums[:, :width].copy()
-    for shift in range(1, side):
-        box += column_sums[:, shift:shift + width]
-    labels = np.where(box >= BACKGROUND_MIN_CHANNEL * side * side, BACKGROUND, STROMA).astype(np.uint8)
-    labels[gland != 0] = GLAND
-    return labels
-
-
-def synthesize(height: int, width: int, seed: int = 0, **options) -> np.ndarray:
-    """A synthetic mask as labels (height, width); see `safron.synthesis.synthesize`."""
-    from .synthesis import synthesize as _synthesize
-
-    return _synthesize(height, width, seed, **options)
-
-
-__all__ += ["BACKGROUND_MIN_CHANNEL", "BACKGROUND_SMOOTHING_RADIUS", "labels_from_gland_mask", "synthesize"]
