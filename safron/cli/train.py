@@ -122,7 +122,8 @@ def train_parser() -> argparse.ArgumentParser:
 
 def _config_from_args(args):
     """The TrainConfig the options give, or None on --resume without options (the run's own)."""
-    from ..train import TrainConfig, _is_onnx, _stored_config, generator_from_onnx, latest_checkpoint, training_checkpoint
+    from ..train import TrainConfig, generator_from_onnx, latest_checkpoint, training_checkpoint
+    from ..train.checkpointing import _is_onnx, _stored_config
 
     given = {name: getattr(args, name) for name in _RUN_OPTIONS if getattr(args, name) is not None}
     if args.no_augment:
@@ -149,7 +150,8 @@ def _config_from_args(args):
 def main(argv=None) -> int:
     """safron-train. PyTorch is an optional dependency, so its absence is a one-line usage error."""
     try:
-        from ..train import _stderr_note, train
+        from ..train import train
+        from ..train.loop import _stderr_note
     except ImportError as exc:
         print(
             f"safron-train: error: training needs PyTorch and safetensors ({exc.name} is not installed): "
