@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import Parser, colour_tolerance, exit_status_help, positive_float, positive_int, quality, run_main, threads
+from ..errors import SafronInputError, first_line
+from .common import (
+    EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, Parser, colour_tolerance, exit_status_help, positive_float, positive_int,
+    quality, run_main, threads,
+)
 
 
 def render_parser() -> argparse.ArgumentParser:
@@ -29,8 +33,20 @@ def render_parser() -> argparse.ArgumentParser:
             + exit_status_help(sigterm=True, usage="bad input or usage, or the disk refused the output (full, failing)")
         ),
     )
-    p.add_argument("mask", metavar="MASK", help="tissue component mask to render")
-    p.add_argument("out", metavar="OUT", help="output pyramidal BigTIFF, named .tif, .tiff, .btf or .tf8 (written under a temporary name, renamed when complete)")
+    p.usage = "%(prog)s MASK OUT [options]\n       %(prog)s MASK [MASK ...] --out-dir DIR [--scheduler ADDRESS] [options]"
+    p.add_argument("paths", metavar="MASK OUT | MASK...", nargs="+",
+                   help="a tissue component mask and its output pyramidal BigTIFF, named .tif, .tiff, .btf or .tf8 "
+                        "(written under a temporary name, renamed when complete); or, with --out-dir, many masks")
+    p.add_argument("--out-dir", metavar="DIR",
+                   help="render every MASK given to DIR/<mask name>.tif as jobs on Dask workers: a local cluster "
+                        "(one worker process per core) unless --scheduler is given. Complete outputs are skipped and "
+                        "interrupted ones resumed, so rerunning the command finishes the set; a mask that fails is "
+                        "reported and the others go on")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="with --out-dir: a Dask scheduler (e.g. tcp://host:8786) whose workers render; they need "
+                        "safron and the same paths to masks and DIR")
+    p.add_argument("--workers", type=positive_int, metavar="N",
+                   help="with --out-dir and no --scheduler: local worker processes (default: one per core)")
     p.add_argument("--model", metavar="ONNX", help="generator: an ONNX file meeting the model contract, or a training run directory or checkpoint (RUN_DIR/checkpoints/step-N.json or .safetensors) for --backend torch (default: the embedded model)")
     p.add_argument(
         "--backend", choices=BACKEND_NAMES, default="auto",
@@ -57,8 +73,61 @@ def render_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _render_many(args) -> int:
+    """The --out-dir form: exit 0 when every mask is done, 2 when one failed on its input, 1 on an internal error."""
+    from ..distributed import STATUSES, render_many
+
+    worst = EXIT_OK
+
+    def command() -> None:
+        nonlocal worst
+        client = None
+        if args.scheduler is not None:
+            try:
+                from distributed import Client
+            except ImportError:
+                raise SafronInputError("--scheduler needs Dask distributed: pip install 'dask[distributed]'") from None
+            try:
+                client = Client(args.scheduler, timeout="10s")
+            except OSError as exc:
+                raise SafronInputError(f"--scheduler {args.scheduler}: cannot connect ({first_line(exc)})") from None
+        try:
+            outcomes = render_many(
+                args.paths, args.out_dir, client=client, workers=args.workers, progress=not args.quiet,
+                model=args.model, backend=args.backend, batch_size=args.batch_size, blend=args.blend,
+                compression=args.compression, quality=args.quality, mpp=args.mpp, threads=args.threads,
+                colour_tolerance=args.colour_tolerance,
+            )
+        finally:
+            if client is not None:
+                client.close()
+        counts = {status: sum(o.status == status for o in outcomes) for status in STATUSES}
+        if not args.quiet:
+            print(f"{len(outcomes)} masks: " + ", ".join(f"{n} {status}" for status, n in counts.items() if n),
+                  file=sys.stderr)
+        failed = [o for o in outcomes if o.status == "failed"]
+        for outcome in failed:
+            print(f"safron-render: error: {outcome.mask}: {outcome.message}", file=sys.stderr)
+        if failed:
+            worst = EXIT_INTERNAL if any(o.internal for o in failed) else EXIT_USAGE
+
+    code = run_main("safron-render", command, sigterm=True,
+                    interrupted="interrupted; run the same command again to finish the set")
+    return code if code != EXIT_OK else worst
+
+
 def main(argv=None) -> int:
-    args = render_parser().parse_args(argv)
+    parser = render_parser()
+    args = parser.parse_args(argv)
+    if args.out_dir is not None:
+        if args.resume:
+            parser.error("--resume is automatic with --out-dir: interrupted outputs are resumed, complete ones skipped")
+        return _render_many(args)
+    if args.scheduler is not None or args.workers is not None:
+        parser.error("--scheduler and --workers go with --out-dir (many masks)")
+    if len(args.paths) != 2:
+        parser.error(f"give MASK OUT, or masks with --out-dir DIR (got {len(args.paths)} path(s) and no --out-dir)")
+    args.mask, args.out = args.paths
 
     def command() -> None:
         from ..engine import render
