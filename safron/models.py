@@ -120,6 +120,15 @@ def _check_config(config: dict[str, Any], architecture: str) -> dict[str, Any]:
     return arguments
 
 
+def _from_config(cls, config: dict[str, Any], architecture: str):
+    """`cls` built from the constructor arguments in a stored config, or a one-line error saying what is wrong."""
+    arguments = _check_config(config, architecture)
+    try:
+        return cls(**arguments)
+    except TypeError as error:
+        raise SafronInputError(f"invalid {architecture} config {arguments}: {error}") from None
+
+
 class Generator(nn.Module):
     """Mask window [N, in_channels, window, window] in {-1, 1} -> image patch [N, out_channels, patch, patch].
 
@@ -247,11 +256,7 @@ class Generator(nn.Module):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Generator:
         """A freshly initialised generator of the architecture `config()` described."""
-        arguments = _check_config(config, GENERATOR_ARCHITECTURE)
-        try:
-            return cls(**arguments)
-        except TypeError as error:
-            raise SafronInputError(f"invalid {GENERATOR_ARCHITECTURE} config {arguments}: {error}") from None
+        return _from_config(cls, config, GENERATOR_ARCHITECTURE)
 
 
 class Discriminator(nn.Module):
@@ -328,11 +333,7 @@ class Discriminator(nn.Module):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Discriminator:
         """A freshly initialised discriminator of the architecture `config()` described."""
-        arguments = _check_config(config, DISCRIMINATOR_ARCHITECTURE)
-        try:
-            return cls(**arguments)
-        except TypeError as error:
-            raise SafronInputError(f"invalid {DISCRIMINATOR_ARCHITECTURE} config {arguments}: {error}") from None
+        return _from_config(cls, config, DISCRIMINATOR_ARCHITECTURE)
 
 
 _NORMALISATION_TYPES = (
