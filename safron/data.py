@@ -43,7 +43,7 @@ from .slide_io import open_raster
 
 __all__ = [
     "IMAGES_FOLDER", "MASKS_FOLDER", "DEFAULT_TILE", "SMALL_TILE", "TRANSFORMS", "SMALL_IMAGES", "TrainingPair",
-    "TrainingTile", "TileDataset", "augment",
+    "TrainingTile", "TileDataset", "augment", "read_pair",
 ]
 
 IMAGES_FOLDER, MASKS_FOLDER = "images", "masks"
@@ -114,7 +114,7 @@ def _open(path: Path, what: str):
         raise SafronInputError(f"{exc} ({what})") from None
 
 
-def _read_pair(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_pair(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(image uint8 (H, W, 3), labels uint8 (H, W)) of one pair, or a one-line error naming the bad file."""
     with _open(image_path, "training image") as image_raster, _open(mask_path, "training mask") as mask_raster:
         if image_raster.channels not in (3, 4):
@@ -257,7 +257,7 @@ class TileDataset:
             if entry is not None:
                 self._cache.move_to_end(image_path)
                 return entry.image, entry.mask
-            image, labels = _read_pair(image_path, mask_path)
+            image, labels = read_pair(image_path, mask_path)
             entry = _CachedPair(image, masks.from_array(labels, name=str(mask_path)), image.nbytes + labels.nbytes)
             self._cache[image_path] = entry
             self._cache_bytes += entry.nbytes

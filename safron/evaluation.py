@@ -26,7 +26,6 @@ glands comes from the real image (bright unstained pixels), so the label maps ca
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import geometry, masks
+from .checkpoints import file_sha256
 from .errors import SafronInputError
 
 __all__ = [
@@ -109,32 +109,19 @@ class Report:
     versus_crops: Difference | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def profile_std(self) -> tuple[float, float]:
-        return grid_lock(np.asarray(self.profile_model))[0], grid_lock(np.asarray(self.profile_real))[0]
-
 
 # --- data ----------------------------------------------------------------------------------------------------------
 
-def _read(path: Path) -> np.ndarray:
-    from PIL import Image
+def load_testa(glas: str | os.PathLike) -> list[TestCase]:
+    """The testA pairs of a GlaS folder (GLAS/testA/images/*.png with GLAS/testA/masks/*.png), sorted by name, read
+    as training reads its pairs (`data.read_pair`): the same checks, and the same three classes from a gland mask."""
+    from .data import read_pair
 
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image)
-    except OSError as exc:
-        raise SafronInputError(f"{path}: unreadable image ({exc})") from None
-
-
-def load_testa(glas: str | os.PathLike, names: Sequence[str] | None = None) -> list[TestCase]:
-    """The testA pairs of a GlaS folder (GLAS/testA/images/*.png with GLAS/testA/masks/*.png), sorted by name."""
     folder = Path(glas) / "testA"
     images, gland_masks = folder / "images", folder / "masks"
     if not images.is_dir() or not gland_masks.is_dir():
         raise SafronInputError(f"{glas}: no testA/images and testA/masks folders (the GlaS layout)")
     paths = sorted(images.glob("*.png"))
-    if names is not None:
-        paths = [p for p in paths if p.stem in set(names)]
     if not paths:
         raise SafronInputError(f"{images}: no PNG images")
     cases = []
@@ -142,10 +129,8 @@ def load_testa(glas: str | os.PathLike, names: Sequence[str] | None = None) -> l
         mask_path = gland_masks / path.name
         if not mask_path.is_file():
             raise SafronInputError(f"{path}: no gland mask {mask_path}")
-        image, gland = _read(path)[..., :3], _read(mask_path)
-        if image.ndim != 3 or gland.shape != image.shape[:2]:
-            raise SafronInputError(f"{mask_path}: mask {gland.shape} does not match its image {image.shape}")
-        cases.append(TestCase(path.stem, image, gland > 0, masks.labels_from_gland_mask(image, gland)))
+        image, labels = read_pair(path, mask_path)
+        cases.append(TestCase(path.stem, image, labels == masks.GLAND, labels))
     return cases
 
 
@@ -356,14 +341,6 @@ def _centre(image: np.ndarray, size: int) -> np.ndarray:
 
 # --- the whole protocol --------------------------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _grouped_features(images: Sequence[np.ndarray], crop: int | None, progress: bool, what: str) -> list[np.ndarray]:
     from tqdm import tqdm
 
@@ -380,10 +357,8 @@ def _gland_dice(cases: Sequence[TestCase], rendered: Sequence[np.ndarray], threa
                 ) -> tuple[float | None, float | None, str | None]:
     """(mean Dice of seg(synthetic) vs mask, mean Dice of seg(real) vs mask, segmenter path), or Nones when this
     installation has no segmenter."""
-    try:
-        from .gland_segmentation import SEGMENTER_PATH, dice, segment_glands
-    except ImportError:
-        return None, None, None
+    from .gland_segmentation import SEGMENTER_PATH, dice, segment_glands
+
     if not Path(SEGMENTER_PATH).is_file():
         return None, None, None
     real = segment_glands([c.image for c in cases], threads=threads)
@@ -406,7 +381,6 @@ def evaluate(
     reference: bool = False,
     baseline: str | os.PathLike | None = None,
     progress: bool = True,
-    note: Callable[[str], None] = lambda text: None,
 ) -> Report:
     """Run the protocol (module docstring) and write the report folder `out_dir`; returns the figures.
 
@@ -451,7 +425,6 @@ def evaluate(
             seconds["seam render"] = time.perf_counter() - started
     finally:
         backend.close()
-    note(f"rendered {len(cases)} testA masks in {seconds['render testA']:.0f} s")
 
     started = time.perf_counter()
     if threads:
@@ -482,7 +455,7 @@ def evaluate(
         seconds["gland segmentation"] = time.perf_counter() - started
 
     report = Report(
-        model=str(model_path), model_sha256=_sha256(model_path) if model_path.is_file() else "", blend=blend,
+        model=str(model_path), model_sha256=file_sha256(model_path) if model_path.is_file() else "", blend=blend,
         overlap=overlap, whole=scores["whole"], crops=scores["crops"],
         profile_model=border_profile(rendered).tolist(), profile_real=border_profile(real_images).tolist(),
         seam=seam, seam_side=seam_side, dice_synthetic=dice_synthetic, dice_real=dice_real, segmenter=segmenter,
@@ -518,7 +491,9 @@ def _train_images(glas: str | os.PathLike) -> list[np.ndarray]:
     paths = sorted((Path(glas) / "train" / "images").glob("*.png"))
     if not paths:
         raise SafronInputError(f"{glas}: no train/images/*.png for the real-vs-real reference")
-    return [_read(p)[..., :3] for p in paths]
+    from .metrics import read_rgb
+
+    return [read_rgb(p) for p in paths]
 
 
 def _save(path: Path, image: np.ndarray) -> None:

