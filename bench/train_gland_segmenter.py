@@ -42,11 +42,12 @@ from safron.gland_segmentation import (  # noqa: E402
     INPUT_NAME, OUTPUT_NAME, SEGMENTER_PATH, STRIDE_METADATA_KEY, open_segmenter, dice, pad_to_stride,
     segment_glands,
 )
+from safron.export import store_weights_as_float16  # noqa: E402
 
 GLAS = ROOT.parent / "shared" / "data" / "glas"
 WORK = ROOT / "bench" / "_work" / "gland_segmenter"
 OPSET = 17
-MAX_FILE_BYTES = 8 << 20
+MAX_FILE_BYTES = 5 << 20  # the project keeps files over 5 MB to the embedded generator
 # Per-channel mean and standard deviation of the GlaS train images (RGB, 0..255), rounded: the network's
 # first normalisation. Fixed constants in the graph, not statistics of whatever it is shown.
 RGB_MEAN = (201.0, 131.0, 200.0)
@@ -178,6 +179,9 @@ def export_onnx(model, out: Path, metadata: dict[str, str]) -> None:
                       input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                       dynamic_axes={INPUT_NAME: dynamic, OUTPUT_NAME: dynamic})
     graph = onnx.load(str(temporary))
+    # fp16 weights, each cast to fp32 in the graph (ONNX Runtime folds the casts): half the file, the same as
+    # safron-export --weights float16; main() rounds the PyTorch model alike, so parity is checked against it.
+    store_weights_as_float16(graph)
     for key, value in {STRIDE_METADATA_KEY: str(model.stride), **metadata}.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value
@@ -264,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     best_dice, best_step, state = best
     model.load_state_dict(state)
     model.eval()
+    with torch.no_grad():  # the weights as the file stores them (export_onnx), so that the figures below are its own
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
     # Named after the output, so that a trial run (--out elsewhere) leaves the shipped model's records alone.
     WORK.mkdir(parents=True, exist_ok=True)
     torch.save(state, WORK / f"{args.out.stem}.best.pt")

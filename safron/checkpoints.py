@@ -210,7 +210,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def onnx_weights(model) -> dict:
     """name -> float32 numpy array of a safron-exported model's weights, fp16-stored ones (see
-    `_store_weights_as_float16`) under their original names."""
+    `store_weights_as_float16`) under their original names."""
     import onnx
     from onnx import numpy_helper
 

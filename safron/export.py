@@ -170,7 +170,7 @@ def export_onnx(
             entry = model.metadata_props.add()
             entry.key, entry.value = key, value
         if weights == "float16":
-            _store_weights_as_float16(model)
+            store_weights_as_float16(model)
         onnx.checker.check_model(model, full_check=True)
         onnx.save(model, str(temporary))
 
@@ -199,7 +199,7 @@ def export_onnx(
     )
 
 
-def _store_weights_as_float16(model) -> None:
+def store_weights_as_float16(model) -> None:
     """Replace each fp32 initializer X by an fp16 initializer X__float16 and a node Cast(X__float16) -> X placed
     first in the graph, so that every consumer still reads X in fp32."""
     import onnx
