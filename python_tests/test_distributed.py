@@ -134,3 +134,48 @@ def test_cli_usage_mistakes_of_the_many_mask_form_are_one_line(capsys, argv, nee
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err, err
+
+
+def test_a_local_cluster_renders_with_one_thread_per_worker_unless_told(tmp_path, monkeypatch):
+    """The command line passes threads=None when --threads is not given: that too means one thread per worker."""
+    import safron.distributed as distributed
+
+    seen = []
+
+    class FakeCluster:
+        def __init__(self, **kwargs):
+            seen.append(("cluster", kwargs["n_workers"], kwargs["threads_per_worker"]))
+
+        def close(self):
+            pass
+
+    class FakeClient:
+        def __init__(self, cluster):
+            pass
+
+        def submit(self, function, mask, out, options, **kwargs):
+            seen.append(("threads", options["threads"]))
+            return _Done(distributed.JobOutcome(mask, out, "rendered"))
+
+        def close(self):
+            pass
+
+    import distributed as dask_distributed
+
+    monkeypatch.setattr(dask_distributed, "LocalCluster", FakeCluster)
+    monkeypatch.setattr(dask_distributed, "Client", FakeClient)
+    monkeypatch.setattr(dask_distributed, "as_completed", lambda futures: iter(futures))
+    paths = write_masks(tmp_path / "masks")[:2]
+    for given, expected in ((None, 1), (3, 3)):
+        seen.clear()
+        render_many(paths, tmp_path / "out", progress=False, workers=2, threads=given)
+        assert seen == [("cluster", 2, 1), ("threads", expected), ("threads", expected)], seen
+
+
+class _Done:
+    def __init__(self, outcome):
+        self.outcome = outcome
+        self.key = outcome.mask
+
+    def result(self):
+        return self.outcome

@@ -118,7 +118,8 @@ def render_many(
     own = None
     if client is None:
         count = workers or min(len(pairs), os.cpu_count() or 1)
-        options.setdefault("threads", 1)  # one render thread per worker process: the cores are the workers'
+        if options.get("threads") is None:  # one render thread per worker process: the cores are the workers'
+            options["threads"] = 1
         # No nanny-less processes: a worker that dies is restarted and its task rerun elsewhere.
         own = LocalCluster(n_workers=count, threads_per_worker=1, processes=True, dashboard_address=":0")
         client = Client(own)
