@@ -73,6 +73,13 @@ def render_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _render_options(args) -> dict:
+    """The `engine.render` options both forms of the command pass on, for one mask or for each of many."""
+    return dict(model=args.model, backend=args.backend, batch_size=args.batch_size, blend=args.blend,
+                compression=args.compression, quality=args.quality, mpp=args.mpp, threads=args.threads,
+                colour_tolerance=args.colour_tolerance)
+
+
 def _render_many(args) -> int:
     """The --out-dir form: exit 0 when every mask is done, 2 when one failed on its input, 1 on an internal error."""
     from ..distributed import STATUSES, render_many
@@ -92,12 +99,8 @@ def _render_many(args) -> int:
             except OSError as exc:
                 raise SafronInputError(f"--scheduler {args.scheduler}: cannot connect ({first_line(exc)})") from None
         try:
-            outcomes = render_many(
-                args.paths, args.out_dir, client=client, workers=args.workers, progress=not args.quiet,
-                model=args.model, backend=args.backend, batch_size=args.batch_size, blend=args.blend,
-                compression=args.compression, quality=args.quality, mpp=args.mpp, threads=args.threads,
-                colour_tolerance=args.colour_tolerance,
-            )
+            outcomes = render_many(args.paths, args.out_dir, client=client, workers=args.workers,
+                                   progress=not args.quiet, **_render_options(args))
         finally:
             if client is not None:
                 client.close()
@@ -132,11 +135,7 @@ def main(argv=None) -> int:
     def command() -> None:
         from ..engine import render
 
-        result = render(
-            args.mask, args.out, model=args.model, backend=args.backend, batch_size=args.batch_size,
-            blend=args.blend, compression=args.compression, quality=args.quality, mpp=args.mpp,
-            resume=args.resume, progress=not args.quiet, threads=args.threads, colour_tolerance=args.colour_tolerance,
-        )
+        result = render(args.mask, args.out, resume=args.resume, progress=not args.quiet, **_render_options(args))
         if result.already_complete:
             if not args.quiet:
                 print(f"{result.out_path} is already complete (its render was stopped after finishing it); "
