@@ -202,10 +202,12 @@ class _Renderer:
             self.accumulator.set_num_threads(threads)
 
     # -- stage 1: read ---------------------------------------------------------------------------------------
-    def _batches(self, first_batch: int):
+    def _batches(self, first_batch: int, patches_end: int):
+        """Fixed slices of the raster patch sequence, from `first_batch` to the one holding patch patches_end - 1:
+        a band stops early, but each batch it runs holds the same patches as in a whole render."""
         plan, count, b = self.plan, self.plan.count, self.batch_size
         ys, xs = plan.origins()
-        for start in range(first_batch * b, count, b):
+        for start in range(first_batch * b, patches_end, b):
             idx = np.arange(start, min(start + b, count))
             yield _Batch(idx, ys[idx], xs[idx], idx // plan.cols)
 
@@ -267,29 +269,37 @@ class _Renderer:
         )
 
     # -- stage 3: accumulate and finalise --------------------------------------------------------------------
-    def run(self, sink, rows_done: int = 0, progress: bool = True, desc: str = ""):
-        """Render every row >= rows_done into `sink` (rows below are already final there)."""
+    def run(self, sink, rows_done: int = 0, progress: bool = True, desc: str = "", rows_end: int | None = None):
+        """Render rows [rows_done, rows_end) (default: to the last row) into `sink`; rows below rows_done are already
+        final there (a resume), rows from rows_end on are another band's (`render_band`). Every patch touching the
+        range is rendered, those straddling its edges included, so its pixels are those of a whole render."""
         from tqdm import tqdm
 
         plan = self.plan
-        first_row = plan.first_row_touching(rows_done) if rows_done < plan.height else plan.rows
+        stop = plan.height if rows_end is None else rows_end
+        first_row = plan.first_row_touching(rows_done) if rows_done < stop else plan.rows
+        # The last patch row touching row stop - 1: the patch rows after it start at stop or below.
+        last_row = int(np.searchsorted(plan.ys, stop, side="left")) - 1
         first_patch = first_row * plan.cols
+        patches_end = (last_row + 1) * plan.cols if first_row < plan.rows else first_patch
         first_batch = first_patch // self.batch_size
         # Rows are finalised (or, below rows_done, discarded) contiguously from the first row the replayed
         # patches touch, so no band slot is left holding partial sums. Within a patch row, column blocks are
         # finalised as soon as the patches to their right no longer touch them.
         final_done = int(plan.ys[first_row]) if first_row < plan.rows else rows_done
-        cols_done = 0
-        reads = prefetch((self._timed_read(b) for b in self._batches(first_batch)), depth=2, name="safron-read")
+        cols_done = added = 0
+        reads = prefetch((self._timed_read(b) for b in self._batches(first_batch, patches_end)), depth=2,
+                         name="safron-read")
         outputs = prefetch(self._infer(reads), depth=2, name="safron-infer")
         bar = tqdm(
-            total=plan.count, initial=first_patch, unit="patch", desc=desc, disable=not progress,
+            total=patches_end, initial=first_patch, unit="patch", desc=desc, disable=not progress,
             dynamic_ncols=True, file=sys.stderr,
         )
         try:
             for batch in self._timed_waits(outputs):
-                # Patches of rows already final (replayed only to keep batch composition) are not added.
-                keep = batch.rows >= first_row
+                # Patches of rows already final, or of rows past the band (run only to keep batch composition), are
+                # not added.
+                keep = (batch.rows >= first_row) & (batch.rows <= last_row)
                 for row in np.unique(batch.rows[keep]):
                     row = int(row)
                     # A batch is a raster-order run of patches, so each row's share is a contiguous slice:
@@ -302,20 +312,22 @@ class _Renderer:
                     rows_end = plan.final_rows_end(row)
                     cols_final = self._final_columns(last_col)
                     if cols_final > cols_done:
-                        self._finalise(sink, final_done, rows_end, cols_done, cols_final, rows_done)
+                        self._finalise(sink, final_done, rows_end, cols_done, cols_final, rows_done, stop)
                         cols_done = cols_final
                     if last_col == plan.cols - 1:  # the patch row is complete: its rows are final everywhere
                         if rows_end > rows_done:
                             with self.clock("journal"):
-                                sink.rows_final(rows_end)
+                                sink.rows_final(min(rows_end, stop))
                         final_done, cols_done = rows_end, 0
                 self._raise_if_device_patches_nonfinite(batch)
                 bar.update(int(keep.sum()))
+                added += int(keep.sum())
         finally:
             bar.close()
             outputs.close()
-        if final_done != plan.height:
-            raise RuntimeError(f"internal error: {final_done} of {plan.height} rows finalised")
+        if min(final_done, stop) != stop:
+            raise RuntimeError(f"internal error: rows up to {final_done} of {stop} finalised")
+        return added
 
     def _final_columns(self, last_col: int) -> int:
         """Columns [0, end) of the current rows that no later patch of this row touches, rounded down to
@@ -326,14 +338,17 @@ class _Renderer:
         block = self.accumulator.block_cols
         return int(plan.xs[last_col + 1]) // block * block
 
-    def _finalise(self, sink, y0: int, y1: int, x0: int, x1: int, rows_done: int) -> None:
-        # On resume, rows below rows_done are on disk already; their partial sums are dropped.
+    def _finalise(self, sink, y0: int, y1: int, x0: int, x1: int, rows_done: int, stop: int) -> None:
+        # On resume, rows below rows_done are on disk already; in a band, rows from `stop` on are the next band's.
+        # Their partial sums are dropped.
         if y0 < rows_done:
             self.accumulator.discard(y0, min(y1, rows_done), x0, x1)
             y0 = min(y1, rows_done)
-        if y0 < y1:
+        if y0 < min(y1, stop):
             with self.clock("finalise"):
-                sink.finalise(self.accumulator, y0, y1, x0, x1)
+                sink.finalise(self.accumulator, y0, min(y1, stop), x0, x1)
+        if y1 > stop:
+            self.accumulator.discard(max(y0, stop), y1, x0, x1)
 
     def _timed_waits(self, outputs):
         """Yield inference results, timing how long the main thread waits for each."""
@@ -354,6 +369,29 @@ class _ArraySink:
 
     def rows_final(self, y1):
         pass
+
+
+class _ChunkRowSink:
+    """A band's rows [y0, y1), gathered into whole chunk rows of its Zarr store and written as each one completes, so
+    that a band writes only whole chunks (y0 is a chunk boundary) and never another band's. The buffer holds one chunk
+    row plus the most rows one patch row can finalise beyond it."""
+
+    def __init__(self, store, y0: int, y1: int, width: int, chunk: int, patch: int):
+        self.store, self.start, self.end, self.chunk = store, y0, y1, chunk
+        self.buffer = np.empty((chunk + patch, width, 3), dtype=np.uint8)
+
+    def finalise(self, accumulator, y0, y1, x0, x1):
+        _finalise_into(accumulator, y0, y1, x0, x1, self.buffer[y0 - self.start:y1 - self.start, x0:x1])
+
+    def rows_final(self, y1):
+        from . import zarr_output
+
+        while y1 - self.start >= self.chunk or self.start < y1 == self.end:
+            rows = min(self.chunk, y1 - self.start)
+            zarr_output.write_rows(self.store, self.start, self.buffer[:rows])
+            # Rows past this chunk row (finalised with it, as part of the same patch row) move to the front.
+            self.buffer[:y1 - self.start - rows] = self.buffer[rows:y1 - self.start]
+            self.start += rows
 
 
 class _FileSink:
@@ -458,11 +496,39 @@ def render_array(
             engine.close()
 
 
+def render_band(mask_path: str, store: str, y0: int, y1: int, *, model: str, backend: str, batch_size, blend: str,
+                overlap: int, threads, colour_tolerance: float, progress: bool = False):
+    """One band's task, on a Dask worker or in this process: rows [y0, y1) of the render of the mask at `mask_path`,
+    written to level 0 of the Zarr `store` in whole chunk rows. A `bands.BandOutcome`; an input error (a bad colour,
+    a model that breaks the contract) is returned rather than raised, so that Dask does not retry what would fail
+    the same way again."""
+    from .bands import BandOutcome
+    from .zarr_output import chunk_rows
+
+    try:
+        with masks.open_mask(Path(mask_path), colour_tolerance=colour_tolerance) as source:
+            engine = create_backend(backend, Path(model), threads=threads)
+            try:
+                renderer = _Renderer(source, engine, batch_size, blend, overlap, threads)
+                sink = _ChunkRowSink(Path(store), y0, y1, source.width, chunk_rows(Path(store)), renderer.plan.patch)
+                patches = renderer.run(sink, rows_done=y0, rows_end=y1, progress=progress, desc=Path(mask_path).name)
+            finally:
+                engine.close()
+    except SafronInputError as exc:
+        return exc
+    return BandOutcome(patches, engine.name, dict(renderer.clock.seconds))
+
+
 def _check_paths(mask_path: Path, out_path: Path) -> None:
+    from .zarr_output import ZARR_SUFFIX, check_output, is_zarr_path
+
+    if is_zarr_path(out_path):
+        check_output(out_path)  # an OME-Zarr, a folder: only one that safron wrote may be replaced
+        return
     if out_path.suffix.lower() not in OUTPUT_SUFFIXES and not out_path.is_dir():
         raise SafronInputError(
             f"{out_path}: the output is a pyramidal BigTIFF, so its name must end in "
-            f"{', '.join(OUTPUT_SUFFIXES[:-1])} or {OUTPUT_SUFFIXES[-1]}"
+            f"{', '.join(OUTPUT_SUFFIXES)}, or an OME-Zarr, named {ZARR_SUFFIX}"
         )
     check_output_path(out_path)
     if out_path.exists() and mask_path.exists() and out_path.resolve() == mask_path.resolve():
@@ -513,13 +579,23 @@ def render(
     threads: int | None = None,
     overlap: int = DEFAULT_OVERLAP,
     colour_tolerance: float = masks.COLOUR_TOLERANCE,
+    client=None,
+    band_rows: int | None = None,
+    chunk: int | None = None,
 ) -> RenderResult:
-    """Render the mask at `mask_path` to a pyramidal tiled BigTIFF at `out_path`.
+    """Render the mask at `mask_path` to a pyramidal tiled BigTIFF at `out_path`, or to an OME-Zarr when `out_path`
+    ends in .zarr (`safron.zarr_output`; zstd chunks whatever `compression` says).
 
     The output replaces `out_path` only when complete. Finished rows go to a canvas file next to it with a
     journal, so an interrupted render continues with `resume=True` and yields the same bytes. Every argument is
     checked before any file is created, and one render at a time may write to `out_path` (`canvas.OutputLock`).
     `colour_tolerance`: see `safron.masks.COLOUR_TOLERANCE`.
+
+    `client`: a `distributed.Client` whose workers render the mask in bands of `band_rows` rows (default
+    `bands.DEFAULT_BAND_ROWS`), each a multiple of the Zarr `chunk` side (default `zarr_output.DEFAULT_CHUNK`);
+    workers need safron and the same paths to the mask, the model and OUT's folder (`safron.bands`). The pixels are
+    a single-process render's, and a TIFF is byte for byte the same. A render in bands, or to OME-Zarr, has no
+    resume: rerun it whole.
     """
     mask_path, out_path = Path(mask_path), Path(out_path)
     _check_render_options(batch_size, blend, overlap, threads)
@@ -528,7 +604,14 @@ def render(
     # only decides whether a colour is refused), so a resume under another tolerance writes the same bytes.
     colour_tolerance = _check_colour_tolerance(colour_tolerance)
     _check_paths(mask_path, out_path)
+    bands_layout = _check_band_options(out_path, client, band_rows, chunk, resume)
     model_path = _resolve_model(model)
+    if bands_layout is not None:
+        band_options = dict(model=str(model_path.resolve()), backend=backend, batch_size=batch_size, blend=blend,
+                            overlap=overlap, threads=threads, colour_tolerance=colour_tolerance)
+        tiff_options = dict(compression=compression, quality=int(quality), workers=threads)
+        return _render_in_bands(mask_path, out_path, client, *bands_layout, mpp, progress, band_options,
+                                tiff_options)
     canvas_path, journal_path = side_paths(out_path)
     with OutputLock(out_path):
         if resume and not journal_path.exists():
@@ -573,6 +656,61 @@ def render(
     return RenderResult(
         out_path, height, width, renderer.plan.count, mpp, engine.name, seconds, dict(renderer.clock.seconds)
     )
+
+
+def _check_band_options(out_path: Path, client, band_rows, chunk, resume: bool) -> tuple[int, int] | None:
+    """(chunk side, band rows) for a render in bands (a client, or an OME-Zarr output), checked; None for a render in
+    one process."""
+    from .bands import DEFAULT_BAND_ROWS
+    from .zarr_output import DEFAULT_CHUNK, is_zarr_path, require_zarr
+
+    in_bands = client is not None or is_zarr_path(out_path)
+    if not in_bands:
+        if band_rows is not None or chunk is not None:
+            raise SafronInputError("band rows and chunk are for a render in bands (a Dask client: --workers or "
+                                   "--scheduler) or to an OME-Zarr (OUT named .zarr)")
+        return None
+    if resume:
+        raise SafronInputError("--resume is for a TIFF rendered in one process; a render in bands or to OME-Zarr "
+                               "keeps no journal: run it again without --resume")
+    if band_rows is not None and client is None:
+        raise SafronInputError("band rows split a render across Dask workers: give a client (--workers or "
+                               "--scheduler), or leave them out")
+    chunk = _check_integer(DEFAULT_CHUNK if chunk is None else chunk, "chunk", 16)
+    if chunk % 16:
+        raise SafronInputError(f"chunk must be a multiple of 16 (got {chunk})")
+    if band_rows is None:
+        band_rows = -(-DEFAULT_BAND_ROWS // chunk) * chunk
+    band_rows = _check_integer(band_rows, "band rows", chunk)
+    if band_rows % chunk:
+        raise SafronInputError(f"band rows must be a multiple of the chunk side {chunk}, so that no two bands write "
+                               f"one chunk (got {band_rows})")
+    require_zarr()
+    return chunk, band_rows
+
+
+def _render_in_bands(mask_path: Path, out_path: Path, client, chunk: int, band_rows: int, mpp, progress: bool,
+                     band_options: dict, tiff_options: dict) -> RenderResult:
+    from . import bands
+    from .zarr_output import is_zarr_path
+
+    with OutputLock(out_path):
+        # The size and pixel size only: the workers read the mask itself.
+        with masks.open_mask(mask_path, colour_tolerance=band_options["colour_tolerance"]) as source:
+            height, width = source.height, source.width
+            mpp = mpp if mpp is not None else source.mpp
+        mpp = None if mpp is None else float(mpp)
+        # Level 0 uncompressed and, for a TIFF, the writer's scratch files too: a bound, since chunks are compressed.
+        check_free_space(out_path, height * width * 3 * (1 if is_zarr_path(out_path) else 2),
+                         "the Zarr store and the writer's temporary files")
+        result = bands.render_in_bands(
+            render_band, str(mask_path.resolve()), out_path, height, width, mpp=mpp, chunk=chunk,
+            band_rows=band_rows, client=client, progress=progress,
+            band_options=band_options,
+            tiff_options=None if is_zarr_path(out_path) else dict(tiff_options, mpp=mpp),
+        )
+    return RenderResult(out_path, height, width, result.patches, mpp, result.backend, result.seconds,
+                        result.stage_seconds)
 
 
 def _remove_if_complete(out_path: Path, header: dict, output_options: dict) -> bool:

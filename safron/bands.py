@@ -1,0 +1,154 @@
+"""One mask rendered in row bands: on a Dask client's workers, or as one band in this process.
+
+The patch grid is global (`geometry.plan` of the whole mask), so a band is just a range of output rows: its task
+renders every patch that touches the range, those straddling its edges included, and keeps its own rows
+(`engine.render_band`, through `_Renderer.run(rows_end=)`), which are therefore the rows of a single-process render,
+value for value. Bands start on chunk boundaries of the Zarr store they write and span whole chunk rows, so each
+chunk has one writer and a band rerun by Dask (its worker died, its task failed) rewrites the same whole chunks.
+
+An OME-Zarr output is built under `OUT.partial` (`zarr_output`): the bands write level 0, then one task per chunk row
+of each reduced level halves the level above, level by level, and the store is renamed onto OUT. A TIFF output goes
+through a scratch store of level 0 beside OUT, which this process reads back in chunk rows into the same
+`PyramidTiffWriter` a single-process render uses, so the TIFF is byte for byte that render's.
+
+Nothing here imports the engine (which calls in): the band task comes in as `render_band`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import zarr_output
+from .errors import SafronInputError
+
+# Rows per band by default. Each band renders about one patch row (~236 rows) more than its own, so 4096 rows cost
+# ~6 % more inference than one process would spend, in exchange for enough bands to keep workers busy on a slide.
+DEFAULT_BAND_ROWS = 4096
+# How often Dask reruns a band or level task that raised (an I/O hiccup on a shared disk). A worker that dies is
+# Dask's business: its task is rescheduled anyway (up to distributed.scheduler.allowed-failures).
+RETRIES = 2
+
+
+@dataclass(frozen=True)
+class BandOutcome:
+    """What a band task reports: the patches it inferred (with those it recomputed at its edges), its backend, and
+    its per-stage seconds (engine.STAGES)."""
+
+    patches: int
+    backend: str
+    stage_seconds: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BandsResult:
+    patches: int
+    backend: str
+    seconds: float
+    stage_seconds: dict
+    bands: int
+
+
+def band_bounds(height: int, band_rows: int) -> list[tuple[int, int]]:
+    """Row ranges [y0, y1) of the bands: `band_rows` each (a multiple of the chunk height), the last one shorter."""
+    return [(y0, min(y0 + band_rows, height)) for y0 in range(0, height, band_rows)]
+
+
+def scratch_store(out: Path) -> Path:
+    """The level-0 store a TIFF render in bands writes before the TIFF is assembled from it."""
+    return out.with_name(out.name + ".safron-bands.zarr")
+
+
+class _Tasks:
+    """Calls run as Dask tasks on `client`, or here, one after another, without one; either way one progress bar and
+    the first failure raised (after the other tasks are cancelled)."""
+
+    def __init__(self, client, progress: bool):
+        self.client, self.progress = client, progress
+
+    def run(self, function: Callable, calls: list[tuple], *, desc: str, weights: list[int], unit: str,
+            **options) -> list:
+        from tqdm import tqdm
+
+        results = [None] * len(calls)
+        with tqdm(total=sum(weights), desc=desc, unit=unit, disable=not self.progress, dynamic_ncols=True) as bar:
+            if self.client is None:
+                for index, args in enumerate(calls):
+                    results[index] = function(*args, **options)
+                    bar.update(weights[index])
+                return results
+            from distributed import as_completed
+
+            futures = [self.client.submit(function, *args, **options, retries=RETRIES, pure=False,
+                                          key=f"safron-{desc}-{index}-{time.time_ns()}")
+                       for index, args in enumerate(calls)]
+            index_of = {future.key: index for index, future in enumerate(futures)}
+            try:
+                for future in as_completed(futures):
+                    index = index_of[future.key]
+                    results[index] = future.result()
+                    bar.update(weights[index])
+            finally:
+                # Running tasks finish (Dask cannot stop them), but nothing new starts.
+                self.client.cancel([f for f in futures if not f.done()])
+        return results
+
+
+def render_in_bands(
+    render_band: Callable,
+    mask: str,
+    out: Path,
+    height: int,
+    width: int,
+    *,
+    mpp: float | None,
+    chunk: int,
+    band_rows: int,
+    client,
+    progress: bool,
+    band_options: dict,
+    tiff_options: dict | None,
+) -> BandsResult:
+    """Render `mask` to `out`: an OME-Zarr (`tiff_options` None) or a TIFF written with `tiff_options` (those of
+    `PyramidTiffWriter`). Without a client the whole mask is one band, rendered here with its own progress bar."""
+    tiff = tiff_options is not None
+    store = scratch_store(out) if tiff else zarr_output.partial_path(out)
+    bounds = band_bounds(height, band_rows) if client is not None else [(0, height)]
+    tasks = _Tasks(client, progress and client is not None)
+    started = time.perf_counter()
+    shapes = zarr_output.create(store, height, width, chunk=chunk, mpp=mpp, levels=not tiff, name=Path(mask).name)
+    try:
+        outcomes = tasks.run(render_band, [(mask, str(store), y0, y1) for y0, y1 in bounds], desc="bands",
+                             weights=[y1 - y0 for y0, y1 in bounds], unit="row",
+                             progress=progress and client is None, **band_options)
+        error = next((o for o in outcomes if isinstance(o, SafronInputError)), None)
+        if error is not None:
+            raise error
+        for level in range(1, len(shapes)):
+            level_bounds = band_bounds(shapes[level][0], chunk)
+            tasks.run(zarr_output.build_level_rows, [(store, level, y0, y1) for y0, y1 in level_bounds],
+                      desc=f"level {level}", weights=[y1 - y0 for y0, y1 in level_bounds], unit="row")
+        if tiff:
+            _assemble_tiff(store, out, height, width, chunk, tiff_options)
+        else:
+            zarr_output.publish(store, out)
+    finally:
+        zarr_output.remove(store)
+    stage_seconds: dict = {}
+    for outcome in outcomes:
+        for stage, seconds in outcome.stage_seconds.items():
+            stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
+    return BandsResult(sum(o.patches for o in outcomes), outcomes[0].backend, time.perf_counter() - started,
+                       stage_seconds, len(bounds))
+
+
+def _assemble_tiff(store: Path, out: Path, height: int, width: int, chunk: int, tiff_options: dict) -> None:
+    """The pyramidal TIFF from level 0 of `store`, one chunk row at a time (bounded memory); renamed onto `out` by
+    the writer when complete."""
+    from .pyramid_tiff import PyramidTiffWriter
+
+    with PyramidTiffWriter(out, height, width, **tiff_options) as writer:
+        for y0 in range(0, height, chunk):
+            writer.write_rows(y0, zarr_output.read_rows(store, y0, min(y0 + chunk, height)))

@@ -1,0 +1,170 @@
+"""OME-Zarr output: a multiscale uint8 RGB image (OME-NGFF 0.5 on Zarr v3) that many processes write in place.
+
+Layout:
+
+* Arrays "0", "1", ... (level 0 first), each (3, height_k, width_k) uint8 with dimension names c, y, x. Channel
+  before space because NGFF 0.5 orders axes by type (time, channel, space) and ome-zarr-py refuses anything else
+  (an interleaved y, x, c array is not valid NGFF). Chunks (3, chunk, chunk): one chunk file holds all three
+  channels of a square, as a tile of the TIFF does. Codec: Zarr's default (zstd, lossless).
+* Levels halve the previous one (`pyramid_tiff.halve`: the 2x2 mean the TIFF pyramid uses, so both outputs hold the
+  same pixels at every level) down to a level that fits in 256 x 256 (`pyramid_tiff.pyramid_shapes`).
+* The group's "ome" attributes hold the multiscales: axes c (channel), y and x (space, unit micrometer when the pixel
+  size is known) and per level a scale transform [1, mpp * 2**k, mpp * 2**k] (without a pixel size, [1, 2**k, 2**k]
+  in pixels), plus "omero" channel colours so that viewers show RGB. A "safron" attribute marks the store as ours:
+  an existing OUT without it is never replaced.
+
+Complete or absent, like the TIFF: the store is built under `OUT.partial` and renamed onto OUT only once every
+level is written (`publish`), so a reader that finds OUT finds all of it. Chunk writes are whole chunks at fixed
+places (every writer owns whole chunk rows), so writing the same rows again, as a retried band does, gives the same
+store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SafronInputError
+from .pyramid_tiff import halve, pyramid_shapes
+
+ZARR_SUFFIX = ".zarr"
+# 1024 rows of a 100k-wide slide are 300 MB in a band's buffer of unfinished chunk rows (`_ChunkRows` in the
+# engine); a smaller chunk means more, smaller files. 1024 is what OME-Zarr writers commonly use for slides.
+DEFAULT_CHUNK = 1024
+# Columns a pyramid task reduces at once: its memory is 2 * chunk rows of this many columns, whatever the width.
+_LEVEL_BLOCK_CHUNKS = 8
+_MARKER = "safron"
+
+
+def is_zarr_path(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() == ZARR_SUFFIX
+
+
+def partial_path(out: Path) -> Path:
+    """Where the store is built before it is renamed onto `out`."""
+    return out.with_name(out.name + ".partial")
+
+
+def require_zarr():
+    try:
+        import zarr
+    except ImportError:
+        raise SafronInputError("OME-Zarr output and rendering in bands need zarr: pip install 'safron[distributed]'") \
+            from None
+    return zarr
+
+
+def check_output(out: Path) -> None:
+    """OUT may be missing or a store this package wrote (replaced once the new one is complete); anything else there
+    is someone's data and is refused, with one line."""
+    if not out.exists():
+        if not out.parent.is_dir():
+            raise SafronInputError(f"{out}: output directory does not exist ({out.parent})")
+        if not os.access(out.parent, os.W_OK):
+            raise SafronInputError(f"{out}: output directory is not writable ({out.parent})")
+        return
+    if not is_ours(out):
+        raise SafronInputError(f"{out}: exists and is not an OME-Zarr written by safron; remove it or choose another "
+                               "name")
+
+
+def is_ours(store: Path) -> bool:
+    try:
+        attributes = json.loads((store / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(attributes, dict) and _MARKER in attributes
+
+
+def create(store: Path, height: int, width: int, *, chunk: int, mpp: float | None, levels: bool,
+           name: str = "") -> list[tuple[int, int]]:
+    """An empty OME-Zarr at `store` (whatever was there is removed): every level of the pyramid, or level 0 only
+    (`levels=False`, a scratch store that becomes a TIFF). The (height, width) of each level."""
+    zarr = require_zarr()
+    shutil.rmtree(store, ignore_errors=True)
+    shapes = pyramid_shapes(height, width) if levels else [(height, width)]
+    group = zarr.open_group(str(store), mode="w", zarr_format=3)
+    datasets = []
+    for level, (h, w) in enumerate(shapes):
+        group.create_array(str(level), shape=(3, h, w), chunks=(3, chunk, chunk), dtype="uint8", fill_value=0,
+                           dimension_names=("c", "y", "x"))
+        size = (mpp if mpp is not None else 1.0) * 2**level
+        datasets.append({"path": str(level), "coordinateTransformations": [{"type": "scale",
+                                                                            "scale": [1.0, size, size]}]})
+    unit = {"unit": "micrometer"} if mpp is not None else {}
+    group.attrs.update({
+        "ome": {
+            "version": "0.5",
+            "multiscales": [{
+                "name": name,
+                "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", **unit},
+                         {"name": "x", "type": "space", **unit}],
+                "datasets": datasets,
+                "type": "2x2 mean",
+            }],
+            "omero": {
+                "channels": [{"label": label, "color": colour, "active": True,
+                              "window": {"start": 0, "end": 255, "min": 0, "max": 255}}
+                             for label, colour in (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))],
+                "rdefs": {"model": "color"},
+            },
+        },
+        _MARKER: {"mpp": mpp},
+    })
+    return shapes
+
+
+def _array(store: Path, level: int, mode: str):
+    return require_zarr().open_array(str(store / str(level)), mode=mode)
+
+
+def write_rows(store: Path, y0: int, rows: np.ndarray, level: int = 0) -> None:
+    """Rows y0 .. y0 + h - 1 of a level, uint8 (h, width, 3); y0 on a chunk boundary, h a whole number of chunks
+    unless the rows end the level, so that every chunk is written whole and by one writer."""
+    array = _array(store, level, "r+")
+    array[:, y0:y0 + len(rows), :] = np.moveaxis(rows, 2, 0)
+
+
+def read_rows(store: Path, y0: int, y1: int, level: int = 0, x0: int = 0, x1: int | None = None) -> np.ndarray:
+    """Rows [y0, y1) (columns [x0, x1)) of a level as uint8 (h, w, 3)."""
+    array = _array(store, level, "r")
+    return np.ascontiguousarray(np.moveaxis(array[:, y0:y1, x0:x1], 0, 2))
+
+
+def chunk_rows(store: Path, level: int = 0) -> int:
+    return _array(store, level, "r").chunks[1]
+
+
+def build_level_rows(store: Path, level: int, y0: int, y1: int) -> None:
+    """Rows [y0, y1) of `level` >= 1, reduced from rows [2 y0, 2 y1) of the level above, in column blocks. y0 is a
+    chunk boundary, so the rows read start on an even row, as `halve` needs to reduce a block to its exact part of
+    the level (and an odd last row of the level above is averaged as the TIFF pyramid averages it)."""
+    above = _array(store, level - 1, "r")
+    below = _array(store, level, "r+")
+    chunk = below.chunks[2]
+    block = chunk * _LEVEL_BLOCK_CHUNKS
+    for x0 in range(0, below.shape[2], block):
+        x1 = min(x0 + block, below.shape[2])
+        source = above[:, 2 * y0:min(2 * y1, above.shape[1]), 2 * x0:min(2 * x1, above.shape[2])]
+        below[:, y0:y1, x0:x1] = np.moveaxis(halve(np.ascontiguousarray(np.moveaxis(source, 0, 2))), 2, 0)
+
+
+def publish(partial: Path, out: Path) -> None:
+    """Rename the complete store onto `out`. A store of ours already there is moved aside first and removed after,
+    so that OUT names the old store or the new one, never a mix (a directory cannot be renamed onto a full one)."""
+    aside = None
+    if out.exists():
+        aside = out.with_name(f".{out.name}.{secrets.token_hex(4)}.old")
+        os.replace(out, aside)
+    os.replace(partial, out)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def remove(store: Path) -> None:
+    shutil.rmtree(store, ignore_errors=True)
