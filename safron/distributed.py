@@ -13,11 +13,12 @@ unreadable file) is reported with its one-line message and the others go on. A w
 (killed, out of memory) loses nothing but time: Dask reruns the task on another worker, which resumes from the
 journal, since a render's canvas and journal are on disk and its output appears only when complete.
 
-One large mask split into bands across workers (issue 14's second part) is not built yet.
+One large mask split into row bands across workers is `engine.render(mask, out, client=...)` (`safron.bands`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from pathlib import Path
 from .canvas import side_paths
 from .errors import SafronInputError, first_line
 
-__all__ = ["JobOutcome", "STATUSES", "output_path", "render_many"]
+__all__ = ["JobOutcome", "STATUSES", "local_client", "output_path", "render_many", "scheduler_client"]
 
 # What happened to each mask: rendered from scratch, resumed from its journal, skipped as complete, or failed.
 STATUSES = ("rendered", "resumed", "skipped", "failed")
@@ -46,6 +47,42 @@ class JobOutcome:
 def output_path(mask: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Where `render_many` writes the render of `mask`: OUT_DIR/<mask file name without suffix>.tif."""
     return Path(out_dir) / f"{Path(mask).stem}.tif"
+
+
+def _require_distributed(what: str):
+    try:
+        import distributed
+    except ImportError:
+        raise SafronInputError(f"{what} needs Dask distributed: pip install 'safron[distributed]'") from None
+    return distributed
+
+
+@contextlib.contextmanager
+def local_client(workers: int):
+    """A client of a local cluster of `workers` worker processes with one thread each, closed on exit. Processes with
+    nannies: a worker that dies is restarted and its task rerun elsewhere."""
+    distributed = _require_distributed("rendering on local workers")
+    cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+    try:
+        client = distributed.Client(cluster)
+        try:
+            yield client
+        finally:
+            client.close()
+    finally:
+        cluster.close()
+
+
+@contextlib.contextmanager
+def scheduler_client(address: str):
+    """A client of the Dask scheduler at `address` (e.g. tcp://host:8786), closed on exit; one line if unreachable."""
+    distributed = _require_distributed(f"--scheduler {address}")
+    try:
+        client = distributed.Client(address, timeout="10s")
+    except OSError as exc:
+        raise SafronInputError(f"--scheduler {address}: cannot connect ({first_line(exc)})") from None
+    with client:
+        yield client
 
 
 def _render_one(mask: str, out: str, options: dict) -> JobOutcome:
@@ -98,11 +135,7 @@ def render_many(
     Dask reruns the job of a worker that died. `options` are `engine.render`'s (model, backend, blend, compression,
     quality, threads, ...), the same for every mask; they are checked by the first job to use them.
     """
-    try:
-        from distributed import Client, LocalCluster, as_completed
-    except ImportError:
-        raise SafronInputError("rendering many masks needs Dask distributed: pip install 'dask[distributed]' "
-                               "(or safron[distributed])") from None
+    as_completed = _require_distributed("rendering many masks").as_completed
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -115,16 +148,13 @@ def render_many(
     if "model" in options and options["model"] is not None:
         options["model"] = str(Path(options["model"]).resolve())  # workers may start elsewhere
 
-    own = None
+    own = contextlib.ExitStack()
     if client is None:
-        count = workers or min(len(pairs), os.cpu_count() or 1)
         if options.get("threads") is None:  # one render thread per worker process: the cores are the workers'
             options["threads"] = 1
-        # No nanny-less processes: a worker that dies is restarted and its task rerun elsewhere.
-        own = LocalCluster(n_workers=count, threads_per_worker=1, processes=True, dashboard_address=":0")
-        client = Client(own)
+        client = own.enter_context(local_client(workers or min(len(pairs), os.cpu_count() or 1)))
     outcomes: dict[str, JobOutcome] = {}
-    try:
+    with own:
         futures = [client.submit(_render_one, mask, out, options, key=f"safron-render-{index}-{Path(mask).name}",
                                  retries=retries, pure=False)
                    for index, (mask, out) in enumerate(pairs)]
@@ -141,8 +171,4 @@ def render_many(
                 bar.update()
                 if outcome.status == "failed":
                     bar.write(f"{Path(outcome.mask).name}: {outcome.message}")
-    finally:
-        if own is not None:
-            client.close()
-            own.close()
     return [outcomes[mask] for mask, _ in pairs]

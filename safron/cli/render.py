@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
-from ..errors import SafronInputError, first_line
 from .common import (
     EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, Parser, colour_tolerance, exit_status_help, positive_float, positive_int,
-    quality, run_main, threads,
+    quality, run_main, threads, tile_side,
 )
 
 
@@ -16,7 +16,9 @@ def render_parser() -> argparse.ArgumentParser:
     from ..backends import BACKEND_NAMES
     from ..engine import BLENDS, DEFAULT_BLEND
     from ..masks import COLOUR_TOLERANCE, SMEAR_RADIUS
+    from ..bands import DEFAULT_BAND_ROWS
     from ..pyramid_tiff import COMPRESSIONS
+    from ..zarr_output import DEFAULT_CHUNK
 
     p = Parser(
         prog="safron-render",
@@ -33,20 +35,31 @@ def render_parser() -> argparse.ArgumentParser:
             + exit_status_help(sigterm=True, usage="bad input or usage, or the disk refused the output (full, failing)")
         ),
     )
-    p.usage = "%(prog)s MASK OUT [options]\n       %(prog)s MASK [MASK ...] --out-dir DIR [--scheduler ADDRESS] [options]"
+    p.usage = ("%(prog)s MASK OUT [--workers N | --scheduler ADDRESS] [options]\n"
+               "       %(prog)s MASK [MASK ...] --out-dir DIR [--workers N | --scheduler ADDRESS] [options]")
     p.add_argument("paths", metavar="MASK OUT | MASK...", nargs="+",
-                   help="a tissue component mask and its output pyramidal BigTIFF, named .tif, .tiff, .btf or .tf8 "
-                        "(written under a temporary name, renamed when complete); or, with --out-dir, many masks")
+                   help="a tissue component mask and its output: a pyramidal BigTIFF, named .tif, .tiff, .btf or .tf8, "
+                        "or an OME-Zarr, named .zarr (written under a temporary name, renamed when complete); or, with "
+                        "--out-dir, many masks")
     p.add_argument("--out-dir", metavar="DIR",
                    help="render every MASK given to DIR/<mask name>.tif as jobs on Dask workers: a local cluster "
                         "(one worker process per core) unless --scheduler is given. Complete outputs are skipped and "
                         "interrupted ones resumed, so rerunning the command finishes the set; a mask that fails is "
                         "reported and the others go on")
     p.add_argument("--scheduler", metavar="ADDRESS",
-                   help="with --out-dir: a Dask scheduler (e.g. tcp://host:8786) whose workers render; they need "
-                        "safron and the same paths to masks and DIR")
+                   help="a Dask scheduler (e.g. tcp://host:8786) whose workers render: one job per mask with "
+                        "--out-dir, else MASK in row bands; they need safron and the same paths to the masks, the "
+                        "model and the output folder")
     p.add_argument("--workers", type=positive_int, metavar="N",
-                   help="with --out-dir and no --scheduler: local worker processes (default: one per core)")
+                   help="local worker processes, one render thread each unless --threads: one job per mask with "
+                        "--out-dir (default: one per core), else MASK split into row bands across N workers, its "
+                        "pixels those of a render in one process")
+    p.add_argument("--band-rows", type=positive_int, metavar="N",
+                   help=f"with --workers or --scheduler and one MASK: rows per band, a multiple of --chunk (default: "
+                        f"{DEFAULT_BAND_ROWS} rounded up to one)")
+    p.add_argument("--chunk", type=tile_side, metavar="N",
+                   help=f"OME-Zarr chunk side (the chunks are 3 x N x N), a multiple of 16; bands start on chunk rows "
+                        f"(default: {DEFAULT_CHUNK})")
     p.add_argument("--model", metavar="ONNX", help="generator: an ONNX file meeting the model contract, or a training run directory or checkpoint (RUN_DIR/checkpoints/step-N.json or .safetensors) for --backend torch (default: the embedded model)")
     p.add_argument(
         "--backend", choices=BACKEND_NAMES, default="auto",
@@ -80,6 +93,21 @@ def _render_options(args) -> dict:
                 colour_tolerance=args.colour_tolerance)
 
 
+@contextlib.contextmanager
+def _dask_client(args, local_workers: int | None):
+    """The client --scheduler names, or a local cluster of `local_workers` processes, or None (when that is None)."""
+    from ..distributed import local_client, scheduler_client
+
+    if args.scheduler is not None:
+        with scheduler_client(args.scheduler) as client:
+            yield client
+    elif local_workers is not None:
+        with local_client(local_workers) as client:
+            yield client
+    else:
+        yield None
+
+
 def _render_many(args) -> int:
     """The --out-dir form: exit 0 when every mask is done, 2 when one failed on its input, 1 on an internal error."""
     from ..distributed import STATUSES, render_many
@@ -88,22 +116,10 @@ def _render_many(args) -> int:
 
     def command() -> None:
         nonlocal worst
-        client = None
-        if args.scheduler is not None:
-            try:
-                from distributed import Client
-            except ImportError:
-                raise SafronInputError("--scheduler needs Dask distributed: pip install 'dask[distributed]'") from None
-            try:
-                client = Client(args.scheduler, timeout="10s")
-            except OSError as exc:
-                raise SafronInputError(f"--scheduler {args.scheduler}: cannot connect ({first_line(exc)})") from None
-        try:
+        # Without --scheduler, render_many starts its own local cluster (one worker per mask, up to the cores).
+        with _dask_client(args, None) as client:
             outcomes = render_many(args.paths, args.out_dir, client=client, workers=args.workers,
                                    progress=not args.quiet, **_render_options(args))
-        finally:
-            if client is not None:
-                client.close()
         counts = {status: sum(o.status == status for o in outcomes) for status in STATUSES}
         if not args.quiet:
             print(f"{len(outcomes)} masks: " + ", ".join(f"{n} {status}" for status, n in counts.items() if n),
@@ -125,9 +141,11 @@ def main(argv=None) -> int:
     if args.out_dir is not None:
         if args.resume:
             parser.error("--resume is automatic with --out-dir: interrupted outputs are resumed, complete ones skipped")
+        if args.band_rows is not None or args.chunk is not None:
+            parser.error("--band-rows and --chunk split one mask into bands; with --out-dir each mask is one job")
         return _render_many(args)
-    if args.scheduler is not None or args.workers is not None:
-        parser.error("--scheduler and --workers go with --out-dir (many masks)")
+    if args.scheduler is not None and args.workers is not None:
+        parser.error("give --workers (a local cluster) or --scheduler (a running one), not both")
     if len(args.paths) != 2:
         parser.error(f"give MASK OUT, or masks with --out-dir DIR (got {len(args.paths)} path(s) and no --out-dir)")
     args.mask, args.out = args.paths
@@ -135,7 +153,12 @@ def main(argv=None) -> int:
     def command() -> None:
         from ..engine import render
 
-        result = render(args.mask, args.out, resume=args.resume, progress=not args.quiet, **_render_options(args))
+        options = _render_options(args)
+        if args.workers is not None and args.threads is None:
+            options["threads"] = 1  # one render thread per local worker process: the cores are the workers'
+        with _dask_client(args, args.workers) as client:
+            result = render(args.mask, args.out, resume=args.resume, progress=not args.quiet, client=client,
+                            band_rows=args.band_rows, chunk=args.chunk, **options)
         if result.already_complete:
             if not args.quiet:
                 print(f"{result.out_path} is already complete (its render was stopped after finishing it); "
