@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import zarr_output
+from .files import replace_folder
 from .errors import SafronInputError
 
 # Rows per band by default. Each band renders about one patch row (~236 rows) more than its own, so 4096 rows cost
@@ -133,7 +134,7 @@ def render_in_bands(
         if tiff:
             _assemble_tiff(store, out, height, width, chunk, tiff_options)
         else:
-            zarr_output.publish(store, out)
+            replace_folder(store, out)
     finally:
         zarr_output.remove(store)
     stage_seconds: dict = {}

@@ -2,13 +2,14 @@
 (the same directory, so that the rename is atomic) and is renamed onto the name only when complete; the temporary
 file is removed on any failure. Every writer of a finished file (checkpoints, exported models, masks, TensorRT
 engine caches) goes through here; the pyramidal TIFF writer keeps its own `.partial`, which a resumed render
-reopens."""
+reopens. A folder (an OME-Zarr store) is renamed into place by `replace_folder`."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -35,3 +36,16 @@ def written_atomically(path: str | os.PathLike) -> Iterator[Path]:
     with temporary_beside(path) as temporary:
         yield temporary
         os.replace(temporary, path)
+
+
+def replace_folder(complete: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename the folder `complete` onto `path`. A folder already at `path` is moved aside first and removed after (a
+    folder cannot be renamed onto a full one), so that `path` names the old folder or the new one, never a mix."""
+    path = Path(path)
+    aside = None
+    if path.exists():
+        aside = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.old")
+        os.replace(path, aside)
+    os.replace(complete, path)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)

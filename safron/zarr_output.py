@@ -14,7 +14,7 @@ Layout:
   an existing OUT without it is never replaced.
 
 Complete or absent, like the TIFF: the store is built under `OUT.partial` and renamed onto OUT only once every
-level is written (`publish`), so a reader that finds OUT finds all of it. Chunk writes are whole chunks at fixed
+level is written (`files.replace_folder`), so a reader that finds OUT finds all of it. Chunk writes are whole chunks at fixed
 places (every writer owns whole chunk rows), so writing the same rows again, as a retried band does, gives the same
 store.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 from pathlib import Path
 
@@ -152,18 +151,6 @@ def build_level_rows(store: Path, level: int, y0: int, y1: int) -> None:
         x1 = min(x0 + block, below.shape[2])
         source = above[:, 2 * y0:min(2 * y1, above.shape[1]), 2 * x0:min(2 * x1, above.shape[2])]
         below[:, y0:y1, x0:x1] = np.moveaxis(halve(np.ascontiguousarray(np.moveaxis(source, 0, 2))), 2, 0)
-
-
-def publish(partial: Path, out: Path) -> None:
-    """Rename the complete store onto `out`. A store of ours already there is moved aside first and removed after,
-    so that OUT names the old store or the new one, never a mix (a directory cannot be renamed onto a full one)."""
-    aside = None
-    if out.exists():
-        aside = out.with_name(f".{out.name}.{secrets.token_hex(4)}.old")
-        os.replace(out, aside)
-    os.replace(partial, out)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 def remove(store: Path) -> None:
