@@ -99,6 +99,7 @@ def test_one_mask_in_bands_gives_the_single_process_pixels_in_ome_zarr(scene, cl
 
 
 def test_the_ome_zarr_opens_with_zarr_and_ome_zarr_with_its_pyramid_and_pixel_size(scene, cluster):
+    pytest.importorskip("ome_zarr", reason="ome-zarr is not installed (pip install 'safron[test]')")
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
 

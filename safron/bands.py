@@ -83,7 +83,7 @@ class _Tasks:
             from distributed import as_completed
 
             futures = [self.client.submit(function, *args, **options, retries=RETRIES, pure=False,
-                                          key=f"safron-{desc}-{index}-{time.time_ns()}")
+                                          key=f"safron-{desc.replace(' ', '')}-{index}-{time.time_ns()}")
                        for index, args in enumerate(calls)]
             index_of = {future.key: index for index, future in enumerate(futures)}
             try:
