@@ -500,8 +500,8 @@ def render_band(mask_path: str, store: str, y0: int, y1: int, *, model: str, bac
                 overlap: int, threads, colour_tolerance: float, progress: bool = False):
     """One band's task, on a Dask worker or in this process: rows [y0, y1) of the render of the mask at `mask_path`,
     written to level 0 of the Zarr `store` in whole chunk rows. A `bands.BandOutcome`; an input error (a bad colour,
-    a model that breaks the contract) is returned rather than raised, so that Dask does not retry what would fail
-    the same way again."""
+    a model that breaks the contract) or a full disk is returned rather than raised, as one line, so that Dask does
+    not retry what would fail the same way again."""
     from .bands import BandOutcome
     from .zarr_output import chunk_rows
 
@@ -516,6 +516,10 @@ def render_band(mask_path: str, store: str, y0: int, y1: int, *, model: str, bac
                 engine.close()
     except SafronInputError as exc:
         return exc
+    except OSError as exc:
+        if not is_storage_error(exc):
+            raise
+        return OutputWriteError(f"{store}: cannot write the Zarr store: {os.strerror(exc.errno)}", errno=exc.errno)
     return BandOutcome(patches, engine.name, dict(renderer.clock.seconds))
 
 

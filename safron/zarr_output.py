@@ -30,6 +30,7 @@ import numpy as np
 
 from .errors import SafronInputError
 from .pyramid_tiff import halve, pyramid_shapes
+from .slide_io import check_output_path
 
 ZARR_SUFFIX = ".zarr"
 # 1024 rows of a 100k-wide slide are 300 MB in a band's buffer of unfinished chunk rows (`_ChunkRows` in the
@@ -62,10 +63,7 @@ def check_output(out: Path) -> None:
     """OUT may be missing or a store this package wrote (replaced once the new one is complete); anything else there
     is someone's data and is refused, with one line."""
     if not out.exists():
-        if not out.parent.is_dir():
-            raise SafronInputError(f"{out}: output directory does not exist ({out.parent})")
-        if not os.access(out.parent, os.W_OK):
-            raise SafronInputError(f"{out}: output directory is not writable ({out.parent})")
+        check_output_path(out)
         return
     if not is_ours(out):
         raise SafronInputError(f"{out}: exists and is not an OME-Zarr written by safron; remove it or choose another "
