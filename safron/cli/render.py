@@ -25,8 +25,9 @@ def render_parser() -> argparse.ArgumentParser:
         description=(
             "Render a tissue component mask (gland green, stroma red, background blue; or labels 0 background, "
             "1 stroma, 2 gland) into a synthetic H&E image, written as a pyramidal tiled BigTIFF that OpenSlide, "
-            "QuPath and ASAP open. Masks may be PNG, JPEG, TIFF (tiled or stripped, pyramidal) or any format "
-            "OpenSlide reads, of any size."
+            "QuPath and ASAP open, or as an OME-Zarr (OME-NGFF 0.5). Masks may be PNG, JPEG, TIFF (tiled or "
+            "stripped, pyramidal) or any format OpenSlide reads, of any size. With --workers or --scheduler one mask "
+            "is rendered in row bands on Dask workers, with the same pixels."
         ),
         epilog=(
             "An interrupted render (Ctrl-C, SIGTERM, a killed job, a full disk) keeps OUT.safron-canvas and "
