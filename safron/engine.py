@@ -532,7 +532,7 @@ def _check_paths(mask_path: Path, out_path: Path) -> None:
     if out_path.suffix.lower() not in OUTPUT_SUFFIXES and not out_path.is_dir():
         raise SafronInputError(
             f"{out_path}: the output is a pyramidal BigTIFF, so its name must end in "
-            f"{', '.join(OUTPUT_SUFFIXES)}, or an OME-Zarr, named {ZARR_SUFFIX}"
+            f"{', '.join(OUTPUT_SUFFIXES[:-1])} or {OUTPUT_SUFFIXES[-1]}, or an OME-Zarr, named {ZARR_SUFFIX}"
         )
     check_output_path(out_path)
     if out_path.exists() and mask_path.exists() and out_path.resolve() == mask_path.resolve():
