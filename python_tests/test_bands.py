@@ -168,6 +168,43 @@ def test_a_worker_killed_mid_band_is_replaced_and_the_band_rerun_exactly(scene, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["killed", "killed.tif"]
 
 
+def band_that_logs(mask, store, y0, y1, *, log, fail_at=None, **options):
+    """engine.render_band, noting each band it is asked for in the folder `log`; the band at row `fail_at` raises."""
+    (Path(log) / str(y0)).touch()
+    if y0 == fail_at:
+        raise RuntimeError(f"band {y0} fails")
+    return engine.render_band(mask, store, y0, y1, **options)
+
+
+@pytest.mark.parametrize("name", ["resumed.ome.zarr", "resumed.tif"])
+def test_an_interrupted_render_in_bands_resumes_with_the_bands_not_done(scene, cluster, tmp_path, monkeypatch, name):
+    from safron import bands, zarr_output
+
+    out = tmp_path / name
+    store = bands.scratch_store(out) if name.endswith(".tif") else zarr_output.partial_path(out)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    monkeypatch.setattr(engine, "render_band", functools.partial(band_that_logs, log=first, fail_at=384))
+    with pytest.raises(RuntimeError, match="band 384 fails"):
+        engine.render(scene["mask"], out, model=scene["model"], client=cluster, **LAYOUT, **OPTIONS)
+    assert not out.exists() and store.is_dir()
+    done = zarr_output.bands_done(store)
+    assert (384, 576) not in done and done <= {(0, 192), (192, 384), (576, 700)}
+
+    with pytest.raises(SafronInputError, match="cannot resume: blend differs"):
+        engine.render(scene["mask"], out, model=scene["model"], client=cluster, resume=True, blend="linear",
+                      **LAYOUT, **OPTIONS)
+    monkeypatch.setattr(engine, "render_band", functools.partial(band_that_logs, log=second))
+    engine.render(scene["mask"], out, model=scene["model"], client=cluster, resume=True, **LAYOUT, **OPTIONS)
+    assert sorted(int(p.name) for p in second.iterdir()) == sorted({0, 192, 384, 576} - {y0 for y0, _ in done})
+    if name.endswith(".tif"):
+        assert out.read_bytes() == scene["alone"]["jpeg"].read_bytes()
+    else:
+        np.testing.assert_array_equal(zarr_levels(out)[0], scene["image"])
+        assert sorted(p.name for p in out.iterdir()) == ["0", "1", "2", "zarr.json"]  # no band marks left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first", name, "second"]
+
+
 def test_a_bad_colour_in_one_band_is_one_line_and_leaves_nothing(tmp_path, scene, cluster):
     colours = masks.labels_to_colour(scene["labels"])
     colours[600:620, 100:120] = (255, 255, 0)  # in the last band only
@@ -183,7 +220,7 @@ def test_a_bad_colour_in_one_band_is_one_line_and_leaves_nothing(tmp_path, scene
     ("out.tif", dict(band_rows=192), "band rows and chunk are for a render in bands"),
     ("out.ome.zarr", dict(band_rows=192), "band rows split a render across Dask workers"),
     ("out.ome.zarr", dict(chunk=40), "chunk must be a multiple of 16"),
-    ("out.ome.zarr", dict(resume=True), "keeps no journal"),
+    ("out.ome.zarr", dict(resume=True), "cannot resume: no interrupted render in bands"),
     ("out.png", {}, "or an OME-Zarr, named .zarr"),
 ])
 def test_band_options_that_do_not_fit_are_one_line(tmp_path, scene, out, options, needle):

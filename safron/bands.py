@@ -11,6 +11,10 @@ of each reduced level halves the level above, level by level, and the store is r
 through a scratch store of level 0 beside OUT, which this process reads back in chunk rows into the same
 `PyramidTiffWriter` a single-process render uses, so the TIFF is byte for byte that render's.
 
+Resumable like a render in one process, with the store in the journal's place: it records what decides the pixels
+and which bands are done, so after an interruption (Ctrl-C, a worker that died once too often, a full disk)
+`resume=True` renders only the bands still missing.
+
 Nothing here imports the engine (which calls in): the band task comes in as `render_band`.
 """
 
@@ -23,7 +27,7 @@ from pathlib import Path
 
 from . import zarr_output
 from .files import replace_folder
-from .errors import SafronInputError
+from .errors import OutputWriteError, SafronInputError
 
 # Rows per band by default. Each band renders about one patch row (~236 rows) more than its own, so 4096 rows cost
 # ~6 % more inference than one process would spend, in exchange for enough bands to keep workers busy on a slide.
@@ -63,14 +67,15 @@ def scratch_store(out: Path) -> Path:
 
 
 class _Tasks:
-    """Calls run as Dask tasks on `client`, or here, one after another, without one; either way one progress bar and
-    the first failure raised (after the other tasks are cancelled)."""
+    """Calls run as Dask tasks on `client`, or here, one after another, without one; either way one progress bar, each
+    result handed to `on_result` as it comes (which may raise to stop), and the first failure raised after the tasks
+    not yet started are cancelled."""
 
     def __init__(self, client, progress: bool):
         self.client, self.progress = client, progress
 
     def run(self, function: Callable, calls: list[tuple], *, desc: str, weights: list[int], unit: str,
-            **options) -> list:
+            on_result: Callable = lambda index, result: None, **options) -> list:
         from tqdm import tqdm
 
         results = [None] * len(calls)
@@ -78,6 +83,7 @@ class _Tasks:
             if self.client is None:
                 for index, args in enumerate(calls):
                     results[index] = function(*args, **options)
+                    on_result(index, results[index])
                     bar.update(weights[index])
                 return results
             from distributed import as_completed
@@ -90,6 +96,7 @@ class _Tasks:
                 for future in as_completed(futures):
                     index = index_of[future.key]
                     results[index] = future.result()
+                    on_result(index, results[index])
                     bar.update(weights[index])
             finally:
                 # Running tasks finish (Dask cannot stop them), but nothing new starts.
@@ -111,22 +118,41 @@ def render_in_bands(
     progress: bool,
     band_options: dict,
     tiff_options: dict | None,
+    header: dict,
+    resume: bool,
 ) -> BandsResult:
     """Render `mask` to `out`: an OME-Zarr (`tiff_options` None) or a TIFF written with `tiff_options` (those of
-    `PyramidTiffWriter`). Without a client the whole mask is one band, rendered here with its own progress bar."""
+    `PyramidTiffWriter`). Without a client the whole mask is one band, rendered here with its own progress bar.
+
+    `header` pins what decides the pixels (mask, model, options; the engine's journal header); the store records it
+    with the bands, and each band is marked done in the store as its task reports back. An interrupted render (Ctrl-C,
+    a worker that died once too often, a full disk) keeps its store, and `resume=True` renders only the bands not
+    marked done, then the levels or the TIFF as always. An input error (a bad colour) removes the store: it would
+    come back. Neither this nor a resume of another render's store (another header) is taken for the output."""
     tiff = tiff_options is not None
     store = scratch_store(out) if tiff else zarr_output.partial_path(out)
     bounds = band_bounds(height, band_rows) if client is not None else [(0, height)]
+    header = dict(header, chunk=chunk, bands=[list(b) for b in bounds], mpp=mpp, output="tiff" if tiff else "zarr")
+    if resume:
+        _check_resumable(store, out, header)
+        shapes = zarr_output.level_shapes(store)
+    else:
+        shapes = zarr_output.create(store, height, width, chunk=chunk, mpp=mpp, levels=not tiff, name=Path(mask).name,
+                                    header=header)
+    done = zarr_output.bands_done(store)
+    todo = [(y0, y1) for y0, y1 in bounds if (y0, y1) not in done]
     tasks = _Tasks(client, progress and client is not None)
     started = time.perf_counter()
-    shapes = zarr_output.create(store, height, width, chunk=chunk, mpp=mpp, levels=not tiff, name=Path(mask).name)
+
+    def band_finished(index: int, outcome) -> None:
+        if isinstance(outcome, SafronInputError):
+            raise outcome
+        zarr_output.mark_band_done(store, *todo[index])
+
     try:
-        outcomes = tasks.run(render_band, [(mask, str(store), y0, y1) for y0, y1 in bounds], desc="bands",
-                             weights=[y1 - y0 for y0, y1 in bounds], unit="row",
+        outcomes = tasks.run(render_band, [(mask, str(store), y0, y1) for y0, y1 in todo], desc="bands",
+                             weights=[y1 - y0 for y0, y1 in todo], unit="row", on_result=band_finished,
                              progress=progress and client is None, **band_options)
-        error = next((o for o in outcomes if isinstance(o, SafronInputError)), None)
-        if error is not None:
-            raise error
         for level in range(1, len(shapes)):
             level_bounds = band_bounds(shapes[level][0], chunk)
             tasks.run(zarr_output.build_level_rows, [(store, level, y0, y1) for y0, y1 in level_bounds],
@@ -134,15 +160,32 @@ def render_in_bands(
         if tiff:
             _assemble_tiff(store, out, height, width, chunk, tiff_options)
         else:
+            zarr_output.unmark_bands(store)
             replace_folder(store, out)
-    finally:
-        zarr_output.remove(store)
+    except BaseException as exc:
+        # What a rerun would meet again (a bad colour) leaves nothing; anything else keeps the bands done so far.
+        if isinstance(exc, SafronInputError) and not isinstance(exc, OutputWriteError):
+            zarr_output.remove(store)
+        raise
+    zarr_output.remove(store)  # the TIFF's scratch store; an OME-Zarr's was renamed onto OUT
     stage_seconds: dict = {}
     for outcome in outcomes:
         for stage, seconds in outcome.stage_seconds.items():
             stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
-    return BandsResult(sum(o.patches for o in outcomes), outcomes[0].backend, time.perf_counter() - started,
-                       stage_seconds, len(bounds))
+    backend = outcomes[0].backend if outcomes else ""
+    return BandsResult(sum(o.patches for o in outcomes), backend, time.perf_counter() - started, stage_seconds,
+                       len(bounds))
+
+
+def _check_resumable(store: Path, out: Path, header: dict) -> None:
+    saved = zarr_output.render_header(store)
+    if saved is None:
+        raise SafronInputError(f"cannot resume: no interrupted render in bands of {out} (no {store.name}): run without "
+                               "--resume to render it")
+    for key, value in header.items():
+        if saved.get(key) != value:
+            raise SafronInputError(f"cannot resume: {key} differs from the interrupted render ({saved.get(key)!r} != "
+                                   f"{value!r})")
 
 
 def _assemble_tiff(store: Path, out: Path, height: int, width: int, chunk: int, tiff_options: dict) -> None:

@@ -598,8 +598,8 @@ def render(
     `client`: a `distributed.Client` whose workers render the mask in bands of `band_rows` rows (default
     `bands.DEFAULT_BAND_ROWS`), each a multiple of the Zarr `chunk` side (default `zarr_output.DEFAULT_CHUNK`);
     workers need safron and the same paths to the mask, the model and OUT's folder (`safron.bands`). The pixels are
-    a single-process render's, and a TIFF is byte for byte the same. A render in bands, or to OME-Zarr, has no
-    resume: rerun it whole.
+    a single-process render's, and a TIFF is byte for byte the same. An interrupted render in bands (or to OME-Zarr)
+    keeps its store of finished bands beside OUT, and `resume=True` renders the others (`bands.render_in_bands`).
     """
     mask_path, out_path = Path(mask_path), Path(out_path)
     _check_render_options(batch_size, blend, overlap, threads)
@@ -614,7 +614,7 @@ def render(
         band_options = dict(model=str(model_path.resolve()), backend=backend, batch_size=batch_size, blend=blend,
                             overlap=overlap, threads=threads, colour_tolerance=colour_tolerance)
         tiff_options = dict(compression=compression, quality=int(quality), workers=threads)
-        return _render_in_bands(mask_path, out_path, client, *bands_layout, mpp, progress, band_options,
+        return _render_in_bands(mask_path, out_path, client, *bands_layout, mpp, resume, progress, band_options,
                                 tiff_options)
     canvas_path, journal_path = side_paths(out_path)
     with OutputLock(out_path):
@@ -634,12 +634,9 @@ def render(
                 renderer = _Renderer(source, engine, batch_size, blend, overlap, threads)
                 height, width = source.height, source.width
                 mpp = mpp if mpp is not None else source.mpp
-                stat = mask_path.stat()
                 header = {
                     "format": 1,
-                    "mask": str(mask_path.resolve()),
-                    "mask_bytes": stat.st_size,
-                    "mask_mtime_ns": stat.st_mtime_ns,
+                    **_mask_identity(mask_path),
                     "size": [height, width],
                     "model_sha256": _model_sha256(model_path),
                     "geometry": [renderer.plan.patch, renderer.plan.margin, renderer.plan.overlap],
@@ -662,6 +659,12 @@ def render(
     )
 
 
+def _mask_identity(mask_path: Path) -> dict:
+    """What ties a resume to the mask it started from, for a journal or a band store's header."""
+    stat = mask_path.stat()
+    return {"mask": str(mask_path.resolve()), "mask_bytes": stat.st_size, "mask_mtime_ns": stat.st_mtime_ns}
+
+
 def _check_band_options(out_path: Path, client, band_rows, chunk, resume: bool) -> tuple[int, int] | None:
     """(chunk side, band rows) for a render in bands (a client, or an OME-Zarr output), checked; None for a render in
     one process."""
@@ -674,9 +677,6 @@ def _check_band_options(out_path: Path, client, band_rows, chunk, resume: bool) 
             raise SafronInputError("band rows and chunk are for a render in bands (a Dask client: --workers or "
                                    "--scheduler) or to an OME-Zarr (OUT named .zarr)")
         return None
-    if resume:
-        raise SafronInputError("--resume is for a TIFF rendered in one process; a render in bands or to OME-Zarr "
-                               "keeps no journal: run it again without --resume")
     if band_rows is not None and client is None:
         raise SafronInputError("band rows split a render across Dask workers: give a client (--workers or "
                                "--scheduler), or leave them out")
@@ -693,8 +693,8 @@ def _check_band_options(out_path: Path, client, band_rows, chunk, resume: bool) 
     return chunk, band_rows
 
 
-def _render_in_bands(mask_path: Path, out_path: Path, client, chunk: int, band_rows: int, mpp, progress: bool,
-                     band_options: dict, tiff_options: dict) -> RenderResult:
+def _render_in_bands(mask_path: Path, out_path: Path, client, chunk: int, band_rows: int, mpp, resume: bool,
+                     progress: bool, band_options: dict, tiff_options: dict) -> RenderResult:
     from . import bands
     from .zarr_output import is_zarr_path
 
@@ -704,6 +704,11 @@ def _render_in_bands(mask_path: Path, out_path: Path, client, chunk: int, band_r
             height, width = source.height, source.width
             mpp = mpp if mpp is not None else source.mpp
         mpp = None if mpp is None else float(mpp)
+        # Like the journal's header, without what only the model knows (its geometry, its default batch): the model's
+        # hash pins them. Colour tolerance and threads change no pixel (see `render`).
+        header = {"format": 1, **_mask_identity(mask_path), "size": [height, width],
+                  "model_sha256": _model_sha256(Path(band_options["model"])),
+                  **{key: band_options[key] for key in ("backend", "batch_size", "blend", "overlap")}}
         # Level 0 uncompressed and, for a TIFF, the writer's scratch files too: a bound, since chunks are compressed.
         check_free_space(out_path, height * width * 3 * (1 if is_zarr_path(out_path) else 2),
                          "the Zarr store and the writer's temporary files")
@@ -711,7 +716,7 @@ def _render_in_bands(mask_path: Path, out_path: Path, client, chunk: int, band_r
             render_band, str(mask_path.resolve()), out_path, height, width, mpp=mpp, chunk=chunk,
             band_rows=band_rows, client=client, progress=progress,
             band_options=band_options,
-            tiff_options=None if is_zarr_path(out_path) else dict(tiff_options, mpp=mpp),
+            tiff_options=None if is_zarr_path(out_path) else dict(tiff_options, mpp=mpp), header=header, resume=resume,
         )
     return RenderResult(out_path, height, width, result.patches, mpp, result.backend, result.seconds,
                         result.stage_seconds)

@@ -10,8 +10,8 @@ Layout:
   same pixels at every level) down to a level that fits in 256 x 256 (`pyramid_tiff.pyramid_shapes`).
 * The group's "ome" attributes hold the multiscales: axes c (channel), y and x (space, unit micrometer when the pixel
   size is known) and per level a scale transform [1, mpp * 2**k, mpp * 2**k] (without a pixel size, [1, 2**k, 2**k]
-  in pixels), plus "omero" channel colours so that viewers show RGB. A "safron" attribute marks the store as ours:
-  an existing OUT without it is never replaced.
+  in pixels), plus "omero" channel colours so that viewers show RGB. A "safron" attribute marks the store as ours
+  (an existing OUT without it is never replaced) and records what decided its pixels (mask, model, options).
 
 Complete or absent, like the TIFF: the store is built under `OUT.partial` and renamed onto OUT only once every
 level is written (`files.replace_folder`), so a reader that finds OUT finds all of it. Chunk writes are whole chunks at fixed
@@ -79,9 +79,10 @@ def is_ours(store: Path) -> bool:
 
 
 def create(store: Path, height: int, width: int, *, chunk: int, mpp: float | None, levels: bool,
-           name: str = "") -> list[tuple[int, int]]:
+           name: str = "", header: dict | None = None) -> list[tuple[int, int]]:
     """An empty OME-Zarr at `store` (whatever was there is removed): every level of the pyramid, or level 0 only
-    (`levels=False`, a scratch store that becomes a TIFF). The (height, width) of each level."""
+    (`levels=False`, a scratch store that becomes a TIFF). `header`: what decides its pixels (`render_header`). The
+    (height, width) of each level."""
     zarr = require_zarr()
     shutil.rmtree(store, ignore_errors=True)
     shapes = pyramid_shapes(height, width) if levels else [(height, width)]
@@ -111,9 +112,47 @@ def create(store: Path, height: int, width: int, *, chunk: int, mpp: float | Non
                 "rdefs": {"model": "color"},
             },
         },
-        _MARKER: {"mpp": mpp},
+        _MARKER: {"render": header},
     })
     return shapes
+
+
+def render_header(store: Path) -> dict | None:
+    """The header `create` recorded (None without a store of ours there)."""
+    if not is_ours(store):
+        return None
+    return json.loads((store / "zarr.json").read_text())["attributes"][_MARKER].get("render")
+
+
+def level_shapes(store: Path) -> list[tuple[int, int]]:
+    # Level by level rather than by listing the group, which would warn about the band marks beside the levels.
+    shapes, level = [], 0
+    while (store / str(level) / "zarr.json").is_file():
+        shapes.append(tuple(_array(store, level, "r").shape[1:]))
+        level += 1
+    return shapes
+
+
+# A band's rows are all in the store once its task has reported back: the render marks it done with an empty file
+# here (in the store, so that it goes with it; removed before an OME-Zarr is published), and a resume skips it.
+_BANDS_DONE = "safron-bands-done"
+
+
+def mark_band_done(store: Path, y0: int, y1: int) -> None:
+    folder = store / _BANDS_DONE
+    folder.mkdir(exist_ok=True)
+    (folder / f"{y0}-{y1}").touch()
+
+
+def bands_done(store: Path) -> set[tuple[int, int]]:
+    folder = store / _BANDS_DONE
+    if not folder.is_dir():
+        return set()
+    return {tuple(int(v) for v in path.name.split("-")) for path in folder.iterdir()}
+
+
+def unmark_bands(store: Path) -> None:
+    shutil.rmtree(store / _BANDS_DONE, ignore_errors=True)
 
 
 def _array(store: Path, level: int, mode: str):

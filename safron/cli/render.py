@@ -173,12 +173,8 @@ def main(argv=None) -> int:
                 file=sys.stderr,
             )
 
-    from ..zarr_output import is_zarr_path
-
-    in_bands = args.workers is not None or args.scheduler is not None or is_zarr_path(args.out)
-    # A render in bands keeps no journal: its partial store is removed, and the command is run again whole.
-    again = "run the same command again" if in_bands else "run the same command with --resume to continue"
-    return run_main("safron-render", command, interrupted=f"interrupted; {again}", sigterm=True)
+    return run_main("safron-render", command, interrupted="interrupted; run the same command with --resume to continue",
+                    sigterm=True)
 
 
 if __name__ == "__main__":
