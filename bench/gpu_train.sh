@@ -25,6 +25,10 @@
 # the generator) as an fp16 safetensors checkpoint (what `safron-export` reads; `--weights float16` exports it
 # without further rounding), the checkpoint's JSON, losses.csv, the last sample grid and the log's tail; beside
 # the parts summary.txt with the sha256 of each generator. 4 parts (60 MiB) hold e.g. two ngf-32 generators.
+# SAFRON_TRAIN_KEEP_STATE=NAME: for variant NAME, a portable checkpoint instead (NAME/portable/step-N.json and
+# .safetensors: the published generator and the discriminator in fp16, `safron.train.portable_checkpoint`; 42 MB
+# at ngf 32 / ndf 64), from which a later session continues the run on any machine:
+#   safron-train --init NAME/portable/step-N.json --out RUN ...    (safron-export reads it too)
 set -euo pipefail
 
 : "${OUT:?set OUT to the directory that receives the results}"
@@ -101,6 +105,12 @@ for variant in "${VARIANTS[@]}"; do
   cp "$run/losses.csv" "$PACK/$name/losses.csv"
   last_sample=$(ls "$run"/samples/*.png 2>/dev/null | tail -n 1 || true)
   if [[ -n $last_sample ]]; then cp "$last_sample" "$PACK/$name/sample.png"; fi
+  if [[ $name == "${SAFRON_TRAIN_KEEP_STATE:-}" ]]; then
+    python -c 'import sys; from safron.train import portable_checkpoint as p; print(p(sys.argv[1], sys.argv[2]))' \
+      "$last_json" "$PACK/$name/portable" | tee -a "$SUMMARY"
+    say "$name losses (last line): $(tail -n 1 "$run/losses.csv")"
+    continue
+  fi
   # The published generator out of the training state, in fp16, with the config that export needs.
   python - "${last_json%.json}.safetensors" "$PACK/$name" "$name" "$((SECONDS - start))" <<'PYEOF' | tee -a "$SUMMARY"
 import hashlib

@@ -27,8 +27,10 @@ from safron.errors import SafronInputError  # noqa: E402
 from safron.export import is_checkpoint_path  # noqa: E402
 from safron.models import Generator  # noqa: E402
 from safron.train import (  # noqa: E402
-    LOSS_NAMES, FourierContextConvolution, TrainConfig, Trainer, latest_checkpoint, load_generator, train,
+    LOSS_NAMES, FourierContextConvolution, TrainConfig, Trainer, latest_checkpoint, load_generator,
+    portable_checkpoint, train,
 )
+from safetensors.torch import load_file as safetensors_load  # noqa: E402
 from safron.cli.train import main, train_parser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -395,6 +397,35 @@ def test_init_starts_a_new_run_from_another_runs_models_and_optimisers(tmp_path,
         quick_train(tmp_path / "tuned", data_dir, 3, config=None, resume=True, init=tmp_path / "base")
     with pytest.raises(SafronInputError, match="not a run directory or a training checkpoint"):
         quick_train(tmp_path / "other", data_dir, 1, init=tmp_path / "base" / "losses.csv")
+
+
+def test_a_portable_checkpoint_carries_the_published_generator_and_the_discriminator_in_fp16(tmp_path, data_dir):
+    config = TrainConfig(data=str(data_dir), tile=256, ema_decay=0.5, **TINY)
+    quick_train(tmp_path / "base", data_dir, 3, config=config)
+    base_state = latest_checkpoint(tmp_path / "base")
+    portable = portable_checkpoint(base_state, tmp_path / "travel")
+    assert portable.name == base_state.name and portable.with_suffix(".safetensors").is_file()
+    tensors = safetensors_load(str(portable.with_suffix(".safetensors")))
+    base = safetensors_load(str(base_state.with_suffix(".safetensors")))
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+    assert not any(k.startswith(("optimiser.", "generator_ema.")) for k in tensors), "models only"
+    # The generator is the run's published one (its average), the discriminator its own; both rounded to fp16.
+    for prefix, source in (("generator.", "generator_ema."), ("discriminator.", "discriminator.")):
+        names = [k[len(source):] for k in base if k.startswith(source)]
+        assert names and sorted(k[len(prefix):] for k in tensors if k.startswith(prefix)) == sorted(names)
+        for name in names:
+            torch.testing.assert_close(tensors[prefix + name], base[source + name].half(), rtol=0, atol=0)
+    assert sum(t.numel() * 2 for t in tensors.values()) < sum(t.numel() * t.element_size() for t in base.values()) / 3
+
+    # A new run starts from it with fresh optimisers and trains on.
+    trainer = Trainer(config, TileDataset(data_dir, 256, seed=0), torch.device("cpu"))
+    trainer.load(portable, restore_step=False)
+    assert not trainer.optimiser_g.state and not trainer.optimiser_d.state, "Adam starts afresh"
+    for name, tensor in trainer.discriminator.state_dict().items():
+        torch.testing.assert_close(tensor, tensors["discriminator." + name].float(), rtol=0, atol=0)
+    notes = []
+    result = quick_train(tmp_path / "tuned", data_dir, 2, config=config, init=portable, note=notes.append)
+    assert result.step == 2 and any("new optimisers" in n for n in notes)
 
 
 def _parameters(model) -> list[torch.Tensor]:

@@ -42,7 +42,7 @@ A run directory holds
 from __future__ import annotations
 
 from ..checkpoints import load_generator
-from .checkpointing import generator_from_onnx, latest_checkpoint, training_checkpoint
+from .checkpointing import generator_from_onnx, latest_checkpoint, portable_checkpoint, training_checkpoint
 from .config import (
     CHECKPOINT_FORMAT, CHECKPOINTS_FOLDER, DEFAULT_KEEP, DEFAULT_SAMPLE_EVERY, DEFAULT_SAVE_EVERY, DEFAULT_STEPS,
     FM_LOSS, LOSS_NAMES, LOSSES_CSV, PRECISIONS, SAMPLES_FOLDER, SHIFT_LOSS, TENSORBOARD_FOLDER, TrainConfig,
@@ -53,7 +53,8 @@ from .trainer import FourierContextConvolution, Trainer, to_uint8
 
 __all__ = [
     "TrainConfig", "TrainResult", "Trainer", "FourierContextConvolution", "check_config", "train", "load_generator",
-    "latest_checkpoint", "training_checkpoint", "to_uint8", "LOSS_NAMES", "SHIFT_LOSS", "FM_LOSS",
+    "latest_checkpoint", "training_checkpoint", "portable_checkpoint", "to_uint8", "LOSS_NAMES", "SHIFT_LOSS",
+    "FM_LOSS",
     "generator_from_onnx", "CHECKPOINT_FORMAT", "CHECKPOINTS_FOLDER", "SAMPLES_FOLDER", "TENSORBOARD_FOLDER",
     "LOSSES_CSV", "PRECISIONS", "DEFAULT_STEPS", "DEFAULT_SAVE_EVERY", "DEFAULT_SAMPLE_EVERY", "DEFAULT_KEEP",
 ]

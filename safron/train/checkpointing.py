@@ -1,5 +1,6 @@
 """Training checkpoints: the training state flattened into safetensors + JSON (no pickle), finding a run's latest
-checkpoint, reading its config back, and starting from a safron-exported ONNX generator."""
+checkpoint, reading its config back, a portable (smaller) copy of a checkpoint to carry between machines, and
+starting from a safron-exported ONNX generator."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ from typing import Any
 
 import torch
 
+from safetensors.torch import load_file, save_file
+
+from ..checkpoints import CONFIG_METADATA_KEY, EMA_PREFIX, GENERATOR_PREFIX, tensors_under
 from ..errors import ModelError, SafronInputError
+from ..files import written_atomically
 from ..models import Generator, unfold_one_hot
-from .config import CHECKPOINTS_FOLDER, CHECKPOINT_FORMAT, TrainConfig
+from .config import CHECKPOINTS_FOLDER, CHECKPOINT_FORMAT, TrainConfig, _DISCRIMINATOR_PREFIX
 
 
 def _flatten_optimiser(prefix: str, state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -74,6 +79,38 @@ def _read_state(path: Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{path}: not a safron training checkpoint of format {CHECKPOINT_FORMAT}")
     return state
+
+
+def portable_checkpoint(state_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write a portable copy of a training checkpoint into `out_dir` (same step-N.json/.safetensors names) and
+    return its JSON: the published generator (the moving average when the run keeps one) as the generator and
+    the discriminator, both in fp16, without Adam's moments or the raw generator. About a third of the size (a
+    width-32 generator and width-64 discriminator: 42 MB against 250), so that a run can travel back from a lent
+    GPU machine (64 MiB) and continue with `train(init=...)` on another machine or in another session: the
+    discriminator it was trained against comes along, which a fresh one (init from an exported generator) would
+    first have to relearn while it misleads the generator; the optimisers restart, as with any init."""
+    state_path = training_checkpoint(state_path)
+    state = _read_state(state_path)
+    weights = state_path.with_suffix(".safetensors")
+    try:
+        tensors = load_file(str(weights), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise ModelError(f"{weights}: unreadable checkpoint ({exc})") from None
+    generator = tensors_under(tensors, EMA_PREFIX) or tensors_under(tensors, GENERATOR_PREFIX)
+    portable = {GENERATOR_PREFIX + k: v.half() for k, v in generator.items()}
+    portable |= {_DISCRIMINATOR_PREFIX + k: v.half() for k, v in tensors_under(tensors, _DISCRIMINATOR_PREFIX).items()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_weights = out_dir / weights.name
+    metadata = {CONFIG_METADATA_KEY: json.dumps(state["generator"], sort_keys=True)}
+    with written_atomically(out_weights) as temporary:
+        save_file({k: v.contiguous() for k, v in portable.items()}, str(temporary), metadata=metadata)
+    # No optimiser state (Trainer.load starts fresh optimisers then), no grad scaler; the settings stay for the record.
+    portable_state = dict(state, optimisers=None, grad_scaler=None, portable=True)
+    out_state = out_weights.with_suffix(".json")
+    with written_atomically(out_state) as temporary:
+        temporary.write_text(json.dumps(portable_state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return out_state
 
 
 def _stored_config(state_path: Path) -> TrainConfig:

@@ -23,7 +23,9 @@ from .. import geometry
 from ..data import TileDataset
 from ..errors import SafronInputError
 from ..pipeline import prefetch
-from .checkpointing import _is_onnx, _stored_config, generator_from_onnx, latest_checkpoint, training_checkpoint
+from .checkpointing import (
+    _is_onnx, _read_state, _stored_config, generator_from_onnx, latest_checkpoint, training_checkpoint,
+)
 from .config import (
     CHECKPOINTS_FOLDER, DEFAULT_KEEP, DEFAULT_SAMPLE_EVERY, DEFAULT_SAVE_EVERY, DEFAULT_STEPS, LOSSES_CSV,
     SAMPLES_FOLDER, TENSORBOARD_FOLDER, TrainConfig, TrainResult, check_config,
@@ -202,7 +204,8 @@ def train(
         note(f"starting from the generator of {init_path} (new discriminator and optimisers)")
     elif init_path is not None:
         init_step = trainer.load(init_path, restore_step=False)
-        note(f"starting from {init_path} (step {init_step} of its run)")
+        fresh = "; a portable checkpoint: new optimisers" if _read_state(init_path).get("portable") else ""
+        note(f"starting from {init_path} (step {init_step} of its run{fresh})")
     run_dir.mkdir(parents=True, exist_ok=True)
     if trainer.step >= steps:
         note(f"{run_dir}: already at step {trainer.step} of {steps}; nothing to do")

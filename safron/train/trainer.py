@@ -345,7 +345,7 @@ class Trainer:
 
     def load(self, state_path: Path, restore_step: bool = True) -> int:
         """Restore models, optimisers, scaler and (with `restore_step`) the step from a checkpoint written by
-        `save`; return the checkpoint's step. The optimisers keep this run's learning rate and betas: a
+        `save` (or its portable copy: models only, in fp16); return the checkpoint's step. The optimisers keep this run's learning rate and betas: a
         fine-tuning run may change them."""
         state = _read_state(state_path)
         weights = state_path.with_suffix(".safetensors")
@@ -359,10 +359,12 @@ class Trainer:
             if self.generator_ema is not None:
                 # A checkpoint of a run without an average (fine-tuning with --init) starts it at its generator.
                 self.generator_ema.load_state_dict(tensors_under(tensors, EMA_PREFIX) or self.generator.state_dict())
+            # A portable checkpoint (`portable_checkpoint`) has no optimiser states: Adam then starts afresh.
             for name, optimiser in (("generator", self.optimiser_g), ("discriminator", self.optimiser_d)):
-                optimiser.load_state_dict(
-                    _unflatten_optimiser(_OPTIMISER_PREFIXES[name], tensors, state["optimisers"][name])
-                )
+                if state["optimisers"] is not None:
+                    optimiser.load_state_dict(
+                        _unflatten_optimiser(_OPTIMISER_PREFIXES[name], tensors, state["optimisers"][name])
+                    )
         except (KeyError, RuntimeError, ValueError) as exc:
             difference = self._difference(state, exc)
             raise ModelError(f"{weights}: does not fit the models of this run ({difference})") from None
