@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..checkpoints import CONFIG_METADATA_KEY, EMA_PREFIX, GENERATOR_PREFIX, tensors_under
-from ..errors import ModelError, SafronInputError
+from ..errors import ModelError, SafronInputError, first_line
 from ..files import written_atomically
 from ..models import Generator, unfold_one_hot
 from .config import CHECKPOINTS_FOLDER, CHECKPOINT_FORMAT, TrainConfig, _DISCRIMINATOR_PREFIX
@@ -90,12 +90,8 @@ def portable_checkpoint(state_path: str | os.PathLike, out_dir: str | os.PathLik
     discriminator it was trained against comes along, which a fresh one (init from an exported generator) would
     first have to relearn while it misleads the generator; the optimisers restart, as with any init."""
     state_path = training_checkpoint(state_path)
-    state = _read_state(state_path)
+    state, tensors = read_checkpoint(state_path)
     weights = state_path.with_suffix(".safetensors")
-    try:
-        tensors = load_file(str(weights), device="cpu")
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise ModelError(f"{weights}: unreadable checkpoint ({exc})") from None
     generator = tensors_under(tensors, EMA_PREFIX) or tensors_under(tensors, GENERATOR_PREFIX)
     portable = {GENERATOR_PREFIX + k: v.half() for k, v in generator.items()}
     portable |= {_DISCRIMINATOR_PREFIX + k: v.half() for k, v in tensors_under(tensors, _DISCRIMINATOR_PREFIX).items()}
@@ -111,6 +107,16 @@ def portable_checkpoint(state_path: str | os.PathLike, out_dir: str | os.PathLik
     with written_atomically(out_state) as temporary:
         temporary.write_text(json.dumps(portable_state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out_state
+
+
+def read_checkpoint(state_path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(training state, tensors on the CPU) of the checkpoint whose JSON is `state_path`; one-line ModelErrors."""
+    state = _read_state(state_path)
+    weights = state_path.with_suffix(".safetensors")
+    try:
+        return state, load_file(str(weights), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise ModelError(f"{weights}: unreadable checkpoint ({first_line(exc)})") from None
 
 
 def _stored_config(state_path: Path) -> TrainConfig:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .. import geometry, masks
@@ -28,7 +28,7 @@ from ..checkpoints import (
 )
 from ..models import Discriminator, Generator
 from ..stitch import cut_windows, stitch
-from .checkpointing import _flatten_optimiser, _read_state, _unflatten_optimiser
+from .checkpointing import _flatten_optimiser, _unflatten_optimiser, read_checkpoint
 from .config import (
     CHECKPOINTS_FOLDER, CHECKPOINT_FORMAT, DEFAULT_KEEP, PRECISIONS, TrainConfig, _AUTOCAST_TYPES,
     _DISCRIMINATOR_PREFIX, _OPTIMISER_PREFIXES, check_config,
@@ -345,14 +345,10 @@ class Trainer:
 
     def load(self, state_path: Path, restore_step: bool = True) -> int:
         """Restore models, optimisers, scaler and (with `restore_step`) the step from a checkpoint written by
-        `save` (or its portable copy: models only, in fp16); return the checkpoint's step. The optimisers keep this run's learning rate and betas: a
-        fine-tuning run may change them."""
-        state = _read_state(state_path)
+        `save` (or its portable copy: models only, in fp16); return the checkpoint's step. The optimisers keep
+        this run's learning rate and betas: a fine-tuning run may change them."""
+        state, tensors = read_checkpoint(state_path)
         weights = state_path.with_suffix(".safetensors")
-        try:
-            tensors = load_file(str(weights), device="cpu")
-        except Exception as exc:  # safetensors raises its own error types for damaged files
-            raise ModelError(f"{weights}: unreadable checkpoint ({first_line(exc)})") from None
         try:
             for prefix, model in ((GENERATOR_PREFIX, self.generator), (_DISCRIMINATOR_PREFIX, self.discriminator)):
                 model.load_state_dict(tensors_under(tensors, prefix))
