@@ -358,6 +358,27 @@ def test_shift_loss_is_zero_for_a_shift_consistent_generator_and_not_for_a_grid_
     assert min(shifts["grid-locked"]) > 0.05, shifts
 
 
+def test_block_shift_loss_ignores_grid_locked_texture_finer_than_its_blocks_but_not_coarser(big_tile_dir):
+    config = TrainConfig(data=str(big_tile_dir), tile=492, lambda_shift=1.0, shift_scale=16, **TINY)
+    dataset = TileDataset(big_tile_dir, 492, seed=0)
+    # Zero mean over every aligned 16 x 16 block of the patch vs a pattern with structure larger than the blocks.
+    # The extra patch falls at any phase, so a fine pattern need not average out over the loss's blocks there;
+    # it is small against the coarse one all the same, and the pixel-wise loss sees both alike.
+    rng = np.random.default_rng(0)
+    fine = rng.uniform(-0.5, 0.5, (3, 256, 256)).astype(np.float32)
+    fine -= fine.reshape(3, 16, 16, 16, 16).mean(axis=(2, 4)).repeat(16, axis=1).repeat(16, axis=2)
+    coarse = np.kron(rng.uniform(-0.5, 0.5, (3, 4, 4)), np.ones((1, 64, 64))).astype(np.float32)
+    shifts = {}
+    for scale in (1, 16):
+        for name, pattern in (("fine", fine), ("coarse", coarse)):
+            trainer = Trainer(dataclasses.replace(config, shift_scale=scale), dataset, torch.device("cpu"))
+            trainer.generator = _CentreCrop(trainer.plan.window, trainer.plan.patch, torch.from_numpy(pattern))
+            shifts[scale, name] = np.mean([trainer.train_step(dataset.tile_at(step))["shift"] for step in range(3)])
+    assert shifts[1, "fine"] > 0.05 and shifts[1, "coarse"] > 0.05, shifts
+    assert shifts[16, "fine"] < shifts[16, "coarse"] / 4, shifts
+    assert shifts[16, "coarse"] > 0.05, shifts
+
+
 def test_shift_loss_is_off_by_default_and_changes_nothing_then(big_tile_dir):
     config = TrainConfig(data=str(big_tile_dir), tile=492, **TINY)
     assert config.lambda_shift == 0 and config.loss_names == LOSS_NAMES
@@ -588,6 +609,7 @@ BAD_OPTIONS = [
     (["--seed", "-1"], "--seed: expected a non-negative integer"),
     (["--ema-decay", "1"], "ema_decay must be in [0, 1)"),
     (["--lambda-shift", "-2"], "--lambda-shift: expected a number >= 0"),
+    (["--shift-scale", "300"], "shift_scale must be an integer in [1, 256]"),
     (["--tiles-per-step", "0"], "--tiles-per-step: expected a positive integer"),
     (["--init", "nowhere"], "nowhere: not a run directory or a training checkpoint"),
     (["--diffaugment", "color,flip"], "--diffaugment: unknown augmentation 'flip'"),

@@ -21,7 +21,7 @@ def _augmentation_policy(text):
 # CLI options that define a run (TrainConfig fields); they default to None so that --resume can tell the ones given.
 _RUN_OPTIONS = ("data", "tile", "stride", "ngf", "ndf", "lr", "beta1", "lambda_l1", "lambda_adv", "lambda_shift",
                 "ema_decay", "blend", "seed", "tiles_per_step", "lambda_fm", "gan_loss", "diffaugment", "lr_d",
-                "small_images", "upsample", "context")
+                "small_images", "upsample", "context", "shift_scale")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -90,6 +90,11 @@ def train_parser() -> argparse.ArgumentParser:
                    help=f"weight of the shift-consistency loss: one extra patch at a random position must match the "
                         f"stitched tile under it; suppresses textures locked to the patch grid (default: "
                         f"{defaults.lambda_shift:g}, off, as in the paper)")
+    p.add_argument("--shift-scale", type=positive_int, metavar="PX",
+                   help="compare the shifted patch with the stitched tile as means over PX x PX blocks: structures "
+                        "larger than the blocks (lumens, epithelium) must agree wherever the patch grid falls, finer "
+                        "texture may differ, so the term no longer pulls texture towards its average "
+                        f"(default: {defaults.shift_scale}, pixel by pixel)")
     p.add_argument("--ema-decay", type=non_negative_float, metavar="D",
                    help="also keep an exponential moving average of the generator's weights (e.g. 0.999) and publish "
                         "it: samples, RUN_DIR/generator.safetensors and safron-export use it (default: 0, off)")

@@ -15,7 +15,9 @@ on its own, the generator and the discriminator each run once on the whole batch
      content (the grid is spread evenly over each image size), so overlapping patches agree only if the generator
      is shift-consistent. Without this term a small generator learns textures locked to its patch grid (white
      dots every 32 px in uniform regions: the stride of its 8x8 decoder level) that double up where patches
-     overlap at another phase.
+     overlap at another phase. The pixel-wise term also pulls texture towards its average (the two patches draw
+     their own nuclei), so `shift_scale` PX > 1 compares PX x PX block means instead: lumens and epithelium must
+     agree wherever the grid falls, texture finer than the blocks may differ.
 Adam (lr 1e-4, beta1 0.5) for both. Optional (ema_decay > 0, not in the paper): after each step an exponential
 moving average of the generator's weights moves towards them, and the run publishes the average (samples,
 RUN_DIR/generator.safetensors, export): it smooths the step-to-step oscillation of GAN training.

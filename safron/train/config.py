@@ -45,6 +45,9 @@ class TrainConfig:
     lambda_l1: float = 100.0
     lambda_adv: float = 1.0
     lambda_shift: float = 0.0  # shift-consistency weight (module docstring, step 5); 0 = the paper's method
+    # The shift-consistency loss compares PX x PX block means (1: pixels): with PX > 1 only structures larger than
+    # the blocks (lumens, the epithelium) must agree wherever the patch grid falls, and fine texture may differ.
+    shift_scale: int = 1
     blend: str = "uniform"
     overlap: int = geometry.OVERLAP
     seed: int = 0
@@ -117,6 +120,8 @@ def check_config(config: TrainConfig) -> None:
         raise SafronInputError(f"lr_d must be positive, got {config.lr_d}")
     if not config.lambda_shift >= 0:
         raise SafronInputError(f"lambda_shift must be >= 0, got {config.lambda_shift}")
+    if not (isinstance(config.shift_scale, int) and 1 <= config.shift_scale <= geometry.PATCH):
+        raise SafronInputError(f"shift_scale must be an integer in [1, {geometry.PATCH}], got {config.shift_scale!r}")
     if not 0 <= config.ema_decay < 1:
         raise SafronInputError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
     if not (isinstance(config.tiles_per_step, int) and config.tiles_per_step >= 1):

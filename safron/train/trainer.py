@@ -243,7 +243,10 @@ class Trainer:
             extra_losses = []
             if config.lambda_shift:
                 patch = self.plan.patch
-                shift = (extra[0].float() - fake[0, :, y:y + patch, x:x + patch]).abs().mean()
+                difference = extra[0].float() - fake[0, :, y:y + patch, x:x + patch]
+                if config.shift_scale > 1:
+                    difference = nn.functional.avg_pool2d(difference[None], config.shift_scale)
+                shift = difference.abs().mean()
                 loss_g = loss_g + config.lambda_shift * shift
                 extra_losses.append(shift)
             if config.lambda_fm:
