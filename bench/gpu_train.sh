@@ -8,10 +8,13 @@
 #   variants trained at once on the one GPU, each with its own process and 1/N of the cores (a ngf-32 step leaves
 #   the H200 mostly idle, so two runs cost each far less than half its speed):
 #           SAFRON_TRAIN_VARIANTS="transpose=--upsample transpose;resize=--upsample resize" ... bench/gpu_train.sh ...
-#   the recipe tried in the seventh session (issue 12; MODEL_CARD.md): feature matching and DiffAugment improved
-#   the whole-image scores of a CPU fine-tune; training with the cosine blend renders use trains seams away:
-#           ... bench/gpu_train.sh --ngf 32 --ndf 64 --ema-decay 0.999 --lambda-l1 10 --lambda-fm 10 \
-#               --diffaugment translation,cutout --blend cosine
+#   the seventh session's run (issue 12; MODEL_CARD.md, "GPU training"): the resize decoder drew real tissue
+#   texture (crops FID 127 against the default's 181) but patch-sized blocks where the mask has no edges:
+#           ... bench/gpu_train.sh --ngf 32 --ndf 64 --context dilated --ema-decay 0.999 --lambda-l1 10 \
+#               --lambda-fm 10 --diffaugment translation,cutout --blend cosine      (+ --upsample resize)
+#   the next run: the same from scratch, against block-level shift consistency, keeping the latter's state:
+#           SAFRON_TRAIN_VARIANTS="resize=--upsample resize;shift16=--upsample resize --lambda-shift 10 \
+#               --shift-scale 16" SAFRON_TRAIN_KEEP_STATE=shift16 ... (same common arguments as above)
 #   dry run on a CPU:  SAFRON_GPU_DRY_RUN=1 SAFRON_TRAIN_DATA=DIR OUT=/tmp/x bench/gpu_train.sh --ngf 8 --ndf 8
 #   batches of tiles (safron-train --tiles-per-step N) are untimed on a GPU: time them first in the same call,
 #   `python bench/train_step.py --device cuda --ngf 32 --tiles 492 --tiles-per-step 1 4 8` (about a minute)
@@ -23,11 +26,12 @@
 # the results travel as one tar split into 15 MiB parts (reassemble: `cat $OUT/results.tar.part-* | tar -x`):
 # per variant NAME/ the last checkpoint's published generator (its moving average when --ema-decay is given, else
 # the generator) as an fp16 safetensors checkpoint (what `safron-export` reads; `--weights float16` exports it
-# without further rounding), the checkpoint's JSON, losses.csv, the last sample grid and the log's tail; beside
+# without further rounding), the checkpoint's JSON, losses.csv, the last sample grid (JPEG) and the log's tail; beside
 # the parts summary.txt with the sha256 of each generator. 4 parts (60 MiB) hold e.g. two ngf-32 generators.
 # SAFRON_TRAIN_KEEP_STATE=NAME: for variant NAME, a portable checkpoint instead (NAME/portable/step-N.json and
 # .safetensors: the published generator and the discriminator in fp16, `safron.train.portable_checkpoint`; 42 MB
-# at ngf 32 / ndf 64), from which a later session continues the run on any machine:
+# at ngf 32 / ndf 64; with one ngf-32 generator beside it, 61 MiB of the 64), from which a later session
+# continues the run on any machine:
 #   safron-train --init NAME/portable/step-N.json --out RUN ...    (safron-export reads it too)
 set -euo pipefail
 
@@ -104,7 +108,10 @@ for variant in "${VARIANTS[@]}"; do
   cp "$last_json" "$PACK/$name/checkpoint.json"
   cp "$run/losses.csv" "$PACK/$name/losses.csv"
   last_sample=$(ls "$run"/samples/*.png 2>/dev/null | tail -n 1 || true)
-  if [[ -n $last_sample ]]; then cp "$last_sample" "$PACK/$name/sample.png"; fi
+  if [[ -n $last_sample ]]; then  # as JPEG: 0.4 instead of 2 MB, room that a portable checkpoint needs
+    python -c 'import sys; from PIL import Image; Image.open(sys.argv[1]).convert("RGB").save(sys.argv[2], quality=90)' \
+      "$last_sample" "$PACK/$name/sample.jpg"
+  fi
   if [[ $name == "${SAFRON_TRAIN_KEEP_STATE:-}" ]]; then
     python -c 'import sys; from safron.train import portable_checkpoint as p; print(p(sys.argv[1], sys.argv[2]))' \
       "$last_json" "$PACK/$name/portable" | tee -a "$SUMMARY"
