@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from safron.canvas import Canvas, Journal, JournalThread
+from safron.canvas import Journal, JournalThread, open_canvas
 
 
 def journalled_rows(path) -> list[int]:
@@ -17,14 +17,14 @@ def journalled_rows(path) -> list[int]:
 
 
 def test_rows_are_journalled_after_a_sync_and_the_last_request_survives_close(tmp_path, monkeypatch):
-    canvas = Canvas(tmp_path / "c", 8, 5, create=True)
+    canvas = open_canvas(tmp_path / "c", 8, 5, create=True)
     journal = Journal(tmp_path / "j", {"format": 1}, resume=False)
     events = []
     monkeypatch.setattr(canvas, "sync", lambda: events.append("sync"))
     real_record = journal.record
     monkeypatch.setattr(journal, "record", lambda rows: (events.append(rows), real_record(rows)))
     recorder = JournalThread(canvas, journal)
-    with canvas.rows(0, 4) as rows:
+    with canvas.block(0, 4, 0, 5) as rows:
         rows[:] = 7
     for rows_done in (2, 4, 8):
         recorder.submit(rows_done)
@@ -40,7 +40,7 @@ def test_rows_are_journalled_after_a_sync_and_the_last_request_survives_close(tm
 
 
 def test_a_failed_sync_is_raised_in_the_render_thread_and_nothing_is_journalled(tmp_path, monkeypatch):
-    canvas = Canvas(tmp_path / "c", 4, 4, create=True)
+    canvas = open_canvas(tmp_path / "c", 4, 4, create=True)
     journal = Journal(tmp_path / "j", {"format": 1}, resume=False)
 
     def full_disk():
@@ -58,7 +58,7 @@ def test_a_failed_sync_is_raised_in_the_render_thread_and_nothing_is_journalled(
 
 @pytest.mark.parametrize("record_pending", [True, False])
 def test_close_records_the_pending_request_only_when_asked(tmp_path, monkeypatch, record_pending):
-    canvas = Canvas(tmp_path / "c", 4, 4, create=True)
+    canvas = open_canvas(tmp_path / "c", 4, 4, create=True)
     journal = Journal(tmp_path / "j", {"format": 1}, resume=False)
     syncing, release = threading.Event(), threading.Event()
 
@@ -87,17 +87,17 @@ def test_close_records_the_pending_request_only_when_asked(tmp_path, monkeypatch
     assert journalled_rows(tmp_path / "j") == ([2, 4] if record_pending else [2])
 
 
-def test_write_puts_whole_rows_and_blocks_where_they_belong_and_refuses_what_does_not_fit(tmp_path):
+def test_write_block_puts_whole_rows_and_blocks_where_they_belong_and_refuses_what_does_not_fit(tmp_path):
     height, width = 9, 7
-    canvas = Canvas(tmp_path / "c", height, width, create=True)
+    canvas = open_canvas(tmp_path / "c", height, width, create=True)
     rng = np.random.default_rng(4)
     whole_rows = rng.integers(0, 256, (3, width, 3), dtype=np.uint8)
     block = rng.integers(0, 256, (4, 3, 3), dtype=np.uint8)
-    canvas.write(2, 0, whole_rows)
-    canvas.write(5, 4, block[:, ::-1])  # a strided view is written as its pixels
+    canvas.write_block(2, 0, whole_rows)
+    canvas.write_block(5, 4, block[:, ::-1])  # a strided view is written as its pixels
     for bad_position, bad_pixels in (((7, 0), whole_rows), ((0, 5), block), ((0, 0), block.astype(np.uint16))):
         with pytest.raises(ValueError, match="cannot write"):
-            canvas.write(*bad_position, bad_pixels)
+            canvas.write_block(*bad_position, bad_pixels)
     canvas.close()
     expected = np.zeros((height, width, 3), np.uint8)
     expected[2:5] = whole_rows

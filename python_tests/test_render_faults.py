@@ -50,10 +50,10 @@ import tifffile
 from onnx import helper
 
 import onnx_models
-import safron.canvas as canvas_module
 import safron.pyramid_tiff as pyramid_tiff
+import safron.raw_image as raw_image
 from safron import engine, masks
-from safron.canvas import Canvas, Journal, OutputLock, lock_path, side_paths
+from safron.canvas import Journal, OutputLock, lock_path, open_canvas, side_paths
 from safron.cli import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE, render_parser, run_main
 from safron.errors import MaskError, ModelError, OutputWriteError, SafronInputError
 from test_engine import random_labels
@@ -419,16 +419,16 @@ def test_an_output_in_a_pseudo_filesystem_says_files_cannot_be_created_there(tmp
 # --- 9. a disk that fills up or fails ----------------------------------------------------------------------------
 
 def test_the_canvas_reserves_its_blocks_and_refuses_a_disk_too_small(tmp_path, monkeypatch):
-    canvas = Canvas(tmp_path / "c", 300, 200, create=True)
+    canvas = open_canvas(tmp_path / "c", 300, 200, create=True)
     assert canvas.reserved and os.stat(tmp_path / "c").st_blocks * 512 >= 300 * 200 * 3
     canvas.close()
 
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(canvas_module.os, "posix_fallocate", full)
+    monkeypatch.setattr(raw_image.os, "posix_fallocate", full)
     with pytest.raises(OSError) as raised:
-        Canvas(tmp_path / "d", 300, 200, create=True)
+        open_canvas(tmp_path / "d", 300, 200, create=True)
     assert raised.value.errno == errno.ENOSPC
 
 
@@ -436,7 +436,7 @@ def test_a_full_disk_found_by_the_canvas_is_one_line_and_leaves_nothing(tmp_path
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(canvas_module.os, "posix_fallocate", full)
+    monkeypatch.setattr(raw_image.os, "posix_fallocate", full)
     with pytest.raises(OutputWriteError, match="No space left on device") as raised:
         engine.render(mask_tif, tmp_path / "out.tif", model=models["crop"], progress=False)
     assert "\n" not in str(raised.value) and "--resume" not in str(raised.value)  # nothing was rendered yet
@@ -447,7 +447,7 @@ def test_where_blocks_cannot_be_reserved_rows_are_written_without_memory_maps(tm
     def unsupported(fd, offset, length):
         raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
 
-    class NumpyWithoutMaps:  # the canvas module's numpy: a store through a map into unreserved blocks can SIGBUS
+    class NumpyWithoutMaps:  # the raw image module's numpy: a store through a map into unreserved blocks can SIGBUS
         def __getattr__(self, name):
             if name == "memmap":
                 raise AssertionError("the canvas was memory-mapped although its blocks are not reserved")
@@ -455,11 +455,11 @@ def test_where_blocks_cannot_be_reserved_rows_are_written_without_memory_maps(tm
 
     reference = engine.render(mask_tif, tmp_path / "reference.tif", model=models["crop"], progress=False,
                               compression="zstd")
-    monkeypatch.setattr(canvas_module.os, "posix_fallocate", unsupported)
-    monkeypatch.setattr(canvas_module, "np", NumpyWithoutMaps())
+    monkeypatch.setattr(raw_image.os, "posix_fallocate", unsupported)
+    monkeypatch.setattr(raw_image, "np", NumpyWithoutMaps())
     engine.render(mask_tif, tmp_path / "out.tif", model=models["crop"], progress=False, compression="zstd")
     assert (tmp_path / "out.tif").read_bytes() == reference.out_path.read_bytes()
-    canvas = Canvas(tmp_path / "c", 4, 5, create=True)
+    canvas = open_canvas(tmp_path / "c", 4, 5, create=True)
     assert not canvas.reserved
     with canvas.block(1, 3, 2, 4) as block:
         block[:] = 9
@@ -484,6 +484,13 @@ def _fail_after(calls: int, error: int):
     return fail
 
 
+def _level_files_failing_after(writes: int, error: int) -> type:
+    """The TIFF writer's raw level files (the class pyramid_tiff opens them with; the canvas is opened elsewhere), with
+    block writes that work `writes` times across all of them, then fail with `error` as a full disk does."""
+    return type("FailingLevelFile", (raw_image.RawImageFile,),
+                {"write_block": _fail_after(writes, error)(raw_image.RawImageFile.write_block)})
+
+
 @pytest.mark.parametrize("where", ["tiff", "journal"])
 def test_a_disk_filling_up_mid_render_keeps_the_resume_state_and_resume_finishes(tmp_path, models, monkeypatch, where):
     labels = random_labels(1400, 600, seed=6)
@@ -492,7 +499,7 @@ def test_a_disk_filling_up_mid_render_keeps_the_resume_state_and_resume_finishes
     options = dict(model=models["crop"], progress=False, compression="none", batch_size=2)
     out = tmp_path / "out.tif"
     if where == "tiff":  # the TIFF writer's thread: the 4th block of its raw level files (level 1 has 6)
-        monkeypatch.setattr(pyramid_tiff, "write_block_at", _fail_after(3, errno.ENOSPC)(pyramid_tiff.write_block_at))
+        monkeypatch.setattr(pyramid_tiff, "RawImageFile", _level_files_failing_after(3, errno.ENOSPC))
     else:  # the journal thread, after the canvas sync: the first record (requests may coalesce into one)
         monkeypatch.setattr(Journal, "record", _fail_after(0, errno.ENOSPC)(Journal.record))
     with pytest.raises(OutputWriteError) as raised:
@@ -515,10 +522,11 @@ def test_an_io_error_mid_render_is_one_line_and_exit_2_from_the_cli(tmp_path, mo
         import safron.pyramid_tiff as pyramid_tiff
         from safron.cli import render_main
 
-        def failing(*args):
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        class FailingLevelFile(pyramid_tiff.RawImageFile):  # the TIFF writer's raw level files only, not the canvas
+            def write_block(self, *args):
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-        pyramid_tiff.write_block_at = failing
+        pyramid_tiff.RawImageFile = FailingLevelFile
         sys.exit(render_main([{str(mask)!r}, {str(tmp_path / 'out.tif')!r}, "--model", {str(models['crop'])!r},
                               "--quiet", "--compression", "none"]))
     """)
@@ -702,7 +710,7 @@ _KILLED_AT = {
     # SIGKILL at a point of the render's last steps: after the journal names the file to be renamed onto OUT, the
     # rename (the writer's close), removing the canvas, removing the journal.
     "before the rename": "PyramidTiffWriter.close", "after the rename": "PyramidTiffWriter.close",
-    "after the canvas is removed": "Canvas.remove",
+    "after the canvas is removed": "RawImageFile.remove",
 }
 
 
@@ -711,7 +719,7 @@ def _render_killed(point: str, mask: Path, out: Path, *args) -> subprocess.Compl
     before = point.startswith("before")
     script = textwrap.dedent(f"""
         import os, signal, sys
-        from safron.canvas import Canvas
+        from safron.raw_image import RawImageFile
         from safron.pyramid_tiff import PyramidTiffWriter
         from safron.cli import render_main
 

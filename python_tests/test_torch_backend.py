@@ -208,7 +208,7 @@ class _StagedBackend(_HookedBackend):
 
 
 def test_a_staged_accumulator_renders_the_same_file(tmp_path, monkeypatch):
-    """The file sink's GPU branch (finalise_staged + Canvas.write, whole rows), exercised on the CPU."""
+    """The file sink's GPU branch (finalise_staged + the canvas's write_block, whole rows), exercised on the CPU."""
     model = centre_crop(tmp_path / "crop.onnx")
     labels = block_labels(700, 1300, seed=9)
     mask_path = tmp_path / "mask.png"

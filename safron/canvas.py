@@ -1,12 +1,11 @@
-"""The on-disk canvas that finished rows are written to, and the journal that makes renders resumable.
+"""The on-disk canvas that finished rows are written to, the journal that makes renders resumable, and the lock that
+keeps one render at a time on an output.
 
-The canvas is a raw uint8 RGB file (height x width x 3, row-major) next to the output. The accumulator
-finalises rows straight into a memory-mapped window of it; each window is unmapped as soon as it is written,
-because mapped pages count in the process's resident memory and a whole-slide canvas is tens of gigabytes.
-Its disk blocks are reserved when it is opened (posix_fallocate): a store through a memory map that finds the
-disk full is not an error Python can catch but SIGBUS, which kills the process, so the disk must be full before
-the first row is written or not at all. Where a filesystem cannot reserve blocks, the rows are written with
-plain writes instead, whose failures are ordinary OSErrors.
+The canvas is a raw uint8 RGB file (height x width x 3, row-major) next to the output, a `raw_image.RawImageFile`.
+The accumulator finalises rows straight into memory-mapped windows of it. Its disk blocks are reserved when it is
+opened (posix_fallocate): a store through a memory map that finds the disk full is SIGBUS, which kills the process,
+so the disk must be full before the first row is written or not at all (where a filesystem cannot reserve blocks,
+rows are written with plain writes, whose failures are ordinary OSErrors; see `raw_image`).
 
 The journal is a JSON-lines file: a header that pins everything that determines the output bytes (mask
 identity, model hash, geometry, blend, batch size), then one line per finished band with the number of rows
@@ -20,17 +19,14 @@ after the canvas, last of all, so a render killed after the rename leaves a jour
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-
 from .errors import SafronInputError
+from .raw_image import RawImageFile
 
 
 def side_paths(out_path: Path) -> tuple[Path, Path]:
@@ -118,104 +114,14 @@ def _read_pid(fd: int) -> int | None:
         return None  # not written yet by a holder that has only just taken the lock
 
 
-def write_at(fd: int, data: np.ndarray, offset: int) -> None:
-    """Write all of the contiguous array `data` at `offset` of file `fd` (pwrite: positional, so threads may write
-    one file at once; it releases the GIL). A write may be short (the disk filling up); the next one then raises
-    the OSError."""
-    view = memoryview(data).cast("B")
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
-
-
-def write_block_at(fd: int, block: np.ndarray, y0: int, x0: int, width: int) -> None:
-    """Write a (rows, cols, 3) uint8 block at row y0, column x0 of a raw row-major RGB file `width` pixels wide:
-    one write when the block spans whole rows (they lie back to back in the file), else one per row."""
-    row_bytes = width * 3
-    if block.shape[1] == width:
-        write_at(fd, np.ascontiguousarray(block), y0 * row_bytes)
-    else:
-        for row in range(block.shape[0]):
-            write_at(fd, np.ascontiguousarray(block[row]), (y0 + row) * row_bytes + x0 * 3)
-
-
-# posix_fallocate's answers for "this filesystem cannot reserve blocks" (glibc emulates it where the kernel says
-# EOPNOTSUPP, but not everywhere: O_APPEND, some FUSE and network filesystems).
-_CANNOT_RESERVE = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.ENODEV})
-
-
-class Canvas:
-    """`reserved` says whether the file's blocks are allocated, so that rows may be written through memory maps.
-    Opening raises OSError (ENOSPC when the disk cannot hold the whole canvas) with nothing reserved."""
-
-    def __init__(self, path: Path, height: int, width: int, *, create: bool):
-        self.path, self.height, self.width = Path(path), height, width
-        self.row_bytes = width * 3
-        self.size = height * self.row_bytes
-        if create:
-            with open(self.path, "wb") as f:
-                f.truncate(self.size)
-        elif not self.path.is_file() or self.path.stat().st_size != self.size:
-            raise SafronInputError(f"cannot resume: canvas {self.path} is missing or has the wrong size")
-        self._fd = os.open(self.path, os.O_RDWR)
-        try:
-            # Also on resume: the canvas may come from a render whose disk could not reserve it, or have been copied
-            # sparsely. Blocks already allocated keep their bytes.
-            os.posix_fallocate(self._fd, 0, self.size)
-            self.reserved = True
-        except OSError as exc:
-            if exc.errno not in _CANNOT_RESERVE:
-                self.close()
-                raise
-            self.reserved = False
-
-    @contextmanager
-    def rows(self, y0: int, y1: int):
-        """A writable (y1-y0, width, 3) view of canvas rows, stored on exit (not synced: see `sync`)."""
-        with self.block(y0, y1, 0, self.width) as view:
-            yield view
-
-    @contextmanager
-    def block(self, y0: int, y1: int, x0: int, x1: int):
-        """A writable (y1-y0, x1-x0, 3) view of a block of the canvas, stored on exit unless an exception leaves
-        the block (not synced: see `sync`). A window of a memory map (unmapped on exit) when the canvas is
-        reserved; otherwise a buffer written with plain writes, whose failures raise OSError instead of SIGBUS."""
-        if self.reserved:
-            view = np.memmap(self.path, dtype=np.uint8, mode="r+", offset=y0 * self.row_bytes,
-                             shape=(y1 - y0, self.width, 3))
-            try:
-                yield view[:, x0:x1]
-            finally:
-                del view
-            return
-        buffer = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
-        yield buffer
-        write_block_at(self._fd, buffer, y0, x0, self.width)
-
-    def write(self, y0: int, x0: int, pixels: np.ndarray) -> None:
-        """Write a (rows, cols, 3) uint8 block at row y0, column x0 with plain writes (not synced: see `sync`).
-
-        For pixels that already sit in a buffer of their own (a GPU accumulator's pinned staging memory): a
-        write(2) of whole rows costs about 1 ns a pixel, copying into a fresh memory map about 8 (page faults).
-        Whole-width blocks go in one call."""
-        rows, cols = pixels.shape[:2]
-        if pixels.dtype != np.uint8 or pixels.shape[2:] != (3,) or y0 + rows > self.height or x0 + cols > self.width:
-            raise ValueError(f"cannot write {pixels.dtype} {pixels.shape} at ({y0}, {x0}) into a {self.height} x "
-                             f"{self.width} canvas")
-        write_block_at(self._fd, pixels, y0, x0, self.width)
-
-    def sync(self) -> None:
-        """Write every row written so far to disk (pages written through unmapped windows included)."""
-        os.fdatasync(self._fd)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def remove(self) -> None:
-        self.close()
-        self.path.unlink(missing_ok=True)
+def open_canvas(path: Path, height: int, width: int, *, create: bool) -> RawImageFile:
+    """The canvas of a render: created empty, or the existing one of a render being resumed, with its disk blocks
+    reserved (`RawImageFile.reserved` says whether the filesystem could). Raises OSError (ENOSPC when the disk cannot
+    hold the whole canvas) with nothing reserved."""
+    path = Path(path)
+    if not create and (not path.is_file() or path.stat().st_size != height * width * 3):
+        raise SafronInputError(f"cannot resume: canvas {path} is missing or has the wrong size")
+    return RawImageFile(path, height, width, "create" if create else "update", reserve=True)
 
 
 def file_identity(path: Path) -> list[int]:
@@ -310,7 +216,7 @@ class JournalThread:
     wanted (a finished render deletes it, so syncing the canvas then would be wasted disk work).
     """
 
-    def __init__(self, canvas: Canvas, journal: Journal):
+    def __init__(self, canvas: RawImageFile, journal: Journal):
         self._canvas, self._journal = canvas, journal
         self._pending: int | None = None
         self._closing = False

@@ -29,9 +29,10 @@ from . import geometry, masks
 from .geometry import BLENDS
 from .accumulator import BandAccumulator, StagingBandAccumulator
 from .backends import Backend, create_backend
-from .canvas import Canvas, Journal, JournalThread, OutputLock, file_identity, side_paths
+from .canvas import Journal, JournalThread, OutputLock, file_identity, open_canvas, side_paths
 from .errors import ModelError, OutputWriteError, SafronInputError, is_storage_error
 from .pipeline import StageClock, prefetch
+from .raw_image import RawImageFile
 from .slide_io import check_free_space, check_output_path
 
 # Not the paper's plain average: the embedded generator's patch edges leave a thin line wherever a patch
@@ -398,7 +399,7 @@ class _FileSink:
     """Finished blocks go into the canvas; whole finished rows are journalled (in the background) and handed to
     the encoder, which reads its tiles back from the canvas (so no stage holds full-width rows in memory)."""
 
-    def __init__(self, canvas: Canvas, journal: JournalThread, writer):
+    def __init__(self, canvas: RawImageFile, journal: JournalThread, writer):
         self.canvas, self.journal, self.writer = canvas, journal, writer
 
     def finalise(self, accumulator, y0, y1, x0, x1):
@@ -407,7 +408,7 @@ class _FileSink:
             # a memory map (page faults made that most of the main thread's time on the GPU).
             pixels, uncovered = accumulator.finalise_staged(y0, y1, x0, x1)
             _check_covered(uncovered, y0, y1)
-            self.canvas.write(y0, x0, pixels)
+            self.canvas.write_block(y0, x0, pixels)
             return
         with self.canvas.block(y0, y1, x0, x1) as block:
             _finalise_into(accumulator, y0, y1, x0, x1, block)
@@ -751,7 +752,7 @@ def _render_to_files(renderer: _Renderer, out_path: Path, header: dict, resume: 
     journal = canvas = writer = recorder = None
     try:
         journal = Journal(journal_path, header, resume=resume)
-        canvas = Canvas(canvas_path, height, width, create=not resume)
+        canvas = open_canvas(canvas_path, height, width, create=not resume)
         writer = PyramidTiffWriter(out_path, height, width, canvas=canvas.path, **writer_options)
         started = time.perf_counter()
         recorder = JournalThread(canvas, journal)

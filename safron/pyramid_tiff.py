@@ -14,9 +14,9 @@ compression batch: independent of the image width and height.
   (``tile`` rows x `_BLOCK_TILES` tiles) that a few more threads read back, reduce 2x2 into the
   next level's raw file and cut into tiles, a few blocks ahead. Level k >= 1 is then streamed the
   same way from its raw file, building level k+1.
-* Raw files are accessed with plain reads and writes at offsets, never a memory map: pages touched
-  through a map count towards the process's resident memory, while a block read into its own
-  buffer is freed once encoded.
+* Raw files (`raw_image.RawImageFile`) are accessed with plain reads and writes at offsets, never a
+  memory map: pages touched through a map count towards the process's resident memory, while a
+  block read into its own buffer is freed once encoded.
 
 File layout (what OpenSlide's generic-TIFF reader expects):
 
@@ -61,8 +61,8 @@ import numpy as np
 import tifffile
 
 from . import _core
-from .canvas import write_block_at
 from .errors import OutputWriteError, SafronInputError
+from .raw_image import RawImageFile
 from .slide_io import check_free_space, check_output_path
 
 # Our names for the codecs -> tifffile's names. WebP is deliberately absent: OpenSlide cannot
@@ -130,46 +130,6 @@ def _full_tile(block: np.ndarray, tile: int) -> np.ndarray:
     if missing_rows or missing_columns:
         return np.pad(block, ((0, missing_rows), (0, missing_columns), (0, 0)), mode="edge")
     return block
-
-
-class _RawImageFile:
-    """A raw uint8 RGB image file (rows x width x 3, row-major), read and written in rectangular
-    blocks with plain unbuffered I/O at offsets."""
-
-    def __init__(self, path: Path, width: int, mode: str) -> None:
-        self.path = path
-        self._row_bytes = width * _SAMPLES
-        self._width = width
-        self._file = open(path, mode, buffering=0)  # noqa: SIM115 - closed in close()
-
-    def read_block(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        block = np.empty((y1 - y0, x1 - x0, _SAMPLES), np.uint8)
-        if x1 - x0 == self._width:  # whole rows lie back to back in the file: one read
-            self._read_into(self._offset(y0, 0), block)
-        else:
-            for row in range(y1 - y0):
-                self._read_into(self._offset(y0 + row, x0), block[row])
-        return block
-
-    def write_block(self, y0: int, x0: int, block: np.ndarray) -> None:
-        write_block_at(self._file.fileno(), block, y0, x0, self._width)
-
-    def close(self) -> None:
-        self._file.close()
-
-    def _offset(self, y: int, x: int) -> int:
-        return y * self._row_bytes + x * _SAMPLES
-
-    # Positional reads and writes (pread/pwrite), never seek + read: blocks are read and reduced on several
-    # threads at once, each at its own offsets of the same file, and the calls release the GIL.
-    def _read_into(self, offset: int, destination: np.ndarray) -> None:
-        view = memoryview(destination).cast("B")
-        end = offset + len(view)
-        while view:
-            count = os.preadv(self._file.fileno(), [view], offset)
-            if not count:
-                raise RuntimeError(f"{self.path}: raw image file ends before byte {end} (truncated?)")
-            view, offset = view[count:], offset + count
 
 
 class PyramidTiffWriter:
@@ -249,12 +209,12 @@ class PyramidTiffWriter:
             self._level_paths[0] = Path(canvas)
             self._check_canvas()
         self._tiff_file = self._open_partial_file()
-        self._level0_writer: _RawImageFile | None = None
-        self._level0_reader: _RawImageFile | None = None
+        self._level0_writer: RawImageFile | None = None
+        self._level0_reader: RawImageFile | None = None
         try:
             if self._owns_level0:
-                self._level0_writer = _RawImageFile(self._level_paths[0], self.width, "wb")
-            self._level0_reader = _RawImageFile(self._level_paths[0], self.width, "rb")
+                self._level0_writer = RawImageFile(self._level_paths[0], self.height, self.width, "create")
+            self._level0_reader = RawImageFile(self._level_paths[0], self.height, self.width, "read")
         except OSError as error:
             self._tiff_file.close()
             self._remove_temporaries()
@@ -522,7 +482,7 @@ class PyramidTiffWriter:
             for level, (height, width) in enumerate(self.level_shapes):
                 reduced = None
                 if level + 1 < len(self.level_shapes):
-                    reduced = _RawImageFile(self._level_paths[level + 1], self.level_shapes[level + 1][1], "w+b")
+                    reduced = RawImageFile(self._level_paths[level + 1], *self.level_shapes[level + 1], "create")
                 try:
                     tiff.write(
                         self._tiles(level, source, reduced, preparers),
@@ -573,7 +533,7 @@ class PyramidTiffWriter:
         return options
 
     def _tiles(
-        self, level: int, source: _RawImageFile, reduced: _RawImageFile | None, preparers: ThreadPoolExecutor
+        self, level: int, source: RawImageFile, reduced: RawImageFile | None, preparers: ThreadPoolExecutor
     ) -> Iterator[np.ndarray]:
         """The level's tiles in TIFF order (tile rows top to bottom, left to right), writing the
         2x2 reduction of each block into `reduced` on the way.
@@ -612,7 +572,7 @@ class PyramidTiffWriter:
                     future.exception()
 
     def _prepare_block(
-        self, source: _RawImageFile, reduced: _RawImageFile | None, y0: int, y1: int, x0: int, x1: int
+        self, source: RawImageFile, reduced: RawImageFile | None, y0: int, y1: int, x0: int, x1: int
     ) -> list[np.ndarray]:
         block = source.read_block(y0, y1, x0, x1)
         # Blocks start on even rows and columns, so each one's reduction is exactly its part of the reduced level.
