@@ -166,3 +166,16 @@ def test_one_definition_each_of_the_blends_the_overlap_and_the_atomic_rename():
     # resumable .partial file, which files.written_atomically's temporary names are not.
     assert where == {"BLENDS": {"safron.geometry"}, "OVERLAP": {"safron.geometry", "safron.engine"},
                      "os.replace": {"safron.files", "safron.pyramid_tiff"}}
+
+
+def test_one_raw_image_file_class():
+    """The render's canvas and the pyramid writer's level files are one class, `raw_image.RawImageFile`, a leaf: the
+    block reads, the disk reservation and the memory-mapped windows live there and nowhere else."""
+    where: dict[str, set[str]] = {"os.preadv": set(), "os.posix_fallocate": set(), "np.memmap": set()}
+    for name, path in _modules().items():
+        if path is not None and name != "safron.slide_io":  # slide_io maps the mask's TIFF pages, not a raw image
+            called = _assigned_and_called(path)[1]
+            for call in where:
+                where[call] |= {name} if call in called else set()
+    assert where == dict.fromkeys(where, {"safron.raw_image"})
+    assert import_graph()["safron.raw_image"] == set()
