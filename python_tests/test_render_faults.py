@@ -506,6 +506,7 @@ def test_a_disk_filling_up_mid_render_keeps_the_resume_state_and_resume_finishes
         engine.render(mask, out, **options)
     message = str(raised.value)
     assert "\n" not in message and "No space left on device" in message
+    assert ("the TIFF or its temporary files" if where == "tiff" else "canvas or journal") in message  # who failed
     assert "free some space" in message and RESUME_HINT in message
     assert names(tmp_path) == ["mask.tif", "out.tif.safron-canvas", "out.tif.safron-journal"]
     monkeypatch.undo()
