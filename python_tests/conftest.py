@@ -1,12 +1,22 @@
-"""Shared pytest set-up: markers that skip with their reason where the machine cannot run them."""
+"""Shared pytest set-up: markers that skip with their reason where the machine cannot run them, and helpers that
+several test files use."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def safron_render(*args, timeout=300) -> subprocess.CompletedProcess:
+    """`safron-render ARGS` in a fresh interpreter, as a user runs it; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "safron.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _cuda_skip_reason() -> str | None:

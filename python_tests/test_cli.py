@@ -16,16 +16,11 @@ import tifffile
 from PIL import Image
 
 import onnx_models
+from conftest import safron_render
 from safron import masks
 from test_engine import random_labels
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def safron_render(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "safron.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
 
 
 @pytest.fixture(scope="module")

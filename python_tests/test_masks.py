@@ -638,23 +638,26 @@ def test_text_file_renamed_tif(tmp_path):
     assert_mask_error(excinfo, tmp_path / "notes.tif", "unknown file format")
 
 
-def test_truncated_png(tmp_path):
-    Image.fromarray(PALETTE[blob_labels(200, 200, seed=15)]).save(tmp_path / "full.png")
-    data = (tmp_path / "full.png").read_bytes()
-    (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
-    with pytest.raises(MaskError) as excinfo:
-        masks.open_mask(tmp_path / "cut.png")
-    assert_mask_error(excinfo, tmp_path / "cut.png", "truncated or corrupt")
+def _png_mask(path):
+    Image.fromarray(PALETTE[blob_labels(200, 200, seed=15)]).save(path)
 
 
-def test_truncated_tiled_tiff(tmp_path):
+def _tiled_tiff_mask(path):
     labels = np.random.default_rng(4).integers(0, 3, (512, 512), dtype=np.uint8)
-    tifffile.imwrite(tmp_path / "full.tif", labels, tile=(64, 64), compression="zlib")
-    data = (tmp_path / "full.tif").read_bytes()
-    (tmp_path / "cut.tif").write_bytes(data[:len(data) // 2])
+    tifffile.imwrite(path, labels, tile=(64, 64), compression="zlib")
+
+
+@pytest.mark.parametrize("suffix, write, message", [
+    (".png", _png_mask, "truncated or corrupt"),
+    (".tif", _tiled_tiff_mask, "truncated"),
+])
+def test_a_mask_cut_in_half_is_a_one_line_error(tmp_path, suffix, write, message):
+    write(tmp_path / f"full{suffix}")
+    data = (tmp_path / f"full{suffix}").read_bytes()
+    (tmp_path / f"cut{suffix}").write_bytes(data[:len(data) // 2])
     with pytest.raises(MaskError) as excinfo:
-        masks.open_mask(tmp_path / "cut.tif")
-    assert_mask_error(excinfo, tmp_path / "cut.tif", "truncated")
+        masks.open_mask(tmp_path / f"cut{suffix}")
+    assert_mask_error(excinfo, tmp_path / f"cut{suffix}", message)
 
 
 def test_truncated_tiff_header(tmp_path):

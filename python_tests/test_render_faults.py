@@ -50,6 +50,7 @@ import tifffile
 from onnx import helper
 
 import onnx_models
+from conftest import safron_render
 import safron.pyramid_tiff as pyramid_tiff
 import safron.raw_image as raw_image
 from safron import engine, masks
@@ -60,12 +61,6 @@ from test_engine import random_labels
 
 RESUME_HINT = "run the same command with --resume"
 EXAMPLE_MODEL = Path(__file__).resolve().parents[1] / "examples" / "centre_crop.onnx"
-
-
-def safron_render(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "safron.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
 
 
 def one_line(stderr: str) -> str:
