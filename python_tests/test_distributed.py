@@ -129,6 +129,7 @@ def test_cli_renders_a_set_reports_the_failure_and_exits_2(tmp_path, capsys, mod
     (["a.png", "--out-dir", "out", "--band-rows", "1024"], "--band-rows and --chunk split one mask into bands"),
     (["a.png", "b.png", "c.tif"], "give MASK OUT, or masks with --out-dir DIR"),
     (["a.png", "--out-dir", "out", "--resume"], "--resume is automatic with --out-dir"),
+    (["a.png", "--out-dir", "out", "--profile"], "--profile times the stages of one render"),
 ])
 def test_cli_usage_mistakes_of_the_many_mask_form_are_one_line(capsys, argv, needle):
     with pytest.raises(SystemExit) as exit_:

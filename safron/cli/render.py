@@ -144,6 +144,9 @@ def main(argv=None) -> int:
             parser.error("--resume is automatic with --out-dir: interrupted outputs are resumed, complete ones skipped")
         if args.band_rows is not None or args.chunk is not None:
             parser.error("--band-rows and --chunk split one mask into bands; with --out-dir each mask is one job")
+        if args.profile:
+            parser.error("--profile times the stages of one render; with --out-dir the renders run on Dask workers "
+                         "(time one mask with safron-render MASK OUT --profile)")
         return _render_many(args)
     if args.scheduler is not None and args.workers is not None:
         parser.error("give --workers (a local cluster) or --scheduler (a running one), not both")
