@@ -12,9 +12,12 @@
 #   texture (crops FID 127 against the default's 181) but patch-sized blocks where the mask has no edges:
 #           ... bench/gpu_train.sh --ngf 32 --ndf 64 --context dilated --ema-decay 0.999 --lambda-l1 10 \
 #               --lambda-fm 10 --diffaugment translation,cutout --blend cosine      (+ --upsample resize)
-#   the next run: the same from scratch, against block-level shift consistency, keeping the latter's state:
-#           SAFRON_TRAIN_VARIANTS="resize=--upsample resize;shift16=--upsample resize --lambda-shift 10 \
-#               --shift-scale 16" SAFRON_TRAIN_KEEP_STATE=shift16 ... (same common arguments as above)
+#   the next run, against the blocks: a U-Net whose bottleneck no longer sees the whole patch, with and without
+#   block-level shift consistency, both from scratch, keeping both states (2 x 28.6 MB):
+#           SAFRON_TRAIN_VARIANTS="levels5=--levels 5;levels5-shift16=--levels 5 --lambda-shift 10 --shift-scale 16" \
+#           SAFRON_TRAIN_KEEP_STATE="levels5 levels5-shift16" ... (the common arguments above, with --upsample resize)
+#   (the resize decoder renders at 1.6x the default's time per patch on a CPU, over issue 12's 1.5x: see
+#   bench/model_speed.py before shipping; per-patch InstanceNorm statistics are the other suspect for the blocks)
 #   dry run on a CPU:  SAFRON_GPU_DRY_RUN=1 SAFRON_TRAIN_DATA=DIR OUT=/tmp/x bench/gpu_train.sh --ngf 8 --ndf 8
 #   batches of tiles (safron-train --tiles-per-step N) are untimed on a GPU: time them first in the same call,
 #   `python bench/train_step.py --device cuda --ngf 32 --tiles 492 --tiles-per-step 1 4 8` (about a minute)
@@ -28,10 +31,10 @@
 # the generator) as an fp16 safetensors checkpoint (what `safron-export` reads; `--weights float16` exports it
 # without further rounding), the checkpoint's JSON, losses.csv, the last sample grid (JPEG) and the log's tail; beside
 # the parts summary.txt with the sha256 of each generator. 4 parts (60 MiB) hold e.g. two ngf-32 generators.
-# SAFRON_TRAIN_KEEP_STATE=NAME: for variant NAME, a portable checkpoint instead (NAME/portable/step-N.json and
-# .safetensors: the published generator and the discriminator in fp16, `safron.train.portable_checkpoint`; 42 MB
-# at ngf 32 / ndf 64; with one ngf-32 generator beside it, 61 MiB of the 64), from which a later session
-# continues the run on any machine:
+# SAFRON_TRAIN_KEEP_STATE="NAME ...": for each variant named, a portable checkpoint instead (NAME/portable/
+# step-N.json and .safetensors: the published generator and the discriminator in fp16,
+# `safron.train.portable_checkpoint`; 42 MB at ngf 32 / ndf 64, 28.6 MB with --levels 5; all must fit in 64 MiB),
+# from which a later session continues the run on any machine:
 #   safron-train --init NAME/portable/step-N.json --out RUN ...    (safron-export reads it too)
 set -euo pipefail
 
@@ -112,7 +115,7 @@ for variant in "${VARIANTS[@]}"; do
     python -c 'import sys; from PIL import Image; Image.open(sys.argv[1]).convert("RGB").save(sys.argv[2], quality=90)' \
       "$last_sample" "$PACK/$name/sample.jpg"
   fi
-  if [[ $name == "${SAFRON_TRAIN_KEEP_STATE:-}" ]]; then
+  if [[ " ${SAFRON_TRAIN_KEEP_STATE:-} " == *" $name "* ]]; then
     python -c 'import sys; from safron.train import portable_checkpoint as p; print(p(sys.argv[1], sys.argv[2]))' \
       "$last_json" "$PACK/$name/portable" | tee -a "$SUMMARY"
     say "$name losses (last line): $(tail -n 1 "$run/losses.csv")"

@@ -339,3 +339,23 @@ def test_dilated_context_keeps_the_contract_and_reaches_as_far_as_the_dense_one(
     assert Generator.from_config(legacy).context_kind == "dense"
     with pytest.raises(SafronInputError, match="context must be one of dense, dilated"):
         Generator(ngf=NGF, context="sparse")
+
+
+def test_fewer_levels_keep_the_contract_with_a_bottleneck_that_sees_part_of_the_patch():
+    generator = seeded_generator(levels=5).eval()
+    masks = random_masks(2)
+    with torch.no_grad():
+        assert generator(masks).shape == (2, 3, 256, 256)
+        features = nn.functional.leaky_relu(generator.context(masks), 0.2)
+        for level in generator.encoder:
+            features = level(features)
+    assert len(generator.encoder) == len(generator.decoder) == 5
+    assert features.shape[-2:] == (8, 8), "256 / 2**5: the bottleneck no longer sees the patch as a whole"
+    # The innermost 8 ngf-wide levels go, so most of the U-Net's parameters (here, at width 8: 0.89 M -> 0.30 M).
+    assert count_parameters(generator) < count_parameters(seeded_generator()) / 2
+    assert generator.config()["levels"] == 5 and Generator.from_config(generator.config()).levels == 5
+    legacy = {k: v for k, v in seeded_generator().config().items() if k != "levels"}
+    assert Generator.from_config(legacy).levels == 8, "configs stored before the option build the paper's depth"
+    for bad in (3, 9, 5.0):
+        with pytest.raises(SafronInputError, match="levels must be an integer in"):
+            Generator(ngf=NGF, levels=bad)

@@ -449,6 +449,14 @@ def test_a_portable_checkpoint_carries_the_published_generator_and_the_discrimin
     assert result.step == 2 and any("new optimisers" in n for n in notes)
 
 
+def test_a_shallower_generator_trains_and_its_depth_is_stored(tmp_path, data_dir):
+    config = TrainConfig(data=str(data_dir), tile=256, levels=5, **TINY)
+    result = quick_train(tmp_path / "run", data_dir, 2, config=config)
+    stored = json.loads(latest_checkpoint(tmp_path / "run").read_text())
+    assert result.step == 2 and stored["training"]["levels"] == 5 and stored["generator"]["levels"] == 5
+    assert len(load_generator(tmp_path / "run").encoder) == 5
+
+
 def _parameters(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
@@ -610,6 +618,7 @@ BAD_OPTIONS = [
     (["--ema-decay", "1"], "ema_decay must be in [0, 1)"),
     (["--lambda-shift", "-2"], "--lambda-shift: expected a number >= 0"),
     (["--shift-scale", "300"], "shift_scale must be an integer in [1, 256]"),
+    (["--levels", "3"], "levels must be an integer in [4, 8]"),
     (["--tiles-per-step", "0"], "--tiles-per-step: expected a positive integer"),
     (["--init", "nowhere"], "nowhere: not a run directory or a training checkpoint"),
     (["--diffaugment", "color,flip"], "--diffaugment: unknown augmentation 'flip'"),

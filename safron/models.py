@@ -1,7 +1,8 @@
 """The SAFRON generator and tile-level discriminator (PyTorch), as in the paper's official code, corrected.
 
 Generator: a learned (window - patch + 1)^2 valid convolution (41x41 for 296 -> 256) that reads the mask context
-around the patch, then the pix2pix U-Net with eight stride-2 levels down to a 1x1 bottleneck, skip connections
+around the patch, then the pix2pix U-Net with eight stride-2 levels down to a 1x1 bottleneck (fewer optional,
+`levels`), skip connections
 between mirrored levels and a tanh output. It follows the official TensorFlow graph layer for layer, with the
 corrections DESIGN.md lists:
 
@@ -31,9 +32,12 @@ from torch import nn
 
 from .errors import SafronInputError
 
-# Eight stride-2 levels take the patch down to 1x1 at the default 256.
+# Eight stride-2 levels take the patch down to 1x1 at the default 256: the bottleneck sees the whole patch, so the
+# generator can decide something for the patch as a whole (its brightness, a lumen in its middle), which shows as
+# a block where the next patch decided otherwise. Fewer levels (`levels`) keep every decision local: at 5 the
+# bottleneck is 8 x 8 and its receptive field about a third of the patch.
 U_NET_LEVELS = 8
-_PATCH_MULTIPLE = 2**U_NET_LEVELS
+MIN_U_NET_LEVELS = 4
 # Widths of the U-Net encoder levels in units of ngf, outermost first (pix2pix's unet_256).
 _ENCODER_WIDTHS = (1, 2, 4, 8, 8, 8, 8, 8)
 # How decoder levels double their resolution: pix2pix's 4x4 stride-2 transposed convolution, or nearest-neighbour
@@ -147,6 +151,7 @@ class Generator(nn.Module):
         dropout: float = 0.5,
         upsample: str = "transpose",
         context: str = "dense",
+        levels: int = U_NET_LEVELS,
     ) -> None:
         super().__init__()
         _require(isinstance(ngf, int) and ngf >= 1, f"generator width ngf must be a positive integer, got {ngf!r}")
@@ -157,8 +162,12 @@ class Generator(nn.Module):
             f"generator channels must be positive integers, got in={in_channels!r} out={out_channels!r}",
         )
         _require(
-            isinstance(patch, int) and patch >= _PATCH_MULTIPLE and patch % _PATCH_MULTIPLE == 0,
-            f"generator patch must be a multiple of {_PATCH_MULTIPLE} ({U_NET_LEVELS} stride-2 levels), got {patch!r}",
+            isinstance(levels, int) and MIN_U_NET_LEVELS <= levels <= U_NET_LEVELS,
+            f"generator levels must be an integer in [{MIN_U_NET_LEVELS}, {U_NET_LEVELS}], got {levels!r}",
+        )
+        _require(
+            isinstance(patch, int) and patch >= 2**levels and patch % 2**levels == 0,
+            f"generator patch must be a multiple of {2**levels} ({levels} stride-2 levels), got {patch!r}",
         )
         # An odd difference would centre the patch between two pixels, which no patch grid can express.
         _require(
@@ -172,7 +181,7 @@ class Generator(nn.Module):
         )
         self.ngf, self.in_channels, self.out_channels = ngf, in_channels, out_channels
         self.window, self.patch, self.dropout, self.upsample = window, patch, float(dropout), upsample
-        self.context_kind = context
+        self.context_kind, self.levels = context, levels
         self.kernel = window - patch + 1
 
         # in_channels -> ngf, as the official code's 41x41 filter. No bias: every valid input is a ±1 one-hot
@@ -183,7 +192,7 @@ class Generator(nn.Module):
         else:
             self.context = DilatedContext(in_channels, ngf, (window - patch) // 2)
 
-        widths = [ngf * factor for factor in _ENCODER_WIDTHS]
+        widths = [ngf * factor for factor in _ENCODER_WIDTHS[:levels]]
         self.encoder = nn.ModuleList()
         for level, width in enumerate(widths):
             outermost, bottleneck = level == 0, level == len(widths) - 1
@@ -200,8 +209,8 @@ class Generator(nn.Module):
         # decoder[0] mirrors the bottleneck; decoder[i > 0] reads its predecessor's output concatenated with
         # the skip from the mirrored encoder level, hence twice the channels.
         self.decoder = nn.ModuleList()
-        for depth in range(U_NET_LEVELS):
-            level = U_NET_LEVELS - 1 - depth
+        for depth in range(levels):
+            level = levels - 1 - depth
             outermost = level == 0
             incoming = widths[-1] if depth == 0 else 2 * widths[level]
             outgoing = out_channels if outermost else widths[level - 1]
@@ -251,6 +260,7 @@ class Generator(nn.Module):
             "dropout": self.dropout,
             "upsample": self.upsample,
             "context": self.context_kind,
+            "levels": self.levels,
         }
 
     @classmethod

@@ -21,7 +21,7 @@ def _augmentation_policy(text):
 # CLI options that define a run (TrainConfig fields); they default to None so that --resume can tell the ones given.
 _RUN_OPTIONS = ("data", "tile", "stride", "ngf", "ndf", "lr", "beta1", "lambda_l1", "lambda_adv", "lambda_shift",
                 "ema_decay", "blend", "seed", "tiles_per_step", "lambda_fm", "gan_loss", "diffaugment", "lr_d",
-                "small_images", "upsample", "context", "shift_scale")
+                "small_images", "upsample", "context", "shift_scale", "levels")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -69,6 +69,10 @@ def train_parser() -> argparse.ArgumentParser:
                    help="how the generator reads the mask around its patch: dense (one 41x41 convolution, the "
                         "paper's) or dilated (3x3 convolutions with dilations 1, 2, 4, 8, 5: the same reach, about a "
                         f"sixth of the work at width 16) (default: {defaults.context})")
+    p.add_argument("--levels", type=positive_int, metavar="L",
+                   help=f"the generator's U-Net depth: {defaults.levels} (the paper's) goes down to a 1 x 1 bottleneck "
+                        "that sees the whole patch, so a patch can decide its look as a whole and show as a block; "
+                        f"fewer (4 or more) keep decisions local (default: {defaults.levels})")
     p.add_argument("--ndf", type=positive_int, metavar="C", help=f"discriminator width (default: {defaults.ndf})")
     p.add_argument("--lr", type=positive_float, metavar="LR", help=f"Adam learning rate (default: {defaults.lr:g})")
     p.add_argument("--beta1", type=non_negative_float, metavar="B", help=f"Adam beta1 (default: {defaults.beta1:g})")
