@@ -1,8 +1,9 @@
 """Regenerate the files in examples/ (run from the repository root; needs the `onnx` package).
 
-example_mask.png  a 1000 x 750 colour mask: elliptical glands (green) in stroma (red) with background
-                  (blue) spots, drawn from a fixed seed. It stands in until `safron-masks` (the synthetic
-                  mask generator calibrated on GlaS statistics) replaces it.
+example_mask.png  a 1000 x 750 colour mask drawn by safron's synthetic mask generator (`safron.synthesis`,
+                  calibrated on the GlaS training masks; seed 2022): glands (green) as dense and as large as
+                  the default model saw in training, stroma (red), background (blue) spots. It replaced a
+                  hand-drawn mask of small ellipses in mostly stroma, which was unlike any training image.
 centre_crop.onnx  the geometry-check generator: it returns the centre 256x256 of each 296x296 mask window,
                   so a render must reproduce the mask's colours exactly.
 """
@@ -10,30 +11,17 @@ centre_crop.onnx  the geometry-check generator: it returns the centre 256x256 of
 import sys
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "python_tests"))
 import onnx_models  # noqa: E402
 
-from safron import masks  # noqa: E402
+from safron import masks, synthesis  # noqa: E402
 
 
 def example_labels(height=750, width=1000, seed=2022):
-    rng = np.random.default_rng(seed)
-    labels = np.full((height, width), masks.STROMA, np.uint8)
-    yy, xx = np.mgrid[:height, :width]
-    for _ in range(rng.poisson(0.25 * height * width / 10_000)):  # background spots, then glands on top
-        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(4, 25)
-        labels[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = masks.BACKGROUND
-    for _ in range(int(height * width / 9_000)):
-        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-        a, b, theta = rng.uniform(12, 45), rng.uniform(8, 25), rng.uniform(0, np.pi)
-        u = (xx - cx) * np.cos(theta) + (yy - cy) * np.sin(theta)
-        v = -(xx - cx) * np.sin(theta) + (yy - cy) * np.cos(theta)
-        labels[(u / a) ** 2 + (v / b) ** 2 < 1] = masks.GLAND
-    return labels
+    return synthesis.synthesize(height, width, seed=seed)
 
 
 if __name__ == "__main__":
