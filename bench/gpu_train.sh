@@ -4,7 +4,15 @@
 # here (MODEL_CARD.md, "How to judge a candidate").
 #
 #   here:   python bench/pack_training_data.py ../shared/data/glas/train .glas   # 26 MiB; .glas excluded in git
-#   there:  SAFRON_TRAIN_DATA=.glas OUT=$OUT bench/gpu_train.sh --ngf 32 --ndf 64 --ema-decay 0.999
+#           # the mask reader imports openslide, which the machine lacks: carry its wheels (2.7 MiB, /.whl/ ignored)
+#           python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#             --platform manylinux_2_28_x86_64 --platform manylinux1_x86_64 -d .whl openslide-python==1.4.7 \
+#             openslide-bin==4.0.1.2
+#   there (carry .glas and .whl):
+#           python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+#           SAFRON_TRAIN_DATA=.glas OUT=$OUT bench/gpu_train.sh --ngf 32 --ndf 64 --ema-decay 0.999
+#   (64 MiB travel in all: the tracked tree is ~18 MiB, so data q95 (26 MiB) + wheels leave ~17 MiB for anything
+#   else carried, e.g. an --init model; pack the data at --quality 92 (20 MiB) to make room)
 #   variants trained at once on the one GPU, each with its own process and 1/N of the cores (a ngf-32 step leaves
 #   the H200 mostly idle, so two runs cost each far less than half its speed):
 #           SAFRON_TRAIN_VARIANTS="transpose=--upsample transpose;resize=--upsample resize" ... bench/gpu_train.sh ...
