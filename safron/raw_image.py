@@ -95,9 +95,10 @@ class RawImageFile:
 
     @contextmanager
     def block(self, y0: int, y1: int, x0: int, x1: int):
-        """A writable (y1-y0, x1-x0, 3) view of a block of the image, stored on exit unless an exception leaves the
-        block (not synced: see `sync`). A window of a memory map (unmapped on exit) when the file is reserved;
-        otherwise a buffer written with plain writes, whose failures raise OSError instead of SIGBUS."""
+        """A writable (y1-y0, x1-x0, 3) view of a block of the image, stored by exit (not synced: see `sync`). A
+        window of a memory map (unmapped on exit) when the file is reserved, where what was written before an
+        exception stays written; otherwise a buffer written with plain writes on a normal exit only, whose failures
+        raise OSError instead of SIGBUS."""
         if self.reserved:
             view = np.memmap(self.path, dtype=np.uint8, mode="r+", offset=y0 * self.row_bytes,
                              shape=(y1 - y0, self.width, _SAMPLES))
