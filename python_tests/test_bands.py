@@ -4,6 +4,7 @@ assembled from bands equal byte for byte, a worker killed mid-band, and one-line
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -18,9 +19,9 @@ pytest.importorskip("distributed", reason="Dask distributed is not installed (pi
 zarr = pytest.importorskip("zarr", reason="zarr is not installed (pip install 'safron[distributed]')")
 
 import onnx_models  # noqa: E402
-from safron import engine, masks  # noqa: E402
+from safron import bands, engine, masks  # noqa: E402
 from safron.cli.render import main as render_main  # noqa: E402
-from safron.errors import SafronInputError  # noqa: E402
+from safron.errors import SafronInputError, WorkerLostError  # noqa: E402
 from safron.pyramid_tiff import pyramid_shapes  # noqa: E402
 from test_engine import random_labels  # noqa: E402
 
@@ -166,6 +167,47 @@ def test_a_worker_killed_mid_band_is_replaced_and_the_band_rerun_exactly(scene, 
     assert int(marker.read_text()) not in cluster.run(os.getpid).values()
     assert out.read_bytes() == scene["alone"]["jpeg"].read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["killed", "killed.tif"]
+
+
+def band_that_always_kills_its_worker(mask, store, y0, y1, **options):
+    """engine.render_band, except that the band at row 192 kills its worker every time (out of memory, say)."""
+    if y0 == 192:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return engine.render_band(mask, store, y0, y1, **options)
+
+
+def test_a_band_whose_worker_always_dies_is_one_line_and_resumable(scene, tmp_path, monkeypatch, capsys):
+    import dask
+    from distributed import Client, LocalCluster
+
+    monkeypatch.setattr(engine, "render_band", band_that_always_kills_its_worker)
+    out = tmp_path / "lost.tif"
+    # allowed-failures 0: the first death is final (3 by default, each a worker restart).
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as local, \
+            Client(local) as client, pytest.raises(WorkerLostError, match="died each time it ran bands task") as caught:
+        engine.render(scene["mask"], out, model=scene["model"], client=client, **LAYOUT, **OPTIONS)
+    assert "--resume" in str(caught.value) and "\n" not in str(caught.value)
+    assert not out.exists() and bands.scratch_store(out).is_dir(), "the finished bands are kept for --resume"
+
+    # The command line says the same in one line and exits 1, not with a traceback.
+    monkeypatch.setattr("safron.cli.render._dask_client", _client_allowing_no_failures)
+    code = render_main([str(scene["mask"]), str(tmp_path / "lost2.tif"), "--model", str(scene["model"]), "--workers",
+                        "2", "--band-rows", "192", "--chunk", "64", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "died each time it ran bands task" in err[0], err
+
+
+@contextlib.contextmanager
+def _client_allowing_no_failures(args, workers):
+    """safron-render's own local cluster, but one whose scheduler gives up on a task at its first dead worker."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as local, \
+            Client(local) as client:
+        yield client
 
 
 def band_that_logs(mask, store, y0, y1, *, log, fail_at=None, **options):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import zarr_output
 from .files import replace_folder
-from .errors import OutputWriteError, SafronInputError
+from .errors import OutputWriteError, SafronInputError, WorkerLostError
 
 # Rows per band by default. Each band renders about one patch row (~236 rows) more than its own, so 4096 rows cost
 # ~6 % more inference than one process would spend, in exchange for enough bands to keep workers busy on a slide.
@@ -86,7 +86,7 @@ class _Tasks:
                     on_result(index, results[index])
                     bar.update(weights[index])
                 return results
-            from distributed import as_completed
+            from distributed import KilledWorker, as_completed
 
             futures = [self.client.submit(function, *args, **options, retries=RETRIES, pure=False,
                                           key=f"safron-{desc.replace(' ', '')}-{index}-{time.time_ns()}")
@@ -95,7 +95,14 @@ class _Tasks:
             try:
                 for future in as_completed(futures):
                     index = index_of[future.key]
-                    results[index] = future.result()
+                    try:
+                        results[index] = future.result()
+                    except KilledWorker:
+                        raise WorkerLostError(
+                            f"a Dask worker died each time it ran {desc} task {index + 1} of {len(calls)} (out of "
+                            "memory? see the workers' logs); what is finished is kept: run the same command with "
+                            "--resume to continue"
+                        ) from None
                     on_result(index, results[index])
                     bar.update(weights[index])
             finally:

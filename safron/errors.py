@@ -30,6 +30,12 @@ class OutputWriteError(SafronInputError):
         self.errno = errno
 
 
+class WorkerLostError(RuntimeError):
+    """A Dask worker died every time it ran one task (more often than the scheduler's allowed-failures): killed for
+    memory, say, or its machine lost. Neither the user's input nor our bug, and the message says all there is (the
+    rest is in the worker's own log), so the CLI prints one line and exits 1; what was finished is kept."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a job scheduler or `kill` stopping us), raised in the main thread by the CLI's handler. A
     KeyboardInterrupt, so that every clean-up that Ctrl-C runs runs for it too; the CLI exits 143 rather than 130."""

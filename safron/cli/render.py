@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import sys
 
+from ..errors import WorkerLostError
 from .common import (
     EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, Parser, colour_tolerance, exit_status_help, positive_float, positive_int,
     quality, run_main, threads, tile_side,
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
             )
 
     return run_main("safron-render", command, interrupted="interrupted; run the same command with --resume to continue",
-                    sigterm=True)
+                    failures=(WorkerLostError,), sigterm=True)
 
 
 if __name__ == "__main__":
