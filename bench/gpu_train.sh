@@ -20,14 +20,12 @@
 #   texture (crops FID 127 against the default's 181) but patch-sized blocks where the mask has no edges:
 #           ... bench/gpu_train.sh --ngf 32 --ndf 64 --context dilated --ema-decay 0.999 --lambda-l1 10 \
 #               --lambda-fm 10 --diffaugment translation,cutout --blend cosine      (+ --upsample resize)
-#   the next run, against the blocks: a local generator (a U-Net whose bottleneck no longer sees the whole patch,
-#   normalised per pixel instead of per patch), with and without block-level shift consistency, both from scratch,
-#   keeping both states (2 x 28.6 MB):
-#           SAFRON_TRAIN_VARIANTS="local=--levels 5 --norm pixel;local-shift16=--levels 5 --norm pixel \
-#               --lambda-shift 10 --shift-scale 16" SAFRON_TRAIN_KEEP_STATE="local local-shift16" \
-#           ... (the common arguments above, with --upsample resize)
+#   the next run, against the blocks: a U-Net whose bottleneck no longer sees the whole patch, with and without
+#   block-level shift consistency, both from scratch, keeping both states (2 x 28.6 MB):
+#           SAFRON_TRAIN_VARIANTS="levels5=--levels 5;levels5-shift16=--levels 5 --lambda-shift 10 --shift-scale 16" \
+#           SAFRON_TRAIN_KEEP_STATE="levels5 levels5-shift16" ... (the common arguments above, with --upsample resize)
 #   (the resize decoder renders at 1.6x the default's time per patch on a CPU, over issue 12's 1.5x: see
-#   bench/model_speed.py before shipping)
+#   bench/model_speed.py before shipping; per-patch InstanceNorm statistics are the other suspect for the blocks)
 #   dry run on a CPU:  SAFRON_GPU_DRY_RUN=1 SAFRON_TRAIN_DATA=DIR OUT=/tmp/x bench/gpu_train.sh --ngf 8 --ndf 8
 #   batches of tiles (safron-train --tiles-per-step N) are untimed on a GPU: time them first in the same call,
 #   `python bench/train_step.py --device cuda --ngf 32 --tiles 492 --tiles-per-step 1 4 8` (about a minute)

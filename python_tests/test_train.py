@@ -449,12 +449,11 @@ def test_a_portable_checkpoint_carries_the_published_generator_and_the_discrimin
     assert result.step == 2 and any("new optimisers" in n for n in notes)
 
 
-def test_a_shallower_pixel_normalised_generator_trains_and_its_settings_are_stored(tmp_path, data_dir):
-    config = TrainConfig(data=str(data_dir), tile=256, levels=5, norm="pixel", **TINY)
+def test_a_shallower_generator_trains_and_its_depth_is_stored(tmp_path, data_dir):
+    config = TrainConfig(data=str(data_dir), tile=256, levels=5, **TINY)
     result = quick_train(tmp_path / "run", data_dir, 2, config=config)
     stored = json.loads(latest_checkpoint(tmp_path / "run").read_text())
     assert result.step == 2 and stored["training"]["levels"] == 5 and stored["generator"]["levels"] == 5
-    assert stored["training"]["norm"] == stored["generator"]["norm"] == "pixel"
     assert len(load_generator(tmp_path / "run").encoder) == 5
 
 
@@ -620,7 +619,6 @@ BAD_OPTIONS = [
     (["--lambda-shift", "-2"], "--lambda-shift: expected a number >= 0"),
     (["--shift-scale", "300"], "shift_scale must be an integer in [1, 256]"),
     (["--levels", "3"], "levels must be an integer in [4, 8]"),
-    (["--norm", "batch"], "--norm: invalid choice"),
     (["--tiles-per-step", "0"], "--tiles-per-step: expected a positive integer"),
     (["--init", "nowhere"], "nowhere: not a run directory or a training checkpoint"),
     (["--diffaugment", "color,flip"], "--diffaugment: unknown augmentation 'flip'"),

@@ -92,42 +92,13 @@ def _instance_norm(channels: int) -> nn.InstanceNorm2d:
     return nn.InstanceNorm2d(channels, affine=True, track_running_stats=False)
 
 
-class PixelNorm(nn.Module):
-    """Each pixel's feature vector scaled to unit root mean square over the channels (ProGAN's pixelwise feature
-    normalisation), then a learned per-channel gain and bias, as InstanceNorm's affine.
-
-    Why, for the generator (`NORMS`): InstanceNorm takes its mean and variance over the whole patch, so every patch
-    is normalised by statistics of its own, and two neighbouring patches can differ as a whole (a brighter, paler,
-    more contrasted patch), which a render shows as blocks. Here nothing is pooled over space: the output at a
-    pixel depends on its receptive field only, so with a U-Net whose bottleneck does not see the whole patch
-    (`levels` < 8) the generator's decisions are local and neighbouring patches draw the same thing where they
-    overlap, up to the phase of the stride-2 levels."""
-
-    def __init__(self, channels: int, eps: float = 1e-8):
-        super().__init__()
-        self.eps = eps
-        # Stored broadcastable ([1, C, 1, 1]) rather than reshaped in forward: the ONNX exporter would fold a reshape
-        # into new, anonymous initialisers, and the weights could no longer be read back by name.
-        self.weight = nn.Parameter(torch.ones(1, channels, 1, 1))
-        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        scale = torch.rsqrt(features.pow(2).mean(dim=1, keepdim=True) + self.eps)
-        return features * scale * self.weight + self.bias
-
-
-# How the generator normalises its U-Net levels: per patch (InstanceNorm, as the official code in effect does), or
-# per pixel (PixelNorm: no statistics pooled over the patch).
-NORMS = {"instance": _instance_norm, "pixel": PixelNorm}
-
-
 def _initialise(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.normal_(module.weight, 0.0, _INIT_STD)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, PixelNorm) or (isinstance(module, nn.InstanceNorm2d) and module.affine):
+        elif isinstance(module, nn.InstanceNorm2d) and module.affine:
             nn.init.normal_(module.weight, 1.0, _INIT_STD)
             nn.init.zeros_(module.bias)
 
@@ -181,7 +152,6 @@ class Generator(nn.Module):
         upsample: str = "transpose",
         context: str = "dense",
         levels: int = U_NET_LEVELS,
-        norm: str = "instance",
     ) -> None:
         super().__init__()
         _require(isinstance(ngf, int) and ngf >= 1, f"generator width ngf must be a positive integer, got {ngf!r}")
@@ -191,7 +161,6 @@ class Generator(nn.Module):
             isinstance(in_channels, int) and in_channels >= 1 and isinstance(out_channels, int) and out_channels >= 1,
             f"generator channels must be positive integers, got in={in_channels!r} out={out_channels!r}",
         )
-        _require(norm in NORMS, f"generator norm must be one of {', '.join(NORMS)}, got {norm!r}")
         _require(
             isinstance(levels, int) and MIN_U_NET_LEVELS <= levels <= U_NET_LEVELS,
             f"generator levels must be an integer in [{MIN_U_NET_LEVELS}, {U_NET_LEVELS}], got {levels!r}",
@@ -212,8 +181,7 @@ class Generator(nn.Module):
         )
         self.ngf, self.in_channels, self.out_channels = ngf, in_channels, out_channels
         self.window, self.patch, self.dropout, self.upsample = window, patch, float(dropout), upsample
-        self.context_kind, self.levels, self.norm = context, levels, norm
-        make_norm = NORMS[norm]
+        self.context_kind, self.levels = context, levels
         self.kernel = window - patch + 1
 
         # in_channels -> ngf, as the official code's 41x41 filter. No bias: every valid input is a ±1 one-hot
@@ -234,7 +202,7 @@ class Generator(nn.Module):
                 _stage(
                     act=None if outermost else nn.LeakyReLU(_LEAK),
                     conv=nn.Conv2d(previous, width, 4, stride=2, padding=1, bias=outermost or bottleneck),
-                    norm=None if outermost or bottleneck else make_norm(width),
+                    norm=None if outermost or bottleneck else _instance_norm(width),
                 )
             )
 
@@ -256,7 +224,7 @@ class Generator(nn.Module):
                     act=nn.ReLU(),
                     resize=resize,
                     conv=conv,
-                    norm=None if outermost else make_norm(outgoing),
+                    norm=None if outermost else _instance_norm(outgoing),
                     out=nn.Tanh() if outermost else None,
                     dropout=nn.Dropout(self.dropout) if depth < _DROPOUT_LEVELS else None,
                 )
@@ -293,7 +261,6 @@ class Generator(nn.Module):
             "upsample": self.upsample,
             "context": self.context_kind,
             "levels": self.levels,
-            "norm": self.norm,
         }
 
     @classmethod
@@ -381,7 +348,7 @@ class Discriminator(nn.Module):
 
 _NORMALISATION_TYPES = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm, PixelNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm,
 )
 
 

@@ -21,13 +21,13 @@ def _augmentation_policy(text):
 # CLI options that define a run (TrainConfig fields); they default to None so that --resume can tell the ones given.
 _RUN_OPTIONS = ("data", "tile", "stride", "ngf", "ndf", "lr", "beta1", "lambda_l1", "lambda_adv", "lambda_shift",
                 "ema_decay", "blend", "seed", "tiles_per_step", "lambda_fm", "gan_loss", "diffaugment", "lr_d",
-                "small_images", "upsample", "context", "shift_scale", "levels", "norm")
+                "small_images", "upsample", "context", "shift_scale", "levels")
 
 
 def train_parser() -> argparse.ArgumentParser:
     from ..data import SMALL_IMAGES
     from ..losses import GAN_LOSSES
-    from ..models import CONTEXTS, NORMS, UPSAMPLING
+    from ..models import CONTEXTS, UPSAMPLING
     from ..stitch import BLENDS
     from ..train import (
         DEFAULT_KEEP, DEFAULT_SAMPLE_EVERY, DEFAULT_SAVE_EVERY, DEFAULT_STEPS, PRECISIONS, TrainConfig,
@@ -73,10 +73,6 @@ def train_parser() -> argparse.ArgumentParser:
                    help=f"the generator's U-Net depth: {defaults.levels} (the paper's) goes down to a 1 x 1 bottleneck "
                         "that sees the whole patch, so a patch can decide its look as a whole and show as a block; "
                         f"fewer (4 or more) keep decisions local (default: {defaults.levels})")
-    p.add_argument("--norm", choices=NORMS,
-                   help=f"the generator's normalisation: instance (the paper's, in effect) takes statistics over each "
-                        "patch, so neighbouring patches can differ as a whole; pixel normalises each pixel over its "
-                        f"channels and pools nothing over the patch (default: {defaults.norm})")
     p.add_argument("--ndf", type=positive_int, metavar="C", help=f"discriminator width (default: {defaults.ndf})")
     p.add_argument("--lr", type=positive_float, metavar="LR", help=f"Adam learning rate (default: {defaults.lr:g})")
     p.add_argument("--beta1", type=non_negative_float, metavar="B", help=f"Adam beta1 (default: {defaults.beta1:g})")

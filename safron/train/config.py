@@ -12,7 +12,7 @@ from .. import geometry
 from ..data import SMALL_IMAGES
 from ..errors import SafronInputError
 from ..losses import GAN_LOSSES, parse_policy
-from ..models import CONTEXTS, MIN_U_NET_LEVELS, NORMS, U_NET_LEVELS, UPSAMPLING
+from ..models import CONTEXTS, MIN_U_NET_LEVELS, U_NET_LEVELS, UPSAMPLING
 from ..stitch import BLENDS
 
 
@@ -66,7 +66,6 @@ class TrainConfig:
     upsample: str = "transpose"  # the generator's decoder (models.UPSAMPLING); "resize" avoids checkerboard grids
     context: str = "dense"  # how the generator reads the mask context (models.CONTEXTS); "dilated" is cheaper
     levels: int = U_NET_LEVELS  # the generator's U-Net depth (models.U_NET_LEVELS); fewer keep its decisions local
-    norm: str = "instance"  # the generator's normalisation (models.NORMS); "pixel" pools no statistics over the patch
 
     @property
     def loss_names(self) -> tuple[str, ...]:
@@ -116,8 +115,6 @@ def check_config(config: TrainConfig) -> None:
         raise SafronInputError(f"context must be one of {', '.join(CONTEXTS)}, got {config.context!r}")
     if not (isinstance(config.levels, int) and MIN_U_NET_LEVELS <= config.levels <= U_NET_LEVELS):
         raise SafronInputError(f"levels must be an integer in [{MIN_U_NET_LEVELS}, {U_NET_LEVELS}], got {config.levels!r}")
-    if config.norm not in NORMS:
-        raise SafronInputError(f"norm must be one of {', '.join(NORMS)}, got {config.norm!r}")
     if config.upsample not in UPSAMPLING:
         raise SafronInputError(f"upsample must be one of {', '.join(UPSAMPLING)}, got {config.upsample!r}")
     if config.small_images not in SMALL_IMAGES:

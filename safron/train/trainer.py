@@ -116,7 +116,7 @@ class Trainer:
         self.config, self.dataset, self.device, self.precision = config, dataset, device, precision
         torch.manual_seed(config.seed)
         self.generator = Generator(ngf=config.ngf, upsample=config.upsample, context=config.context,
-                                   levels=config.levels, norm=config.norm).to(device)
+                                   levels=config.levels).to(device)
         if config.context == "dense":
             self.generator.context = FourierContextConvolution.replacing(self.generator.context)
         self.discriminator = Discriminator(ndf=config.ndf).to(device)
