@@ -132,6 +132,15 @@ def tensors_under(tensors: dict, prefix: str) -> dict:
     return {name[len(prefix):]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
 
 
+def published_tensors(tensors: dict) -> dict:
+    """The generator a checkpoint publishes: of a training state, its moving average where the run keeps one, else
+    its generator, named without the prefix; a generator checkpoint's tensors as they are."""
+    for prefix in (EMA_PREFIX, GENERATOR_PREFIX):
+        if any(name.startswith(prefix) for name in tensors):
+            return tensors_under(tensors, prefix)
+    return tensors
+
+
 def save_checkpoint(generator, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write `generator`'s weights with its config embedded, in the format `load_generator` reads.
 
@@ -169,11 +178,7 @@ def load_checkpoint(checkpoint: Checkpoint):
         tensors = load_file(str(checkpoint.weights), device="cpu")
     except Exception as exc:
         raise ModelError(f"{checkpoint.weights}: not a readable safetensors file ({first_line(exc)})") from None
-    for prefix in (EMA_PREFIX, GENERATOR_PREFIX):  # a training checkpoint: its published generator
-        if any(name.startswith(prefix) for name in tensors):
-            tensors = tensors_under(tensors, prefix)
-            break
-    return load_weights(generator, tensors, checkpoint.weights)
+    return load_weights(generator, published_tensors(tensors), checkpoint.weights)
 
 
 def load_weights(generator, tensors: dict, source):
