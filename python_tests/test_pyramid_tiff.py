@@ -99,12 +99,14 @@ def new_canvas(path, height: int, width: int):
     return canvas
 
 
-def write_image_via_canvas(path, image: np.ndarray, seed: int = 0, pause_s: float = 0, **options):
+def write_image_via_canvas(path, image: np.ndarray, seed: int = 0, pause_s: float = 0, writer=PyramidTiffWriter,
+                           **options):
     """Like write_image, but the rows go into a canvas file as the engine does, announced with
-    rows_ready in irregular steps (some of them repeating the previous count)."""
+    rows_ready in irregular steps (some of them repeating the previous count), to `writer`
+    (PyramidTiffWriter or encoder_process.PyramidTiffProcess)."""
     height, width = image.shape[:2]
     canvas = new_canvas(path, height, width)
-    with PyramidTiffWriter(path, height, width, canvas=canvas, **options) as writer:
+    with writer(path, height, width, canvas=canvas, **options) as writer:
         y0 = 0
         for stripe_height in irregular_stripe_heights(height, seed):
             with open(canvas, "r+b") as canvas_file:

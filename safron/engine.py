@@ -46,6 +46,10 @@ OUTPUT_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 # Threads beyond a few per core only add contention to work that is CPU-bound; and each thread costs a stack, so a
 # typo like --threads 100000 made ONNX Runtime and the encoder spawn threads until memory ran out.
 MAX_THREADS_PER_CORE = 4
+# From this many pixels on, the TIFF encoder runs in a process of its own (`encoder_process`), off this interpreter's
+# lock, which the reader, inference and main loop share; starting it costs about 0.2 s, which is lost on smaller
+# images (8192 x 8192 renders in seconds even on a GPU, minutes on a CPU).
+ENCODER_PROCESS_MIN_PIXELS = 8192 * 8192
 
 
 STAGES = ("read", "infer", "accumulate", "finalise", "journal", "encode", "wait")
@@ -55,7 +59,8 @@ STAGE_MEANINGS = {
     "accumulate": "add patches into the band (main thread)",
     "finalise": "normalise finished blocks to uint8 into the canvas (main thread)",
     "journal": "record finished rows and hand them to the encoder (main thread)",
-    "encode": "read tiles back, build reduced levels, compress and write the TIFF (encoder thread)",
+    "encode": "read tiles back, build reduced levels, compress and write the TIFF (encoder thread, or process for "
+              "large images)",
     "wait": "main thread waiting for inference results",
 }
 
@@ -745,15 +750,17 @@ def _render_to_files(renderer: _Renderer, out_path: Path, header: dict, resume: 
                      progress: bool, desc: str) -> float:
     """Run `renderer` into the canvas, journal and TIFF of `out_path`; the seconds it took. On failure, keep or
     remove the canvas and journal depending on whether a resume could use them."""
+    from .encoder_process import PyramidTiffProcess
     from .pyramid_tiff import PyramidTiffWriter
 
     canvas_path, journal_path = side_paths(out_path)
     height, width = renderer.plan.height, renderer.plan.width
+    encoder = PyramidTiffProcess if height * width >= ENCODER_PROCESS_MIN_PIXELS else PyramidTiffWriter
     journal = canvas = writer = recorder = None
     try:
         journal = Journal(journal_path, header, resume=resume)
         canvas = open_canvas(canvas_path, height, width, create=not resume)
-        writer = PyramidTiffWriter(out_path, height, width, canvas=canvas.path, **writer_options)
+        writer = encoder(out_path, height, width, canvas=canvas.path, **writer_options)
         started = time.perf_counter()
         recorder = JournalThread(canvas, journal)
         # The TIFF is always rewritten whole; on resume the finished rows are read from the canvas.

@@ -104,6 +104,23 @@ def scratch_bytes(height: int, width: int, tile: int = 256, *, with_canvas: bool
     return max(size + next_size for size, next_size in zip(raw, raw[1:] + [0]))
 
 
+def _partial_path(out_path: Path) -> Path:
+    return out_path.with_name(out_path.name + ".partial")
+
+
+def _level_path(out_path: Path, level: int) -> Path:
+    return out_path.with_name(f"{out_path.name}.level{level}.raw")
+
+
+def temporary_paths(out_path, height: int, width: int, tile: int = 256, *, with_canvas: bool) -> list[Path]:
+    """Every temporary file a writer of out_path may create (the caller's canvas is never one): for whoever must
+    clean up after a writer that could not (`encoder_process`, when its child dies)."""
+    out_path = Path(out_path)
+    first_level = 1 if with_canvas else 0
+    levels = range(first_level, len(pyramid_shapes(height, width, tile)))
+    return [_partial_path(out_path)] + [_level_path(out_path, level) for level in levels]
+
+
 def uncompressed_tiff_bytes(height: int, width: int, tile: int = 256) -> int:
     """The size of the pyramid's tiles uncompressed (partial edge tiles are stored whole)."""
     tile_bytes = tile * tile * _SAMPLES
@@ -199,11 +216,8 @@ class PyramidTiffWriter:
         self._description = description
 
         self.level_shapes = pyramid_shapes(self.height, self.width, self._tile)
-        self._partial_path = self.out_path.with_name(self.out_path.name + ".partial")
-        self._level_paths = {
-            level: self.out_path.with_name(f"{self.out_path.name}.level{level}.raw")
-            for level in range(len(self.level_shapes))
-        }
+        self._partial_path = _partial_path(self.out_path)
+        self._level_paths = {level: _level_path(self.out_path, level) for level in range(len(self.level_shapes))}
         self._owns_level0 = canvas is None
         if canvas is not None:
             self._level_paths[0] = Path(canvas)
