@@ -7,8 +7,9 @@ alone and beside one busy pure-Python thread that wants the lock all the time, a
 would. The slowdown beside the busy thread is the render's sensitivity to the lock; each variant is run in
 alternation, in one process, and the ratios are printed side by side.
 
-Variants: the TIFF encoder as a thread of the render's process (`PyramidTiffWriter`) or as a process of its own
-(`encoder_process.PyramidTiffProcess`, what renders from `engine.ENCODER_PROCESS_MIN_PIXELS` on use).
+Variants: every stage a thread of the render's process; the TIFF encoder in a process of its own
+(`encoder_process`); the encoder and the mask reader in processes of their own (`reader_process`), which is what
+renders from `engine.CHILD_PROCESSES_MIN_PIXELS` on do.
 
     python bench/gil_share.py                       # 8192 x 8192, 2 threads, 2 rounds
     python bench/gil_share.py --size 16384 --rounds 3 --threads 2
@@ -17,6 +18,7 @@ Variants: the TIFF encoder as a thread of the render's process (`PyramidTiffWrit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -34,37 +36,43 @@ from safron import engine  # noqa: E402
 
 
 class BusyThread:
-    """A pure-Python loop in a thread of this process; counts its iterations so that its share of the lock shows."""
+    """A pure-Python loop in a thread of this process, for as long as the `with` block runs."""
 
     def __init__(self):
         self._stop = threading.Event()
-        self.iterations = 0
         self._thread = threading.Thread(target=self._spin, daemon=True)
 
     def _spin(self):
         while not self._stop.is_set():
             for _ in range(200):
                 pass
-            self.iterations += 1
 
     def __enter__(self):
-        self._started = time.perf_counter()
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.rate = self.iterations / (time.perf_counter() - self._started)
 
 
-def render(mask: Path, model: Path, out: Path, threads: int, in_process: bool):
+VARIANTS = ("threads", "encoder process", "reader and encoder processes")
+SHOWN = ("read", "prepare", "encode")
+
+
+def render(mask: Path, model: Path, out: Path, threads: int, variant: str):
     out.unlink(missing_ok=True)
-    engine.ENCODER_PROCESS_MIN_PIXELS = float("inf") if in_process else 0
-    started = time.perf_counter()
-    result = engine.render(mask, out, model=model, backend="onnxruntime", batch_size=32, threads=threads,
-                           progress=False)
-    return time.perf_counter() - started, result
+    engine.CHILD_PROCESSES_MIN_PIXELS = float("inf") if variant == "threads" else 0
+    window_reader = engine._Renderer._window_reader
+    if variant == "encoder process":
+        engine._Renderer._window_reader = lambda self, *args: None
+    try:
+        started = time.perf_counter()
+        result = engine.render(mask, out, model=model, backend="onnxruntime", batch_size=32, threads=threads,
+                               progress=False)
+        return time.perf_counter() - started, result
+    finally:
+        engine._Renderer._window_reader = window_reader
 
 
 def main() -> None:
@@ -79,37 +87,32 @@ def main() -> None:
         mask, model = work / "mask.tif", work / "centre_crop.onnx"
         write_label_mask(mask, args.size)
         onnx_models.centre_crop(model)
-        with BusyThread() as idle:
-            time.sleep(2.0)
-        variants = [("encoder thread", True), ("encoder process", False)]
-        times = {(name, busy): [] for name, _ in variants for busy in (False, True)}
-        shares, encode = {name: [] for name, _ in variants}, {name: [] for name, _ in variants}
-        render(mask, model, work / "out.tif", args.threads, True)  # warm-up: file cache, ONNX Runtime
+        times = {(name, busy): [] for name in VARIANTS for busy in (False, True)}
+        stages = {(name, busy): [] for name in VARIANTS for busy in (False, True)}
+        render(mask, model, work / "out.tif", args.threads, "threads")  # warm-up: file cache, ONNX Runtime
         for _ in range(args.rounds):
-            for name, in_process in variants:
-                seconds, result = render(mask, model, work / "out.tif", args.threads, in_process)
-                times[name, False].append(seconds)
-                encode[name].append(result.stage_seconds.get("encode", float("nan")))
-                with BusyThread() as busy:
-                    seconds, _ = render(mask, model, work / "out.tif", args.threads, in_process)
-                times[name, True].append(seconds)
-                shares[name].append(busy.rate / idle.rate)
+            for name in VARIANTS:
+                for busy in (False, True):
+                    with BusyThread() if busy else contextlib.nullcontext():
+                        seconds, result = render(mask, model, work / "out.tif", args.threads, name)
+                    times[name, busy].append(seconds)
+                    stages[name, busy].append(result.stage_seconds)
+
+    def median_stage(key, stage):
+        return statistics.median(seconds[stage] for seconds in stages[key])
 
     pixels = args.size**2 / 1e6
     print(f"{args.size} x {args.size} label mask, centre-crop model, batch 32, {args.threads} threads, "
-          f"{args.rounds} rounds (median seconds)")
-    print("| encoder | alone | MP/s | encode busy | beside a busy Python thread | slowdown | busy thread's share of "
-          "its idle rate |")
+          f"{args.rounds} rounds (medians; busy seconds of some stages in brackets)")
+    print("| variant | alone | MP/s | beside a busy Python thread | slowdown | vs threads, alone | vs threads, beside |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    base = None
-    for name, _ in variants:
-        alone, busy = statistics.median(times[name, False]), statistics.median(times[name, True])
-        base = base or (alone, busy)
-        print(f"| {name} | {alone:.2f} s | {pixels / alone:.1f} | {statistics.median(encode[name]):.2f} s | "
-              f"{busy:.2f} s | {busy / alone:.2f}x | {statistics.median(shares[name]):.2f} |")
-    name = variants[1][0]
-    alone, busy = statistics.median(times[name, False]), statistics.median(times[name, True])
-    print(f"{name} / encoder thread, seconds: alone {alone / base[0]:.2f}, beside the busy thread {busy / base[1]:.2f}")
+    base = {busy: statistics.median(times["threads", busy]) for busy in (False, True)}
+    for name in VARIANTS:
+        alone, beside = (statistics.median(times[name, busy]) for busy in (False, True))
+        detail = {busy: f"({', '.join(f'{stage} {median_stage((name, busy), stage):.2f}' for stage in SHOWN)})"
+                  for busy in (False, True)}
+        print(f"| {name} | {alone:.2f} s {detail[False]} | {pixels / alone:.1f} | {beside:.2f} s {detail[True]} | "
+              f"{beside / alone:.2f}x | {alone / base[False]:.2f} | {beside / base[True]:.2f} |")
 
 
 if __name__ == "__main__":

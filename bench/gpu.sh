@@ -292,13 +292,18 @@ from pathlib import Path
 import safron
 from safron.engine import render
 
+sys.path.insert(0, "bench")
+from tree_rss import TreePeakRss
+
 work, size, backend, model = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 os.environ["SAFRON_CUDA_GRAPHS"] = "0" if backend == "torch-eager" else "1"
 out = work / f"render_{backend}_{size}.tif"
 engine_backend = {"torch-eager": "torch", "baseline": "torch"}.get(backend, backend)
 print(f"safron from {Path(safron.__file__).parent}")
 start = time.perf_counter()
-result = render(work / f"mask_{size}.tif", out, model=model, backend=engine_backend, progress=False)
+# Host memory of the render and its child processes (mask reader, TIFF encoder) together; issue 15 asks < 2 GiB.
+with TreePeakRss() as peak:
+    result = render(work / f"mask_{size}.tif", out, model=model, backend=engine_backend, progress=False)
 seconds = time.perf_counter() - start
 bare = float((work / f"bare_{engine_backend}.txt").read_text())
 patches_per_second = result.patches / seconds
@@ -312,7 +317,8 @@ except ImportError:
     pass
 print(
     f"render {backend} {size}x{size}: {seconds:.1f} s, {size * size / seconds / 1e6:.1f} MP/s, "
-    f"{patches_per_second:.1f} patches/s, end-to-end/bare {patches_per_second / bare:.3f}{gpu}"
+    f"{patches_per_second:.1f} patches/s, end-to-end/bare {patches_per_second / bare:.3f}{gpu}, "
+    f"peak host RSS {peak.kib / 2**20:.2f} GiB with child processes ({peak.own_kib / 2**20:.2f} GiB without)"
 )
 print(result.profile())
 out.unlink()

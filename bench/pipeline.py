@@ -70,16 +70,17 @@ def throughput(model: Path, work: Path, batch: int, threads: int, patches: int) 
     print(f"    ratio         {end_to_end / bare:8.3f}  (target >= 0.9)")
 
 
-# The render runs in a fresh interpreter that reports its own peak RSS (VmHWM) when done. The parent's
-# rusage is not used: a child's ru_maxrss also counts the forked copy of this (large) benchmark process.
-# The render's own peak, then its largest child's (the TIFF encoder process of large renders): their sum bounds what
-# the two held at once.
-_REPORT_PEAK_RSS = """
-import re, resource, sys
+# The render runs in a fresh interpreter that reports its peak RSS when done, with its child processes' (the mask
+# reader and TIFF encoder of large renders; `tree_rss`). The parent's rusage is not used: a child's ru_maxrss also
+# counts the forked copy of this (large) benchmark process.
+_REPORT_PEAK_RSS = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from tree_rss import TreePeakRss
 from safron.cli import render_main
-code = render_main(sys.argv[1:])
-print(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1),
-      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+with TreePeakRss() as peak:
+    code = render_main(sys.argv[1:])
+print(peak.own_kib, peak.kib)
 sys.exit(code)
 """
 
@@ -100,11 +101,11 @@ def peak_rss(model: Path, work: Path, sizes: list[int], threads: int) -> None:
         seconds = time.perf_counter() - start
         if proc.returncode:
             raise SystemExit(f"render of {size}x{size} failed with exit code {proc.returncode}: {proc.stderr}")
-        own_kib, child_kib = (int(value) for value in proc.stdout.split()[-2:])
-        rss_mib = (own_kib + child_kib) / 1024
+        own_kib, tree_kib = (int(value) for value in proc.stdout.split()[-2:])
+        rss_mib = tree_kib / 1024
         baseline = baseline or rss_mib
-        print(f"    {size:>6} x {size:<6} peak RSS {rss_mib:8.1f} MiB  ({rss_mib / baseline:5.2f} x first; encoder process "
-              f"{child_kib / 1024:.1f} MiB of it)  {seconds:7.1f} s  output {out.stat().st_size / 2**20:8.1f} MiB")
+        print(f"    {size:>6} x {size:<6} peak RSS {rss_mib:8.1f} MiB  ({rss_mib / baseline:5.2f} x first; the render "
+              f"alone {own_kib / 1024:.1f} MiB)  {seconds:7.1f} s  output {out.stat().st_size / 2**20:8.1f} MiB")
         mask.unlink()
         out.unlink()
 

@@ -174,7 +174,7 @@ def test_profile_reports_every_stage_and_throughput(tmp_path, mask_png, models):
     lines = proc.stderr.strip().splitlines()
     assert "280 x 300 px" in lines[0] and "MP/s" in lines[0]
     seconds = {line.split()[0]: float(line.split()[1]) for line in lines[1:-1]}
-    assert set(seconds) == {"read", "infer", "accumulate", "finalise", "journal", "encode", "wait"}
+    assert set(seconds) == {"read", "prepare", "infer", "accumulate", "finalise", "journal", "encode", "wait"}
     wall = float(lines[0].split(" s wall")[0].split()[-1])
     # Each stage runs in one thread, so none can be busy for longer than the render took.
     assert all(0 <= value <= wall for value in seconds.values())

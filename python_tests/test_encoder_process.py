@@ -98,8 +98,8 @@ def test_an_encoder_killed_mid_file_is_an_error_here_and_its_files_are_removed(t
     canvas = canvas_with(tmp_path / "slide.tif", noise_image(2000, 600, seed=3))
     writer = PyramidTiffProcess(tmp_path / "slide.tif", 2000, 600, compression="zstd", canvas=canvas)
     writer.rows_ready(1000)
-    os.kill(writer._process.pid, signal.SIGKILL)
-    writer._process.wait()
+    os.kill(writer._child.process.pid, signal.SIGKILL)
+    writer._child.process.wait()
     with pytest.raises(RuntimeError, match="encoder process exited unexpectedly"):
         writer.rows_ready(2000)
         writer.close()
@@ -112,8 +112,8 @@ def test_the_encoder_aborts_and_cleans_up_when_the_render_goes_away(tmp_path):
     writer = PyramidTiffProcess(tmp_path / "slide.tif", 2000, 600, compression="zstd", canvas=canvas)
     writer.rows_ready(1000)
     assert (tmp_path / "slide.tif.partial").exists()
-    writer._process.stdin.close()
-    assert writer._process.wait(timeout=60) == 0
+    writer._child.process.stdin.close()
+    assert writer._child.process.wait(timeout=60) == 0
     assert files_in(tmp_path) == ["slide.tif.canvas"]
 
 
@@ -122,7 +122,7 @@ def test_the_encoder_ignores_ctrl_c_which_is_the_renders_to_handle(tmp_path):
     canvas = canvas_with(tmp_path / "slide.tif", image)
     with PyramidTiffProcess(tmp_path / "slide.tif", 900, 500, compression="zstd", canvas=canvas) as writer:
         writer.rows_ready(300)
-        os.kill(writer._process.pid, signal.SIGINT)  # what Ctrl-C sends to the whole process group
+        os.kill(writer._child.process.pid, signal.SIGINT)  # what Ctrl-C sends to the whole process group
         time.sleep(0.2)
         writer.rows_ready(900)
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "slide.tif", level=0), image)
@@ -174,7 +174,7 @@ def test_large_renders_encode_in_a_process_with_the_same_bytes(tmp_path, monkeyp
     monkeypatch.setattr(PyramidTiffProcess, "__init__", spy)
     engine.render(mask, tmp_path / "thread.tif", model=model, progress=False)
     assert not used  # 700 x 900 is below the threshold
-    monkeypatch.setattr(engine, "ENCODER_PROCESS_MIN_PIXELS", 700 * 900)
+    monkeypatch.setattr(engine, "CHILD_PROCESSES_MIN_PIXELS", 700 * 900)
     result = engine.render(mask, tmp_path / "process.tif", model=model, progress=False)
     assert used and result.stage_seconds["encode"] > 0
     assert (tmp_path / "process.tif").read_bytes() == (tmp_path / "thread.tif").read_bytes()
@@ -190,7 +190,7 @@ def test_an_interrupted_render_with_the_encoder_process_resumes_to_the_same_byte
     tifffile.imwrite(mask, rng.integers(0, 3, (1300, 500), dtype=np.uint8), tile=(256, 256))
     options = dict(model=model, progress=False, compression="zstd", batch_size=2)
     engine.render(mask, tmp_path / "reference.tif", **options)
-    monkeypatch.setattr(engine, "ENCODER_PROCESS_MIN_PIXELS", 0)
+    monkeypatch.setattr(engine, "CHILD_PROCESSES_MIN_PIXELS", 0)
     real_rows_final, calls = engine._FileSink.rows_final, []
 
     def interrupted(self, y1):

@@ -137,6 +137,6 @@ def test_stage_times_are_measured(tmp_path, crop_model):
     tifffile.imwrite(mask_path, random_labels(700, 900))
     result = engine.render(mask_path, tmp_path / "out.tif", model=crop_model, progress=False)
     assert set(result.stage_seconds) == set(engine.STAGES)
-    for stage in ("read", "infer", "accumulate", "finalise", "encode"):
+    for stage in ("read", "prepare", "infer", "accumulate", "finalise", "encode"):
         assert 0 < result.stage_seconds[stage] <= result.seconds, stage
     assert result.megapixels_per_second == pytest.approx(700 * 900 / 1e6 / result.seconds)

@@ -1,11 +1,13 @@
 """render(): plan -> read mask windows -> infer -> accumulate -> write, as overlapping stages.
 
 Stages (each in its own thread, joined by small bounded queues, see `pipeline.prefetch`):
-  1. read    mask windows for one batch of patches, encoded as the model's ±1 input
+  1. read    mask windows for one batch of patches (`windows`), encoded as the model's ±1 input
   2. infer   the generator on that batch (the backend releases the GIL)
   3. add     patches into the rolling band accumulator (C++), in the caller's thread; when a patch row is
              complete, the rows no later patch can touch are finalised to uint8 straight into the canvas
   4. encode  the pyramidal TIFF writer's own thread compresses those rows while inference goes on
+From CHILD_PROCESSES_MIN_PIXELS on, the windows are read and the TIFF encoded by child processes
+(`reader_process`, `encoder_process`), so that this interpreter's lock serves inference and the main loop only.
 
 Batches are fixed slices of the raster-order patch sequence, so a resumed render replays exactly the batches
 an uninterrupted one would have run, and gets the same numbers even from a backend whose results depend on
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import geometry, masks
+from . import geometry, masks, windows
 from .geometry import BLENDS
 from .accumulator import BandAccumulator, StagingBandAccumulator
 from .backends import Backend, create_backend
@@ -46,15 +48,16 @@ OUTPUT_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 # Threads beyond a few per core only add contention to work that is CPU-bound; and each thread costs a stack, so a
 # typo like --threads 100000 made ONNX Runtime and the encoder spawn threads until memory ran out.
 MAX_THREADS_PER_CORE = 4
-# From this many pixels on, the TIFF encoder runs in a process of its own (`encoder_process`), off this interpreter's
-# lock, which the reader, inference and main loop share; starting it costs about 0.2 s, which is lost on smaller
-# images (8192 x 8192 renders in seconds even on a GPU, minutes on a CPU).
-ENCODER_PROCESS_MIN_PIXELS = 8192 * 8192
+# From this many pixels on, the TIFF encoder and the mask reader (of a mask file read by region) run in processes of
+# their own (`encoder_process`, `reader_process`), off this interpreter's lock, which inference and the main loop need;
+# starting each costs about 0.2 s, which smaller images would lose (8192 x 8192 renders in seconds on a GPU).
+CHILD_PROCESSES_MIN_PIXELS = 8192 * 8192
 
 
-STAGES = ("read", "infer", "accumulate", "finalise", "journal", "encode", "wait")
+STAGES = ("read", "prepare", "infer", "accumulate", "finalise", "journal", "encode", "wait")
 STAGE_MEANINGS = {
-    "read": "read mask windows and encode them for the model (reader thread)",
+    "read": "read the mask windows of a batch (reader thread; for large images, take them from the reader process)",
+    "prepare": "encode the windows as the model's input (reader thread)",
     "infer": "run the generator (inference thread)",
     "accumulate": "add patches into the band (main thread)",
     "finalise": "normalise finished blocks to uint8 into the canvas (main thread)",
@@ -187,14 +190,16 @@ class _Batch:
 class _Renderer:
     """One render of one mask with one backend; the sink decides where finalised rows go."""
 
-    def __init__(self, mask, backend, batch_size, blend, overlap, threads):
+    def __init__(self, mask, backend, batch_size, blend, overlap, threads, mask_file=None):
+        """`mask_file`: (path, colour tolerance) of `mask` to read its windows in a child process instead of a thread
+        (`reader_process`); None to read them here."""
         _check_render_options(batch_size, blend, overlap, threads)
         sig = backend.signature
         if sig.fixed_batch is not None:
             if batch_size not in (None, sig.fixed_batch):
                 raise SafronInputError(f"the model was exported with a fixed batch of {sig.fixed_batch}; got --batch-size {batch_size}")
             batch_size = sig.fixed_batch
-        self.mask, self.backend = mask, backend
+        self.mask, self.backend, self.mask_file = mask, backend, mask_file
         self.batch_size = batch_size or backend.default_batch_size
         if not 0 <= overlap < sig.patch:
             raise SafronInputError(f"overlap must be in [0, {sig.patch}) for this model (got {overlap})")
@@ -209,32 +214,31 @@ class _Renderer:
 
     # -- stage 1: read ---------------------------------------------------------------------------------------
     def _batches(self, first_batch: int, patches_end: int):
-        """Fixed slices of the raster patch sequence, from `first_batch` to the one holding patch patches_end - 1:
-        a band stops early, but each batch it runs holds the same patches as in a whole render."""
-        plan, count, b = self.plan, self.plan.count, self.batch_size
+        plan = self.plan
         ys, xs = plan.origins()
-        for start in range(first_batch * b, patches_end, b):
-            idx = np.arange(start, min(start + b, count))
+        for idx in windows.batch_indices(plan, self.batch_size, first_batch, patches_end):
             yield _Batch(idx, ys[idx], xs[idx], idx // plan.cols)
 
-    def _timed_read(self, batch: _Batch) -> _Batch:
-        with self.clock("read"):
-            return self._read(batch)
+    def _window_reader(self, first_batch: int, patches_end: int):
+        if self.mask_file is None or first_batch * self.batch_size >= patches_end:
+            return None
+        from .reader_process import WindowReaderProcess
 
-    def _read(self, batch: _Batch) -> _Batch:
-        plan, window, margin = self.plan, self.plan.window, self.plan.margin
-        n = self.backend.signature.fixed_batch or len(batch.indices)
-        labels = np.full((n, window, window), masks.BACKGROUND, dtype=np.uint8)
-        # One region per patch row in the batch: neighbouring windows share most of their pixels.
-        for row in np.unique(batch.rows):
-            sel = np.flatnonzero(batch.rows == row)
-            y0, x0 = int(batch.ys[sel[0]]) - margin, int(batch.xs[sel[0]]) - margin
-            x1 = int(batch.xs[sel[-1]]) + plan.patch + margin
-            region = self.mask.read_labels(y0, x0, window, x1 - x0)
-            for k in sel:
-                left = int(batch.xs[k]) - margin - x0
-                labels[k] = region[:, left:left + window]
-        batch.inputs = self.backend.prepare(labels)
+        path, tolerance = self.mask_file
+        return WindowReaderProcess(path, tolerance, self.plan, self.batch_size,
+                                   self.backend.signature.fixed_batch is not None, first_batch, patches_end)
+
+    def _timed_read(self, batch: _Batch, reader) -> _Batch:
+        with self.clock("read"):
+            if reader is None:
+                n = self.backend.signature.fixed_batch or len(batch.indices)
+                window = self.plan.window
+                labels = windows.label_windows(self.mask, self.plan, batch.ys, batch.xs,
+                                               np.empty((n, window, window), np.uint8))
+            else:
+                labels = reader.next_windows()
+        with self.clock("prepare"):
+            batch.inputs = self.backend.prepare(labels)
         return batch
 
     # -- stage 2: infer --------------------------------------------------------------------------------------
@@ -294,7 +298,8 @@ class _Renderer:
         # finalised as soon as the patches to their right no longer touch them.
         final_done = int(plan.ys[first_row]) if first_row < plan.rows else rows_done
         cols_done = added = 0
-        reads = prefetch((self._timed_read(b) for b in self._batches(first_batch, patches_end)), depth=2,
+        reader = self._window_reader(first_batch, patches_end)
+        reads = prefetch((self._timed_read(b, reader) for b in self._batches(first_batch, patches_end)), depth=2,
                          name="safron-read")
         outputs = prefetch(self._infer(reads), depth=2, name="safron-infer")
         bar = tqdm(
@@ -330,7 +335,11 @@ class _Renderer:
                 added += int(keep.sum())
         finally:
             bar.close()
+            if reader is not None:
+                reader.stop()  # first: a read stage waiting for the child would keep the stages from being joined
             outputs.close()
+            if reader is not None:
+                reader.close()
         if min(final_done, stop) != stop:
             raise RuntimeError(f"internal error: rows up to {final_done} of {stop} finalised")
         return added
@@ -637,8 +646,10 @@ def render(
         with masks.open_mask(mask_path, colour_tolerance=colour_tolerance) as source:
             engine = create_backend(backend, model_path, threads=threads)
             try:
-                renderer = _Renderer(source, engine, batch_size, blend, overlap, threads)
                 height, width = source.height, source.width
+                in_child = height * width >= CHILD_PROCESSES_MIN_PIXELS and not source.in_memory
+                renderer = _Renderer(source, engine, batch_size, blend, overlap, threads,
+                                     mask_file=(mask_path, colour_tolerance) if in_child else None)
                 mpp = mpp if mpp is not None else source.mpp
                 header = {
                     "format": 1,
@@ -755,7 +766,7 @@ def _render_to_files(renderer: _Renderer, out_path: Path, header: dict, resume: 
 
     canvas_path, journal_path = side_paths(out_path)
     height, width = renderer.plan.height, renderer.plan.width
-    encoder = PyramidTiffProcess if height * width >= ENCODER_PROCESS_MIN_PIXELS else PyramidTiffWriter
+    encoder = PyramidTiffProcess if height * width >= CHILD_PROCESSES_MIN_PIXELS else PyramidTiffWriter
     journal = canvas = writer = recorder = None
     try:
         journal = Journal(journal_path, header, resume=resume)

@@ -123,6 +123,12 @@ class Mask:
         # Whether an off colour is smear depends on the pixels around it: regions are read this much larger.
         self._context = SMEAR_RADIUS if self.kind == "colour" and self.lossy else 0
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether the whole mask is held in memory (an array, or a PNG or JPEG decoded whole) rather than read by
+        region from its file."""
+        return isinstance(self._raster, ArrayRaster)
+
     def read_labels(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         """Class labels of rows [y0, y0+h) and columns [x0, x0+w) as uint8 (h, w). The region may
         extend beyond the mask, or lie wholly outside it: there the mask is mirrored about its border

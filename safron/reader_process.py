@@ -1,0 +1,134 @@
+"""The mask reader in a process of its own: label windows handed over through shared memory.
+
+Reading a batch's windows is Python around native decoding (tifffile's tiles, the colour lookup, mirroring at the
+border, cutting windows); in a render it shares the interpreter lock with inference, the main loop and, for small
+images, the encoder. Beside one busy Python thread the reader's time grew 2.4x on the dev VM (1.5 -> 3.6 s busy for
+an 8k render, `bench/gil_share.py`), and on a lent H200 it was the longest stage of a 32k render (bench/RESULTS.md).
+A child process that opens the same mask file needs nothing from the render but the patch plan and the batch
+sequence (`windows`), and writes each batch's uint8 windows into one of a few slots of a shared buffer; the render's
+read stage only copies them out and encodes them for the model.
+
+The slots live in an anonymous file (in /dev/shm where there is one) that both processes map, passed to the child by
+file descriptor: nothing to name, nothing left behind however either side ends. The child reads ahead into free
+slots and says which slot holds the next batch; the parent copies it out and frees it. A mask error the child finds
+(a pixel that is no class, a truncated tile) is raised by `next_windows` as the same `MaskError` with the same
+message; a child that dies without a word is a `RuntimeError`. `child_process` has the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import tempfile
+from collections import deque
+
+import numpy as np
+
+from . import child_process, errors, geometry, masks, windows
+
+__all__ = ["WindowReaderProcess"]
+
+SLOTS = 4  # batches the child may read ahead of the render: enough to ride out a slow tile, a few MB each
+_EXIT_TIMEOUT_S = 30.0
+_WHO = "mask reader"
+
+
+def _shared_file():
+    """An anonymous file for the slots: in RAM where /dev/shm is available, else in the temporary folder."""
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    return tempfile.TemporaryFile(dir=folder)
+
+
+class WindowReaderProcess:
+    """The label windows of a render's batches (`windows.batch_indices(plan, batch_size, first_batch,
+    patches_end)`), each as `windows.label_windows` gives them into `batch_rows` rows, read by a child process from
+    the mask file at `mask_path`. With `fixed_batch` (a model exported for batches of exactly `batch_size`), every
+    batch has `batch_size` rows, background past its patches."""
+
+    def __init__(self, mask_path, colour_tolerance: float, plan, batch_size: int, fixed_batch: bool, first_batch: int,
+                 patches_end: int):
+        window = plan.window
+        self._fixed = fixed_batch
+        self._shape = (SLOTS, batch_size, window, window)
+        self._file = _shared_file()
+        size = int(np.prod(self._shape))
+        self._file.truncate(size)
+        self._map = mmap.mmap(self._file.fileno(), size)
+        self._slots = np.frombuffer(self._map, np.uint8).reshape(self._shape)
+        self._counts = deque(len(indices) for indices in windows.batch_indices(plan, batch_size, first_batch,
+                                                                               patches_end))
+        self._child = child_process.Child(
+            __name__, "_serve",
+            dict(mask=os.fspath(mask_path), colour_tolerance=colour_tolerance, size=[plan.height, plan.width],
+                 geometry=[plan.patch, plan.margin, plan.overlap], batch_size=batch_size, fixed=fixed_batch,
+                 first_batch=first_batch, patches_end=patches_end, fd=self._file.fileno(), slots=SLOTS),
+            pass_fds=(self._file.fileno(),),
+        )
+        self._closed = False
+
+    def next_windows(self) -> np.ndarray:
+        """The next batch's windows: uint8 (batch_size if the batch is fixed, else its patch count, window, window), a
+        fresh array."""
+        reply = self._child.receive()
+        if reply.get("reply") != "windows":
+            raise child_process.exception(reply, _WHO)
+        slot, count = reply["slot"], self._counts.popleft()
+        rows = self._shape[1] if self._fixed else count
+        labels = self._slots[slot, :rows].copy()
+        self._child.send({"free": slot})
+        return labels
+
+    def stop(self) -> None:
+        """Stop the child and reap it (a read stage waiting in `next_windows` then gets an error, not a hang). Call
+        `close` once no thread uses this any more."""
+        if not self._closed:
+            self._child.finish(_EXIT_TIMEOUT_S)
+
+    def close(self) -> None:
+        if not self._closed:
+            self.stop()
+            self._closed = True
+            self._child.close_channel()
+            del self._slots
+            self._map.close()
+            self._file.close()
+
+
+def _serve() -> None:
+    """The child: open the mask, then read each batch's windows into a free slot and say which."""
+    arguments, messages, reply = child_process.serve()
+    try:
+        mask = masks.open_mask(arguments["mask"], colour_tolerance=arguments["colour_tolerance"])
+        patch, margin, overlap = arguments["geometry"]
+        plan = geometry.plan(mask.height, mask.width, patch, margin, overlap)
+        if [plan.height, plan.width] != arguments["size"]:
+            raise errors.MaskError(f"{arguments['mask']}: the mask changed while it was being rendered")
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        reply(child_process.failure(exc))
+        return
+    window, rows, slots = plan.window, arguments["batch_size"], arguments["slots"]
+    size = slots * rows * window * window
+    shared = np.frombuffer(mmap.mmap(arguments["fd"], size), np.uint8).reshape(slots, rows, window, window)
+    free = deque(range(slots))
+    ys, xs = plan.origins()
+    with mask:
+        for indices in windows.batch_indices(plan, arguments["batch_size"], arguments["first_batch"],
+                                             arguments["patches_end"]):
+            while not free:
+                line = messages.readline()
+                if not line:  # the render is gone, or stopped us
+                    return
+                free.append(json.loads(line)["free"])
+            slot = free.popleft()
+            target = shared[slot] if arguments["fixed"] else shared[slot, :len(indices)]
+            try:
+                windows.label_windows(mask, plan, ys[indices], xs[indices], target)
+            except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
+                reply(child_process.failure(exc))
+                return
+            reply({"reply": "windows", "slot": slot})
+        # Every batch is out: wait for the render to let go (stdin closes), so that we never exit before it has
+        # read the last reply (it would take our exit for a crash).
+        while messages.readline():
+            pass
