@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -182,3 +185,26 @@ def test_a_mask_error_in_a_large_render_is_one_line_and_leaves_nothing(tmp_path,
         engine.render(mask, tmp_path / "out.tif", model=model, progress=False, batch_size=2)
     assert "\n" not in str(raised.value) and "mask.tif" in str(raised.value)
     assert sorted(os.listdir(tmp_path)) == ["crop.onnx", "mask.tif"]
+
+
+def test_a_reader_whose_render_is_killed_exits_quietly(label_tif):
+    # The render (here a small script) is killed with SIGKILL while its reader child is still starting: the child
+    # finds the pipe closed when it replies, and must end without a traceback on the terminal they share.
+    script = textwrap.dedent(f"""
+        import os, signal
+        from safron import geometry, masks
+        from safron.reader_process import WindowReaderProcess
+        plan = geometry.plan(1300, 900)
+        reader = WindowReaderProcess({str(label_tif)!r}, masks.COLOUR_TOLERANCE, plan, 1, False, 0, plan.count)
+        print(reader._child.process.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    # communicate() returns once every holder of the pipes has closed them: the reader child too.
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert proc.stderr == ""
+    child = int(proc.stdout.split()[0])  # has closed its end of the pipes; give it a moment to be reaped
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{child}")

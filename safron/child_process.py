@@ -74,13 +74,17 @@ class Child:
 def serve() -> tuple[dict, IO[bytes], callable]:
     """In the child: set up the channel and return (arguments, the stdin to read messages from, reply(message))."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    replies = os.fdopen(os.dup(1), "wb")
+    replies = os.fdopen(os.dup(1), "wb", buffering=0)  # unbuffered: nothing left to flush (and fail) at exit
     os.dup2(2, 1)
     sys.stdout = sys.stderr
 
     def reply(message: dict) -> None:
-        replies.write(json.dumps(message).encode() + b"\n")
-        replies.flush()
+        try:
+            replies.write(json.dumps(message).encode() + b"\n")
+        except BrokenPipeError:
+            # The render is gone (killed): nobody to tell, nothing to report. SystemExit passes the children's
+            # `except Exception` handlers and ends the process without a traceback.
+            raise SystemExit(0) from None
 
     messages = sys.stdin.buffer
     return json.loads(messages.readline()), messages, reply
