@@ -118,6 +118,14 @@ class Mask:
         self.height, self.width, self.mpp = raster.height, raster.width, raster.mpp
         self.kind = "labels" if raster.channels == 1 else "colour"
         self.lossy = bool(raster.lossy)
+        if self.kind == "labels" and self.lossy:
+            # Labels 0, 1, 2 are three adjacent grey levels: a lossy codec's error of a level or two turns gland into
+            # stroma or stroma into background with no trace of it, and where it strays above 2 the mask is refused
+            # anyway. A colour mask survives lossy compression (its classes are far apart); labels cannot.
+            raise MaskError(
+                f"{self.path}: a label mask stored with lossy compression (JPEG) has lost its labels, as its class "
+                "values 0, 1, 2 differ by one grey level: save label masks as PNG or TIFF (or as a colour mask)"
+            )
         self.colour_tolerance = tolerance
         self._lookup = _colour_lookup(tolerance, self.lossy) if self.kind == "colour" else None
         # Whether an off colour is smear depends on the pixels around it: regions are read this much larger.
@@ -183,12 +191,9 @@ class Mask:
         if self.kind == "labels":
             if raw.max() > GLAND:
                 y, x = np.unravel_index(np.argmax(raw > GLAND), raw.shape)
-                hint = ""
-                if self.lossy:
-                    hint = "; lossy compression (JPEG) changes label values: save label masks as PNG or TIFF"
                 raise MaskError(
                     f"{self.path}: label value {raw[y, x]} at (y={y0 + y}, x={x0 + x}) is not a class "
-                    f"({_LABEL_LEGEND}){hint}"
+                    f"({_LABEL_LEGEND})"
                 )
             return raw
         labels = np.empty(raw.shape[:2], np.uint8)
