@@ -3,6 +3,7 @@ the reader thread's errors; no hang and no leftovers however it ends."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -208,3 +209,44 @@ def test_a_reader_whose_render_is_killed_exits_quietly(label_tif):
     while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{child}")
+
+
+@pytest.mark.parametrize("missing", ["room for the shared buffer", "child processes"])
+def test_without_room_or_processes_a_large_render_reads_and_encodes_in_threads(tmp_path, monkeypatch, missing):
+    from onnx_models import centre_crop
+
+    model = centre_crop(tmp_path / "crop.onnx")
+    labels = random_labels(600, 700, seed=8)
+    mask = tmp_path / "mask.tif"
+    tifffile.imwrite(mask, labels, tile=(256, 256))
+    monkeypatch.setattr(engine, "CHILD_PROCESSES_MIN_PIXELS", 0)
+
+    def refused(*args, **kwargs):
+        raise OSError(errno.ENOSPC if missing.startswith("room") else errno.EAGAIN, "refused")
+
+    target = (reader_process, "_shared_file") if missing.startswith("room") else (subprocess, "Popen")
+    monkeypatch.setattr(*target, refused)
+    result = engine.render(mask, tmp_path / "out.tif", model=model, progress=False, compression="zstd", batch_size=4)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out.tif"), masks.labels_to_colour(labels))
+    assert result.stage_seconds["read"] > 0
+    assert sorted(os.listdir(tmp_path)) == ["crop.onnx", "mask.tif", "out.tif"]
+
+
+def test_the_shared_buffer_goes_where_there_is_room_and_says_when_there_is_none(monkeypatch):
+    places = []
+
+    def full_in_ram(fd, offset, length):
+        place = os.path.dirname(os.readlink(f"/proc/self/fd/{fd}"))
+        places.append(place)
+        if place == "/dev/shm" or refuse_all:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full_in_ram)
+    refuse_all = False
+    with reader_process._shared_file(1 << 20) as file:
+        assert not os.readlink(f"/proc/self/fd/{file.fileno()}").startswith("/dev/shm")
+    refuse_all = True
+    with pytest.raises(OSError):
+        reader_process._shared_file(1 << 20)
+    if os.path.isdir("/dev/shm"):
+        assert places[0] == "/dev/shm"

@@ -225,8 +225,11 @@ class _Renderer:
         from .reader_process import WindowReaderProcess
 
         path, tolerance = self.mask_file
-        return WindowReaderProcess(path, tolerance, self.plan, self.batch_size,
-                                   self.backend.signature.fixed_batch is not None, first_batch, patches_end)
+        try:
+            return WindowReaderProcess(path, tolerance, self.plan, self.batch_size,
+                                       self.backend.signature.fixed_batch is not None, first_batch, patches_end)
+        except OSError:  # no room for its shared buffer, or no process to be had: read in a thread, as small images
+            return None
 
     def _timed_read(self, batch: _Batch, reader) -> _Batch:
         with self.clock("read"):
@@ -771,7 +774,10 @@ def _render_to_files(renderer: _Renderer, out_path: Path, header: dict, resume: 
     try:
         journal = Journal(journal_path, header, resume=resume)
         canvas = open_canvas(canvas_path, height, width, create=not resume)
-        writer = encoder(out_path, height, width, canvas=canvas.path, **writer_options)
+        try:
+            writer = encoder(out_path, height, width, canvas=canvas.path, **writer_options)
+        except OSError:  # no child process to be had (out of processes or memory): encode in a thread
+            writer = PyramidTiffWriter(out_path, height, width, canvas=canvas.path, **writer_options)
         started = time.perf_counter()
         recorder = JournalThread(canvas, journal)
         # The TIFF is always rewritten whole; on resume the finished rows are read from the canvas.

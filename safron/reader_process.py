@@ -8,8 +8,10 @@ A child process that opens the same mask file needs nothing from the render but 
 sequence (`windows`), and writes each batch's uint8 windows into one of a few slots of a shared buffer; the render's
 read stage only copies them out and encodes them for the model.
 
-The slots live in an anonymous file (in /dev/shm where there is one) that both processes map, passed to the child by
-file descriptor: nothing to name, nothing left behind however either side ends. The child reads ahead into free
+The slots live in an anonymous file (in /dev/shm where it has room) that both processes map, passed to the child by
+file descriptor: nothing to name, nothing left behind however either side ends. Where neither /dev/shm nor the
+temporary folder has room for it, or no child can be started, the constructor raises OSError and the engine reads
+in a thread as for small images. The child reads ahead into free
 slots and says which slot holds the next batch; the parent copies it out and frees it. A mask error the child finds
 (a pixel that is no class, a truncated tile) is raised by `next_windows` as the same `MaskError` with the same
 message; a child that dies without a word is a `RuntimeError`. `child_process` has the rest.
@@ -34,16 +36,28 @@ _EXIT_TIMEOUT_S = 30.0
 _WHO = "mask reader"
 
 
-def _shared_file():
-    """An anonymous file for the slots: in RAM where /dev/shm is available, else in the temporary folder."""
-    folder = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return tempfile.TemporaryFile(dir=folder)
+def _shared_file(size: int):
+    """An anonymous file of `size` bytes for the slots: in RAM (/dev/shm) where it has room, else in the temporary
+    folder. Its blocks are reserved up front: a memory-mapped file that cannot grow kills the process that writes to
+    it (SIGBUS), and a container's /dev/shm is often only 64 MB. OSError if neither place has room."""
+    folders = [None]
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        folders.insert(0, "/dev/shm")
+    for folder in folders:
+        file = tempfile.TemporaryFile(dir=folder)
+        try:
+            os.posix_fallocate(file.fileno(), 0, size)
+            return file
+        except OSError as error:
+            file.close()
+            failure = error
+    raise failure
 
 
 class WindowReaderProcess:
     """The label windows of a render's batches (`windows.batch_indices(plan, batch_size, first_batch,
-    patches_end)`), each as `windows.label_windows` gives them into `batch_rows` rows, read by a child process from
-    the mask file at `mask_path`. With `fixed_batch` (a model exported for batches of exactly `batch_size`), every
+    patches_end)`), each as `windows.label_windows` gives them, read by a child process from the mask file at
+    `mask_path`. With `fixed_batch` (a model exported for batches of exactly `batch_size`), every
     batch has `batch_size` rows, background past its patches."""
 
     def __init__(self, mask_path, colour_tolerance: float, plan, batch_size: int, fixed_batch: bool, first_batch: int,
@@ -51,21 +65,30 @@ class WindowReaderProcess:
         window = plan.window
         self._fixed = fixed_batch
         self._shape = (SLOTS, batch_size, window, window)
-        self._file = _shared_file()
         size = int(np.prod(self._shape))
-        self._file.truncate(size)
+        self._file = _shared_file(size)
         self._map = mmap.mmap(self._file.fileno(), size)
         self._slots = np.frombuffer(self._map, np.uint8).reshape(self._shape)
         self._counts = deque(len(indices) for indices in windows.batch_indices(plan, batch_size, first_batch,
                                                                                patches_end))
-        self._child = child_process.Child(
+        try:
+            self._child = self._start_child(mask_path, colour_tolerance, plan, batch_size, fixed_batch, first_batch,
+                                            patches_end)
+        except BaseException:
+            del self._slots
+            self._map.close()
+            self._file.close()
+            raise
+        self._closed = False
+
+    def _start_child(self, mask_path, colour_tolerance, plan, batch_size, fixed_batch, first_batch, patches_end):
+        return child_process.Child(
             __name__, "_serve",
             dict(mask=os.fspath(mask_path), colour_tolerance=colour_tolerance, size=[plan.height, plan.width],
                  geometry=[plan.patch, plan.margin, plan.overlap], batch_size=batch_size, fixed=fixed_batch,
                  first_batch=first_batch, patches_end=patches_end, fd=self._file.fileno(), slots=SLOTS),
             pass_fds=(self._file.fileno(),),
         )
-        self._closed = False
 
     def next_windows(self) -> np.ndarray:
         """The next batch's windows: uint8 (batch_size if the batch is fixed, else its patch count, window, window), a
