@@ -83,7 +83,8 @@ def render_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted render of OUT")
     p.add_argument("--threads", type=threads, metavar="N", help="CPU threads (default: all cores)")
     p.add_argument("--profile", action="store_true",
-                   help="print where the time went (read, infer, accumulate, finalise, journal, encode) and MP/s")
+                   help="print where the time went (read, prepare, infer, accumulate, finalise, journal, "
+                        "encode) and MP/s")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p
 
