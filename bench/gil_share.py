@@ -63,16 +63,16 @@ SHOWN = ("read", "prepare", "encode")
 def render(mask: Path, model: Path, out: Path, threads: int, variant: str):
     out.unlink(missing_ok=True)
     engine.CHILD_PROCESSES_MIN_PIXELS = float("inf") if variant == "threads" else 0
-    window_reader = engine._Renderer._window_reader
+    window_reader = engine._Renderer.start_window_reader
     if variant == "encoder process":
-        engine._Renderer._window_reader = lambda self, *args: None
+        engine._Renderer.start_window_reader = lambda self, *args: None
     try:
         started = time.perf_counter()
         result = engine.render(mask, out, model=model, backend="onnxruntime", batch_size=32, threads=threads,
                                progress=False)
         return time.perf_counter() - started, result
     finally:
-        engine._Renderer._window_reader = window_reader
+        engine._Renderer.start_window_reader = window_reader
 
 
 def main() -> None:

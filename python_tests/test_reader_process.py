@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from safron import engine, geometry, masks, reader_process, windows
+from safron import child_process, engine, geometry, masks, reader_process, windows
 from safron.errors import MaskError
 from safron.reader_process import WindowReaderProcess
 
@@ -211,7 +211,8 @@ def test_a_reader_whose_render_is_killed_exits_quietly(label_tif):
     assert not os.path.exists(f"/proc/{child}")
 
 
-@pytest.mark.parametrize("missing", ["room for the shared buffer", "child processes"])
+@pytest.mark.parametrize("missing", ["room for the shared buffer", "child processes", "an interpreter",
+                                     "a child that starts"])
 def test_without_room_or_processes_a_large_render_reads_and_encodes_in_threads(tmp_path, monkeypatch, missing):
     from onnx_models import centre_crop
 
@@ -224,8 +225,14 @@ def test_without_room_or_processes_a_large_render_reads_and_encodes_in_threads(t
     def refused(*args, **kwargs):
         raise OSError(errno.ENOSPC if missing.startswith("room") else errno.EAGAIN, "refused")
 
-    target = (reader_process, "_shared_file") if missing.startswith("room") else (subprocess, "Popen")
-    monkeypatch.setattr(*target, refused)
+    if missing == "room for the shared buffer":
+        monkeypatch.setattr(reader_process, "_shared_file", refused)
+    elif missing == "child processes":
+        monkeypatch.setattr(subprocess, "Popen", refused)
+    elif missing == "an interpreter":  # an embedded Python
+        monkeypatch.setattr(sys, "executable", "")
+    else:  # a child that dies as it starts (a frozen application, say, whose executable takes no -c)
+        monkeypatch.setattr(child_process, "_BOOTSTRAP", "import sys; sys.exit(3)  # {module} {function}")
     result = engine.render(mask, tmp_path / "out.tif", model=model, progress=False, compression="zstd", batch_size=4)
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "out.tif"), masks.labels_to_colour(labels))
     assert result.stage_seconds["read"] > 0

@@ -29,10 +29,18 @@ GONE = {"reply": "gone"}
 _BOOTSTRAP = "import json, sys; sys.path[:] = json.loads(sys.stdin.buffer.readline()); from {module} import {function}; {function}()"
 
 
+class StartError(OSError):
+    """No child could be started here (no interpreter to run, or it died before it was ready): the stage that wanted
+    one runs in a thread instead."""
+
+
 class Child:
-    """A child process running `module.function()`, which serves the messages sent here (see `serve`)."""
+    """A child process running `module.function()`, which serves the messages sent here (see `serve`). Raises
+    OSError (StartError among them) when no process can be started."""
 
     def __init__(self, module: str, function: str, arguments: dict, pass_fds: tuple[int, ...] = ()):
+        if not sys.executable:  # an embedded interpreter: nothing to start
+            raise StartError("this Python has no interpreter executable to start a child with")
         self.process = subprocess.Popen(
             [sys.executable, "-c", _BOOTSTRAP.format(module=module, function=function)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=pass_fds,

@@ -55,6 +55,8 @@ class PyramidTiffProcess:
         reply = self._next_reply()
         if reply.get("reply") != "ready":
             self._end("failed")
+            if reply == child_process.GONE:  # died before a word: not this file's fault, a thread will do
+                raise child_process.StartError(f"the {_WHO} process exited as it started")
             raise child_process.exception(reply, _WHO)
 
     def rows_ready(self, y: int) -> None:

@@ -219,18 +219,6 @@ class _Renderer:
         for idx in windows.batch_indices(plan, self.batch_size, first_batch, patches_end):
             yield _Batch(idx, ys[idx], xs[idx], idx // plan.cols)
 
-    def _window_reader(self, first_batch: int, patches_end: int):
-        if self.mask_file is None or first_batch * self.batch_size >= patches_end:
-            return None
-        from .reader_process import WindowReaderProcess
-
-        path, tolerance = self.mask_file
-        try:
-            return WindowReaderProcess(path, tolerance, self.plan, self.batch_size,
-                                       self.backend.signature.fixed_batch is not None, first_batch, patches_end)
-        except OSError:  # no room for its shared buffer, or no process to be had: read in a thread, as small images
-            return None
-
     def _timed_read(self, batch: _Batch, reader) -> _Batch:
         with self.clock("read"):
             if reader is None:
@@ -282,12 +270,9 @@ class _Renderer:
         )
 
     # -- stage 3: accumulate and finalise --------------------------------------------------------------------
-    def run(self, sink, rows_done: int = 0, progress: bool = True, desc: str = "", rows_end: int | None = None):
-        """Render rows [rows_done, rows_end) (default: to the last row) into `sink`; rows below rows_done are already
-        final there (a resume), rows from rows_end on are another band's (`render_band`). Every patch touching the
-        range is rendered, those straddling its edges included, so its pixels are those of a whole render."""
-        from tqdm import tqdm
-
+    def _span(self, rows_done: int, rows_end: int | None):
+        """What rendering rows [rows_done, rows_end) takes: (stop row, first and last patch row, first patch, patch
+        end, first batch)."""
         plan = self.plan
         stop = plan.height if rows_end is None else rows_end
         first_row = plan.first_row_touching(rows_done) if rows_done < stop else plan.rows
@@ -295,13 +280,48 @@ class _Renderer:
         last_row = int(np.searchsorted(plan.ys, stop, side="left")) - 1
         first_patch = first_row * plan.cols
         patches_end = (last_row + 1) * plan.cols if first_row < plan.rows else first_patch
-        first_batch = first_patch // self.batch_size
+        return stop, first_row, last_row, first_patch, patches_end, first_patch // self.batch_size
+
+    def start_window_reader(self, rows_done: int = 0, rows_end: int | None = None):
+        """Start the reader process for `run(rows_done, rows_end=rows_end, reader=...)`, if this render reads its
+        windows in one (`mask_file`); None otherwise. It starts in the background: `run` waits for it to be ready and
+        reads in a thread if it could not start. Whoever starts it closes it (`run` does, once given it)."""
+        _, _, _, _, patches_end, first_batch = self._span(rows_done, rows_end)
+        if self.mask_file is None or first_batch * self.batch_size >= patches_end:
+            return None
+        from .reader_process import WindowReaderProcess
+
+        path, tolerance = self.mask_file
+        try:
+            return WindowReaderProcess(path, tolerance, self.plan, self.batch_size,
+                                       self.backend.signature.fixed_batch is not None, first_batch, patches_end)
+        except OSError:  # no room for its shared buffer, or no process to be had: read in a thread, as small images
+            return None
+
+    def run(self, sink, rows_done: int = 0, progress: bool = True, desc: str = "", rows_end: int | None = None,
+            reader=None):
+        """Render rows [rows_done, rows_end) (default: to the last row) into `sink`; rows below rows_done are already
+        final there (a resume), rows from rows_end on are another band's (`render_band`). Every patch touching the
+        range is rendered, those straddling its edges included, so its pixels are those of a whole render. `reader`:
+        what `start_window_reader` gave for the same rows, closed here; None reads windows in a thread."""
+        from tqdm import tqdm
+
+        plan = self.plan
+        stop, first_row, last_row, first_patch, patches_end, first_batch = self._span(rows_done, rows_end)
         # Rows are finalised (or, below rows_done, discarded) contiguously from the first row the replayed
         # patches touch, so no band slot is left holding partial sums. Within a patch row, column blocks are
         # finalised as soon as the patches to their right no longer touch them.
         final_done = int(plan.ys[first_row]) if first_row < plan.rows else rows_done
         cols_done = added = 0
-        reader = self._window_reader(first_batch, patches_end)
+        if reader is not None:
+            try:
+                ready = reader.wait_ready()
+            except BaseException:
+                reader.close()
+                raise
+            if not ready:
+                reader.close()
+                reader = None
         reads = prefetch((self._timed_read(b, reader) for b in self._batches(first_batch, patches_end)), depth=2,
                          name="safron-read")
         outputs = prefetch(self._infer(reads), depth=2, name="safron-infer")
@@ -770,10 +790,12 @@ def _render_to_files(renderer: _Renderer, out_path: Path, header: dict, resume: 
     canvas_path, journal_path = side_paths(out_path)
     height, width = renderer.plan.height, renderer.plan.width
     encoder = PyramidTiffProcess if height * width >= CHILD_PROCESSES_MIN_PIXELS else PyramidTiffWriter
-    journal = canvas = writer = recorder = None
+    journal = canvas = writer = recorder = reader = None
     try:
         journal = Journal(journal_path, header, resume=resume)
         canvas = open_canvas(canvas_path, height, width, create=not resume)
+        # The reader's child starts first, so that it boots while this thread waits for the encoder's.
+        reader = renderer.start_window_reader(journal.rows_done)
         try:
             writer = encoder(out_path, height, width, canvas=canvas.path, **writer_options)
         except OSError:  # no child process to be had (out of processes or memory): encode in a thread
@@ -783,7 +805,8 @@ def _render_to_files(renderer: _Renderer, out_path: Path, header: dict, resume: 
         # The TIFF is always rewritten whole; on resume the finished rows are read from the canvas.
         if journal.rows_done:
             writer.rows_ready(journal.rows_done)
-        renderer.run(_FileSink(canvas, recorder, writer), journal.rows_done, progress, desc=desc)
+        window_reader, reader = reader, None  # run closes it from here on
+        renderer.run(_FileSink(canvas, recorder, writer), journal.rows_done, progress, desc=desc, reader=window_reader)
         recorder.close(record_pending=False)  # complete: canvas and journal are removed below
         # The writer's last step renames its temporary TIFF, <OUT>.partial, onto OUT, and a rename keeps the file's
         # identity: named in the journal first, it tells a resume after a kill between that rename and the clean-up
@@ -794,6 +817,8 @@ def _render_to_files(renderer: _Renderer, out_path: Path, header: dict, resume: 
         seconds = time.perf_counter() - started
         renderer.clock.seconds["encode"] = writer.busy_seconds
     except BaseException as exc:
+        if reader is not None:
+            reader.close()
         if writer is not None:
             writer.abort()
         # Journal what is on the canvas so far, so that a resume loses as little as possible; a failure of the

@@ -35,6 +35,19 @@ _OPEN_FLAGS = {
 }
 
 
+def reserve(fd: int, size: int) -> bool:
+    """Allocate the disk blocks of the first `size` bytes of the open file `fd`, so that writing them through a
+    memory map cannot fail (a write the disk cannot take kills the writer with SIGBUS). False where the filesystem
+    cannot reserve blocks; OSError (ENOSPC) where it has no room for them."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+        return True
+    except OSError as exc:
+        if exc.errno not in _CANNOT_RESERVE:
+            raise
+        return False
+
+
 class RawImageFile:
     """An open raw image file (see the module docstring). `reserved` says whether its disk blocks are allocated, so
     that `block` may hand out memory-mapped windows. Opening raises OSError (with `reserve`, ENOSPC when the disk
@@ -58,12 +71,7 @@ class RawImageFile:
     def _reserve(self) -> None:
         # Also for a file that exists (a canvas resumed): it may come from a render whose disk could not reserve it,
         # or have been copied sparsely. Blocks already allocated keep their bytes.
-        try:
-            os.posix_fallocate(self._fd, 0, self.size)
-            self.reserved = True
-        except OSError as exc:
-            if exc.errno not in _CANNOT_RESERVE:
-                raise
+        self.reserved = reserve(self._fd, self.size)
 
     def read_block(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """A fresh (y1-y0, x1-x0, 3) array of the pixels of a block: one read when it spans whole rows (they lie

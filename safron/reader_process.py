@@ -19,6 +19,7 @@ message; a child that dies without a word is a `RuntimeError`. `child_process` h
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -27,7 +28,7 @@ from collections import deque
 
 import numpy as np
 
-from . import child_process, errors, geometry, masks, windows
+from . import child_process, errors, geometry, masks, raw_image, windows
 
 __all__ = ["WindowReaderProcess"]
 
@@ -43,14 +44,16 @@ def _shared_file(size: int):
     folders = [None]
     if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
         folders.insert(0, "/dev/shm")
+    failure = None
     for folder in folders:
         file = tempfile.TemporaryFile(dir=folder)
         try:
-            os.posix_fallocate(file.fileno(), 0, size)
-            return file
+            if raw_image.reserve(file.fileno(), size):
+                return file
+            failure = OSError(errno.EOPNOTSUPP, f"cannot reserve {size} bytes in {folder or tempfile.gettempdir()}")
         except OSError as error:
-            file.close()
             failure = error
+        file.close()
     raise failure
 
 
@@ -79,7 +82,7 @@ class WindowReaderProcess:
             self._map.close()
             self._file.close()
             raise
-        self._closed = False
+        self._closed = self._ready = False
 
     def _start_child(self, mask_path, colour_tolerance, plan, batch_size, fixed_batch, first_batch, patches_end):
         return child_process.Child(
@@ -90,9 +93,23 @@ class WindowReaderProcess:
             pass_fds=(self._file.fileno(),),
         )
 
+    def wait_ready(self) -> bool:
+        """Wait until the child has opened the mask: True; False if it could not start (it died before a word: a
+        thread must read instead). A failure it reported (the mask cannot be opened there) is raised."""
+        if not self._ready:
+            reply = self._child.receive()
+            if reply == child_process.GONE:
+                return False
+            if reply.get("reply") != "ready":
+                raise child_process.exception(reply, _WHO)
+            self._ready = True
+        return True
+
     def next_windows(self) -> np.ndarray:
         """The next batch's windows: uint8 (batch_size if the batch is fixed, else its patch count, window, window), a
         fresh array."""
+        if not self.wait_ready():
+            raise child_process.exception(child_process.GONE, _WHO)
         reply = self._child.receive()
         if reply.get("reply") != "windows":
             raise child_process.exception(reply, _WHO)
@@ -130,6 +147,7 @@ def _serve() -> None:
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
         reply(child_process.failure(exc))
         return
+    reply({"reply": "ready"})
     window, rows, slots = plan.window, arguments["batch_size"], arguments["slots"]
     size = slots * rows * window * window
     shared = np.frombuffer(mmap.mmap(arguments["fd"], size), np.uint8).reshape(slots, rows, window, window)
