@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 
 from . import child_process
-from .pyramid_tiff import PyramidTiffWriter, temporary_paths
+from .pyramid_tiff import ClosedOnExit, PyramidTiffWriter, temporary_paths
 
 __all__ = ["PyramidTiffProcess"]
 
@@ -33,7 +33,7 @@ _EXIT_TIMEOUT_S = 30.0
 _WHO = "TIFF encoder"
 
 
-class PyramidTiffProcess:
+class PyramidTiffProcess(ClosedOnExit):
     """`PyramidTiffWriter(out_path, height, width, canvas=canvas, **options)`, run in a child process."""
 
     def __init__(self, out_path, height: int, width: int, *, canvas, **options) -> None:
@@ -100,15 +100,6 @@ class PyramidTiffProcess:
     def busy_seconds(self) -> float:
         """The child's `PyramidTiffWriter.busy_seconds`, known once closed."""
         return self._busy_seconds
-
-    def __enter__(self) -> PyramidTiffProcess:
-        return self
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif self._state == "open":
-            self.close()
 
     def _require_open(self) -> None:
         if self._state != "open":

@@ -149,7 +149,23 @@ def _full_tile(block: np.ndarray, tile: int) -> np.ndarray:
     return block
 
 
-class PyramidTiffWriter:
+class ClosedOnExit:
+    """`with` for the TIFF writers (this module's and `encoder_process`'s): leaving the block normally finishes the
+    file (`close`), leaving it by an exception aborts it (`abort`). They keep their state in `_state`."""
+
+    _state: str
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._state == "open":
+            self.close()
+
+
+class PyramidTiffWriter(ClosedOnExit):
     """Writes a pyramidal tiled BigTIFF from an image that becomes final top to bottom.
 
     Two ways to feed it, one per writer:
@@ -324,15 +340,6 @@ class PyramidTiffWriter:
             return
         self._discard()
         self._state = "aborted"
-
-    def __enter__(self) -> PyramidTiffWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif self._state == "open":
-            self.close()
 
     # ------------------------------------------------------------------------- caller side
 
