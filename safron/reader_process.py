@@ -1,22 +1,22 @@
 """The mask reader in a process of its own: label windows handed over through shared memory.
 
 Reading a batch's windows is Python around native decoding (tifffile's tiles, the colour lookup, mirroring at the
-border, cutting windows); in a render it shares the interpreter lock with inference, the main loop and, for small
-images, the encoder. Beside one busy Python thread the reader's time grew 2.4x on the dev VM (1.5 -> 3.6 s busy for
-an 8k render, `bench/gil_share.py`), and on a lent H200 it was the longest stage of a 32k render (bench/RESULTS.md).
-A child process that opens the same mask file needs nothing from the render but the patch plan and the batch
-sequence (`windows`), and writes each batch's uint8 windows into one of a few slots of a shared buffer; the render's
-read stage only copies them out and encodes them for the model.
+border, cutting windows); in a render it shares the interpreter lock with inference and the main loop. Beside one
+busy Python thread, reading the windows of an 8k render took 3.2 s busy instead of 0.3 s alone on the dev VM, and
+0.4 s with this child (`bench/gil_share.py`); on a lent H200 the reader was the longest stage of a 32k render
+(bench/RESULTS.md). A child that opens the same mask file needs nothing from the render but the patch plan and the
+batch sequence (`windows`): it writes each batch's uint8 windows into one of a few slots of a shared buffer, and the
+render's read stage only copies them out and encodes them for the model.
 
 The slots live in an anonymous file (in /dev/shm where it has room) that both processes map, passed to the child by
-file descriptor: nothing to name, nothing left behind however either side ends. Where neither /dev/shm nor the
-temporary folder has room for it, or no child can be started, the constructor raises OSError and the engine reads
-in a thread as for small images. The child reads ahead into free
-slots and says which slot holds the next batch; the parent copies it out and frees it. A mask error the child finds
-(a pixel that is no class, a truncated tile) is raised by `next_windows` as the same `MaskError` with the same
-message; a child that dies without a word is a `RuntimeError`. `child_process` has the rest.
+file descriptor: nothing to name, nothing left behind however either side ends. The child says when it has opened
+the mask (`wait_ready`), then reads ahead into free slots and says which slot holds the next batch; the parent
+copies it out and frees it. Where neither /dev/shm nor the temporary folder has room for the slots, or no child
+can be started (the constructor raises OSError, `wait_ready` says False), the engine reads in a thread as for small
+images. A mask error the child finds (a pixel that is no class, a truncated tile) is raised by `next_windows` as the
+same `MaskError` with the same message; a child that dies later without a word is a `RuntimeError`.
+`child_process` has the rest.
 """
-
 from __future__ import annotations
 
 import errno
@@ -60,8 +60,8 @@ def _shared_file(size: int):
 class WindowReaderProcess:
     """The label windows of a render's batches (`windows.batch_indices(plan, batch_size, first_batch,
     patches_end)`), each as `windows.label_windows` gives them, read by a child process from the mask file at
-    `mask_path`. With `fixed_batch` (a model exported for batches of exactly `batch_size`), every
-    batch has `batch_size` rows, background past its patches."""
+    `mask_path`. With `fixed_batch` (a model exported for batches of exactly `batch_size`), every batch has
+    `batch_size` rows, background past its patches."""
 
     def __init__(self, mask_path, colour_tolerance: float, plan, batch_size: int, fixed_batch: bool, first_batch: int,
                  patches_end: int):
@@ -143,6 +143,7 @@ def _serve() -> None:
         patch, margin, overlap = arguments["geometry"]
         plan = geometry.plan(mask.height, mask.width, patch, margin, overlap)
         if [plan.height, plan.width] != arguments["size"]:
+            mask.close()
             raise errors.MaskError(f"{arguments['mask']}: the mask changed while it was being rendered")
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
         reply(child_process.failure(exc))
@@ -169,7 +170,3 @@ def _serve() -> None:
                 reply(child_process.failure(exc))
                 return
             reply({"reply": "windows", "slot": slot})
-        # Every batch is out: wait for the render to let go (stdin closes), so that we never exit before it has
-        # read the last reply (it would take our exit for a crash).
-        while messages.readline():
-            pass
