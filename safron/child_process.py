@@ -26,7 +26,10 @@ from . import errors
 # A reply the parent makes up when the child's stdout closes: it has exited (or closed it, which it never does).
 GONE = {"reply": "gone"}
 
-_BOOTSTRAP = "import json, sys; sys.path[:] = json.loads(sys.stdin.buffer.readline()); from {module} import {function}; {function}()"
+# The child's first line of input is the parent's sys.path (read unbuffered from stdin.buffer, so that the text layer
+# does not swallow the lines after it).
+_BOOTSTRAP = ("import json, sys; sys.path[:] = json.loads(sys.stdin.buffer.readline()); "
+              "from {module} import {function}; {function}()")
 
 
 class StartError(OSError):
