@@ -26,8 +26,8 @@ from . import errors
 # A reply the parent makes up when the child's stdout closes: it has exited (or closed it, which it never does).
 GONE = {"reply": "gone"}
 
-# The child's first line of input is the parent's sys.path (read unbuffered from stdin.buffer, so that the text layer
-# does not swallow the lines after it).
+# The child's first line of input is the parent's sys.path, read from sys.stdin.buffer, the object `serve` reads the
+# rest from: the text layer (sys.stdin) would buffer the lines after it where `serve` cannot see them.
 _BOOTSTRAP = ("import json, sys; sys.path[:] = json.loads(sys.stdin.buffer.readline()); "
               "from {module} import {function}; {function}()")
 
