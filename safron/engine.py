@@ -785,7 +785,7 @@ def _render_to_files(renderer: _Renderer, out_path: Path, header: dict, resume: 
     """Run `renderer` into the canvas, journal and TIFF of `out_path`; the seconds it took. On failure, keep or
     remove the canvas and journal depending on whether a resume could use them."""
     from .encoder_process import PyramidTiffProcess
-    from .pyramid_tiff import PyramidTiffWriter
+    from .pyramid_tiff import PyramidTiffWriter, partial_path
 
     canvas_path, journal_path = side_paths(out_path)
     height, width = renderer.plan.height, renderer.plan.width
@@ -812,7 +812,7 @@ def _render_to_files(renderer: _Renderer, out_path: Path, header: dict, resume: 
         # identity: named in the journal first, it tells a resume after a kill between that rename and the clean-up
         # below that OUT is complete.
         output_options = {key: writer_options[key] for key in ("compression", "quality", "mpp")}
-        journal.record_output(file_identity(out_path.with_name(out_path.name + ".partial")), output_options)
+        journal.record_output(file_identity(partial_path(out_path)), output_options)
         writer.close()
         seconds = time.perf_counter() - started
         renderer.clock.seconds["encode"] = writer.busy_seconds

@@ -62,6 +62,7 @@ import tifffile
 
 from . import _core
 from .errors import OutputWriteError, SafronInputError
+from .files import PARTIAL_SUFFIX
 from .raw_image import RawImageFile
 from .slide_io import check_free_space, check_output_path
 
@@ -104,8 +105,10 @@ def scratch_bytes(height: int, width: int, tile: int = 256, *, with_canvas: bool
     return max(size + next_size for size, next_size in zip(raw, raw[1:] + [0]))
 
 
-def _partial_path(out_path: Path) -> Path:
-    return out_path.with_name(out_path.name + ".partial")
+def partial_path(out_path) -> Path:
+    """Where a writer builds the TIFF of out_path before renaming it into place (a render's journal names it)."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + PARTIAL_SUFFIX)
 
 
 def _level_path(out_path: Path, level: int) -> Path:
@@ -118,7 +121,7 @@ def temporary_paths(out_path, height: int, width: int, tile: int = 256, *, with_
     out_path = Path(out_path)
     first_level = 1 if with_canvas else 0
     levels = range(first_level, len(pyramid_shapes(height, width, tile)))
-    return [_partial_path(out_path)] + [_level_path(out_path, level) for level in levels]
+    return [partial_path(out_path)] + [_level_path(out_path, level) for level in levels]
 
 
 def uncompressed_tiff_bytes(height: int, width: int, tile: int = 256) -> int:
@@ -232,7 +235,7 @@ class PyramidTiffWriter(ClosedOnExit):
         self._description = description
 
         self.level_shapes = pyramid_shapes(self.height, self.width, self._tile)
-        self._partial_path = _partial_path(self.out_path)
+        self._partial_path = partial_path(self.out_path)
         self._level_paths = {level: _level_path(self.out_path, level) for level in range(len(self.level_shapes))}
         self._owns_level0 = canvas is None
         if canvas is not None:
