@@ -54,6 +54,11 @@ MAX_THREADS_PER_CORE = 4
 CHILD_PROCESSES_MIN_PIXELS = 8192 * 8192
 
 
+def _in_child_processes(height: int, width: int) -> bool:
+    """Whether a render of this size reads and encodes in child processes (the threshold read at call time)."""
+    return height * width >= CHILD_PROCESSES_MIN_PIXELS
+
+
 STAGES = ("read", "prepare", "infer", "accumulate", "finalise", "journal", "encode", "wait")
 STAGE_MEANINGS = {
     "read": "read the mask windows of a batch (reader thread; for large images, take them from the reader process)",
@@ -670,7 +675,7 @@ def render(
             engine = create_backend(backend, model_path, threads=threads)
             try:
                 height, width = source.height, source.width
-                in_child = height * width >= CHILD_PROCESSES_MIN_PIXELS and not source.in_memory
+                in_child = _in_child_processes(height, width) and not source.in_memory
                 renderer = _Renderer(source, engine, batch_size, blend, overlap, threads,
                                      mask_file=(mask_path, colour_tolerance) if in_child else None)
                 mpp = mpp if mpp is not None else source.mpp
@@ -789,7 +794,7 @@ def _render_to_files(renderer: _Renderer, out_path: Path, header: dict, resume: 
 
     canvas_path, journal_path = side_paths(out_path)
     height, width = renderer.plan.height, renderer.plan.width
-    encoder = PyramidTiffProcess if height * width >= CHILD_PROCESSES_MIN_PIXELS else PyramidTiffWriter
+    encoder = PyramidTiffProcess if _in_child_processes(height, width) else PyramidTiffWriter
     journal = canvas = writer = recorder = reader = None
     try:
         journal = Journal(journal_path, header, resume=resume)
