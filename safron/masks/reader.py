@@ -119,6 +119,7 @@ class Mask:
         self.kind = "labels" if raster.channels == 1 else "colour"
         self.lossy = bool(raster.lossy)
         if self.kind == "labels" and self.lossy:
+            raster.close()  # refused: nobody else will close it
             # Labels 0, 1, 2 are three adjacent grey levels: a lossy codec's error of a level or two turns gland into
             # stroma or stroma into background with no trace of it, and where it strays above 2 the mask is refused
             # anyway. A colour mask survives lossy compression (its classes are far apart); labels cannot.
