@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch", reason="the training losses need torch (pip
 
 from safron.losses import (  # noqa: E402
     AugmentParams, augment_pair, check_policy, discriminator_loss, feature_matching_loss, generator_adversarial_loss,
-    parse_policy, sample_augmentation,
+    grid_lock_loss, parse_policy, sample_augmentation,
 )
 from safron.models import Discriminator, FoldedContext, Generator, fold_one_hot, unfold_one_hot  # noqa: E402
 
@@ -142,6 +142,50 @@ def test_feature_matching_is_zero_for_equal_features_and_the_mean_l1_over_layers
     assert all(r.grad is None for r in real_grad), "the real side is a target, not trained through"
     with pytest.raises(ValueError, match="same, non-zero number of layers"):
         feature_matching_loss(fake[:1], real)
+
+
+def lattice(period: int, size: int = 256, seed: int = 0) -> torch.Tensor:
+    """[1, 3, size, size]: one random period x period cell repeated over the patch."""
+    cell = torch.rand(1, 3, period, period, generator=torch.Generator().manual_seed(seed)) - 0.5
+    return cell.repeat(1, 1, size // period, size // period)
+
+
+def test_grid_lock_loss_sees_a_patch_locked_lattice_whole_at_every_period_dividing_its_own():
+    for period in (4, 8, 32):
+        pattern = lattice(period)
+        # The mean absolute deviation of the cell from its mean, for a lattice of this period or one dividing it.
+        expected = (pattern - pattern.mean(dim=(2, 3), keepdim=True)).abs().mean().item()
+        assert grid_lock_loss(pattern, 32).item() == pytest.approx(expected, rel=1e-4)
+    assert grid_lock_loss(torch.full((2, 3, 256, 256), 0.7), 32).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_grid_lock_loss_leaves_texture_and_structure_that_do_not_repeat_with_the_patch_grid_nearly_alone():
+    generator = torch.Generator().manual_seed(1)
+    noise = (torch.rand(4, 3, 256, 256, generator=generator) - 0.5)  # texture at the pixel scale, mean |dev| 0.25
+    blob = torch.zeros(1, 3, 256, 256)
+    blob[..., 70:170, 40:190] = 1.0  # a gland-sized region, at no particular phase
+    locked = grid_lock_loss(lattice(16, seed=2) * 0.5, 32).item()
+    # Each cell is a mean over 36 pixels spread over the patch: noise shrinks about 6-fold. A sharp region's edges
+    # leave a floor (they differ from their local mean, at a phase that depends on where the region lies).
+    assert grid_lock_loss(noise, 32).item() < 0.25 / 4 < locked
+    assert grid_lock_loss(blob, 32).item() < locked / 2
+
+
+def test_grid_lock_loss_does_not_see_colour_or_smooth_gradients():
+    image = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(3)) - 0.5 + lattice(8) * 0.3
+    ramp = torch.linspace(-1, 1, 256)[None, None, :, None] * torch.tensor([0.5, -1.0, 0.2])[None, :, None, None]
+    plane = ramp + ramp.transpose(2, 3) + 0.4  # a colour and a gradient across the patch in both directions
+    assert grid_lock_loss(plane.expand(1, 3, 256, 256), 32).item() == pytest.approx(0, abs=1e-6)
+    assert grid_lock_loss(image + plane, 32).item() == pytest.approx(grid_lock_loss(image, 32).item(), rel=1e-4)
+    image.requires_grad_()
+    grid_lock_loss(image, 32).backward()
+    push, total = image.grad.sum(dim=(2, 3)).abs(), image.grad.abs().sum(dim=(2, 3))
+    assert (push < 1e-5 * total).all(), "no push on a patch's mean colour"
+    assert (total > 0).all()
+    with pytest.raises(ValueError, match="divide"):
+        grid_lock_loss(image, 24)
+    with pytest.raises(ValueError, match="three times"):
+        grid_lock_loss(image, 128)
 
 
 def test_the_discriminators_features_lead_to_its_logits():

@@ -394,6 +394,25 @@ def test_shift_loss_is_off_by_default_and_changes_nothing_then(big_tile_dir):
                                          rel=1e-5)
 
 
+def test_grid_lock_loss_sees_a_pattern_repeated_in_every_patch_and_adds_to_the_generators_loss(big_tile_dir):
+    config = TrainConfig(data=str(big_tile_dir), tile=492, lambda_grid=2.0, grid_period=16, **TINY)
+    assert config.loss_names == (*LOSS_NAMES, "grid")
+    dataset = TileDataset(big_tile_dir, 492, seed=0)
+    cell = np.random.default_rng(0).uniform(-0.25, 0.25, (3, 8, 8)).astype(np.float32)
+    losses = {}
+    for name, pattern in (("plain", None), ("lattice", torch.from_numpy(np.tile(cell, (1, 32, 32))))):
+        trainer = Trainer(config, dataset, torch.device("cpu"))
+        trainer.generator = _CentreCrop(trainer.plan.window, trainer.plan.patch, pattern)
+        losses[name] = [trainer.train_step(dataset.tile_at(step)) for step in range(2)]
+    # The lattice adds the mean |deviation| of its cell (period 8 divides 16) to whatever the mask's blocks leave.
+    deviation = np.abs(cell - cell.mean(axis=(1, 2), keepdims=True)).mean()
+    for plain, lattice in zip(losses["plain"], losses["lattice"]):
+        # The mask's blocks leave a floor; by the triangle inequality the lattice's cell shows through it.
+        assert plain["grid"] < deviation / 3 and lattice["grid"] >= deviation - plain["grid"]
+        assert lattice["loss_g"] == pytest.approx(config.lambda_l1 * lattice["l1"] + config.lambda_adv * lattice["adv"]
+                                                  + config.lambda_grid * lattice["grid"], rel=1e-5)
+
+
 def test_init_starts_a_new_run_from_another_runs_models_and_optimisers(tmp_path, data_dir):
     quick_train(tmp_path / "base", data_dir, 3)
     base_state = latest_checkpoint(tmp_path / "base")
@@ -619,6 +638,9 @@ BAD_OPTIONS = [
     (["--lambda-shift", "-2"], "--lambda-shift: expected a number >= 0"),
     (["--shift-scale", "300"], "shift_scale must be an integer in [1, 256]"),
     (["--levels", "3"], "levels must be an integer in [4, 8]"),
+    (["--lambda-grid", "-1"], "--lambda-grid: expected a number >= 0"),
+    (["--grid-period", "128"], "grid_period must be one of 2, 4, 8, 16, 32, 64"),
+    (["--grid-period", "24"], "grid_period must be one of 2, 4, 8, 16, 32, 64"),
     (["--tiles-per-step", "0"], "--tiles-per-step: expected a positive integer"),
     (["--init", "nowhere"], "nowhere: not a run directory or a training checkpoint"),
     (["--diffaugment", "color,flip"], "--diffaugment: unknown augmentation 'flip'"),

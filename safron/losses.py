@@ -13,6 +13,13 @@
   fits its mask -- while colour jitter touches the image only (the mask is a one-hot, not a colour).
   The parameters are drawn once per tile and applied to its real and generated pair alike, so feature matching
   compares features of identically augmented images.
+* Grid lock (not in the paper): a small U-Net with strided decoders draws patterns locked to its own patch grid (the
+  dot lattices of transposed convolutions), which a render then repeats every patch. Each generated patch, less its
+  local mean over P x P pixels (which takes away colour, gradients and everything larger than P, and leaves any
+  pattern whose period divides P untouched), is averaged over all positions with the same phase modulo P, folding
+  it onto one P x P cell: texture and tissue average out, what repeats with the patch grid stays. The loss is the
+  mean absolute deviation of that cell from its mean, so it leaves texture, colour and the mask's structure free. The band of width P
+  along the patch's border, where the local mean would need pixels beyond it, is left out.
 
 Random draws come from torch's global generator, which the trainer reseeds from (seed, step) before each step, so
 resumed runs stay exact.
@@ -26,7 +33,8 @@ import torch
 from torch import nn
 
 __all__ = ["GAN_LOSSES", "AUGMENTATIONS", "AugmentParams", "check_policy", "parse_policy", "sample_augmentation",
-           "augment_pair", "discriminator_loss", "generator_adversarial_loss", "feature_matching_loss"]
+           "augment_pair", "discriminator_loss", "generator_adversarial_loss", "feature_matching_loss",
+           "grid_lock_loss"]
 
 GAN_LOSSES = ("bce", "hinge")
 # DiffAugment's three policies, in the order they are applied.
@@ -153,3 +161,25 @@ def feature_matching_loss(fake_features: list[torch.Tensor], real_features: list
                          f"and {len(real_features)}")
     terms = [(fake.float() - real.detach().float()).abs().mean() for fake, real in zip(fake_features, real_features)]
     return torch.stack(terms).mean()
+
+
+def grid_lock_loss(patches: torch.Tensor, period: int) -> torch.Tensor:
+    """Mean |cell - its mean| of patches [N, C, H, W] less their local mean over period x period pixels, inside a band of width
+    `period` along the border, folded modulo `period` onto one cell per patch and channel (module docstring): 0 for
+    anything without a component repeating at the patch grid with a period dividing `period`; `period` divides H
+    and W, which are at least three periods."""
+    n, c, height, width = patches.shape
+    if period < 2 or height % period or width % period or min(height, width) < 3 * period:
+        raise ValueError(f"the period must be at least 2, divide the patch's {height} x {width} and fit three times "
+                         f"into it, got {period}")
+    pixels = patches.float()
+    # The box mean over rows, then columns (separable: 2P additions per pixel, not P^2): local[i, j] is the mean of
+    # pixels[i:i + P, j:j + P], so pixel (y, x) is compared with the box around it at local[y - P/2, x - P/2].
+    local = nn.functional.avg_pool2d(nn.functional.avg_pool2d(pixels, (period, 1), stride=1), (1, period), stride=1)
+    half = period // 2
+    inner = (pixels[..., period:height - period, period:width - period]
+             - local[..., period - half:height - period - half, period - half:width - period - half])
+    rows, columns = inner.shape[-2] // period, inner.shape[-1] // period
+    cell = inner.reshape(n, c, rows, period, columns, period).mean(dim=(2, 4))
+    # Less the cell's mean: with an even P the box is centred half a pixel off, which leaves a gradient's slope.
+    return (cell - cell.mean(dim=(2, 3), keepdim=True)).abs().mean()

@@ -21,7 +21,7 @@ def _augmentation_policy(text):
 # CLI options that define a run (TrainConfig fields); they default to None so that --resume can tell the ones given.
 _RUN_OPTIONS = ("data", "tile", "stride", "ngf", "ndf", "lr", "beta1", "lambda_l1", "lambda_adv", "lambda_shift",
                 "ema_decay", "blend", "seed", "tiles_per_step", "lambda_fm", "gan_loss", "diffaugment", "lr_d",
-                "small_images", "upsample", "context", "shift_scale", "levels")
+                "small_images", "upsample", "context", "shift_scale", "levels", "lambda_grid", "grid_period")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def train_parser() -> argparse.ArgumentParser:
     from ..models import CONTEXTS, UPSAMPLING
     from ..stitch import BLENDS
     from ..train import (
-        DEFAULT_KEEP, DEFAULT_SAMPLE_EVERY, DEFAULT_SAVE_EVERY, DEFAULT_STEPS, PRECISIONS, TrainConfig,
+        DEFAULT_KEEP, DEFAULT_SAMPLE_EVERY, DEFAULT_SAVE_EVERY, DEFAULT_STEPS, GRID_PERIODS, PRECISIONS, TrainConfig,
     )
 
     defaults = TrainConfig(data="")
@@ -99,6 +99,14 @@ def train_parser() -> argparse.ArgumentParser:
                         "larger than the blocks (lumens, epithelium) must agree wherever the patch grid falls, finer "
                         "texture may differ, so the term no longer pulls texture towards its average "
                         f"(default: {defaults.shift_scale}, pixel by pixel)")
+    p.add_argument("--lambda-grid", type=non_negative_float, metavar="W",
+                   help="weight of the grid-lock loss: each generated patch averaged over all positions with the same "
+                        "phase modulo --grid-period must be flat, which removes patterns repeating with the patch grid "
+                        "(the dot lattices of transposed convolutions) and leaves texture free "
+                        f"(default: {defaults.lambda_grid:g}, off)")
+    p.add_argument("--grid-period", type=positive_int, metavar="P",
+                   help="the grid-lock loss's fold: catches every period dividing it; one of "
+                        f"{', '.join(map(str, GRID_PERIODS))} (default: {defaults.grid_period})")
     p.add_argument("--ema-decay", type=non_negative_float, metavar="D",
                    help="also keep an exponential moving average of the generator's weights (e.g. 0.999) and publish "
                         "it: samples, RUN_DIR/generator.safetensors and safron-export use it (default: 0, off)")

@@ -18,6 +18,9 @@ on its own, the generator and the discriminator each run once on the whole batch
      overlap at another phase. The pixel-wise term also pulls texture towards its average (the two patches draw
      their own nuclei), so `shift_scale` PX > 1 compares PX x PX block means instead: lumens and epithelium must
      agree wherever the grid falls, texture finer than the blocks may differ.
+  6. optional (lambda_grid > 0, not in the paper): lambda_grid * losses.grid_lock_loss(all patches of the step,
+     grid_period): each patch folded modulo the period must be flat, which removes patterns that repeat with the
+     patch grid (the lattice of dots a transposed-convolution decoder draws) and nothing else.
 Adam (lr 1e-4, beta1 0.5) for both. Optional (ema_decay > 0, not in the paper): after each step an exponential
 moving average of the generator's weights moves towards them, and the run publishes the average (samples,
 RUN_DIR/generator.safetensors, export): it smooths the step-to-step oscillation of GAN training.
@@ -47,8 +50,8 @@ from ..checkpoints import load_generator
 from .checkpointing import generator_from_onnx, latest_checkpoint, portable_checkpoint, training_checkpoint
 from .config import (
     CHECKPOINT_FORMAT, CHECKPOINTS_FOLDER, DEFAULT_KEEP, DEFAULT_SAMPLE_EVERY, DEFAULT_SAVE_EVERY, DEFAULT_STEPS,
-    FM_LOSS, LOSS_NAMES, LOSSES_CSV, PRECISIONS, SAMPLES_FOLDER, SHIFT_LOSS, TENSORBOARD_FOLDER, TrainConfig,
-    TrainResult, check_config,
+    FM_LOSS, GRID_LOSS, GRID_PERIODS, LOSS_NAMES, LOSSES_CSV, PRECISIONS, SAMPLES_FOLDER, SHIFT_LOSS,
+    TENSORBOARD_FOLDER, TrainConfig, TrainResult, check_config,
 )
 from .loop import train
 from .trainer import FourierContextConvolution, Trainer, to_uint8
@@ -56,7 +59,7 @@ from .trainer import FourierContextConvolution, Trainer, to_uint8
 __all__ = [
     "TrainConfig", "TrainResult", "Trainer", "FourierContextConvolution", "check_config", "train", "load_generator",
     "latest_checkpoint", "training_checkpoint", "portable_checkpoint", "to_uint8", "LOSS_NAMES", "SHIFT_LOSS",
-    "FM_LOSS",
+    "FM_LOSS", "GRID_LOSS", "GRID_PERIODS",
     "generator_from_onnx", "CHECKPOINT_FORMAT", "CHECKPOINTS_FOLDER", "SAMPLES_FOLDER", "TENSORBOARD_FOLDER",
     "LOSSES_CSV", "PRECISIONS", "DEFAULT_STEPS", "DEFAULT_SAVE_EVERY", "DEFAULT_SAMPLE_EVERY", "DEFAULT_KEEP",
 ]

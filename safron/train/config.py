@@ -22,6 +22,8 @@ LOSSES_CSV = "losses.csv"
 LOSS_NAMES = ("loss_g", "l1", "adv", "loss_d", "d_real", "d_fake")
 SHIFT_LOSS = "shift"  # logged after LOSS_NAMES by runs with lambda_shift > 0
 FM_LOSS = "fm"  # logged after them by runs with lambda_fm > 0
+GRID_LOSS = "grid"  # logged after them by runs with lambda_grid > 0
+GRID_PERIODS = tuple(p for p in range(2, geometry.PATCH // 3 + 1) if geometry.PATCH % p == 0)  # losses.grid_lock_loss
 _DISCRIMINATOR_PREFIX = "discriminator."
 _OPTIMISER_PREFIXES = {"generator": "optimiser.generator.", "discriminator": "optimiser.discriminator."}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -66,10 +68,14 @@ class TrainConfig:
     upsample: str = "transpose"  # the generator's decoder (models.UPSAMPLING); "resize" avoids checkerboard grids
     context: str = "dense"  # how the generator reads the mask context (models.CONTEXTS); "dilated" is cheaper
     levels: int = U_NET_LEVELS  # the generator's U-Net depth (models.U_NET_LEVELS); fewer keep its decisions local
+    # Grid lock (losses.grid_lock_loss): each generated patch folded modulo grid_period must be flat.
+    lambda_grid: float = 0.0
+    grid_period: int = 32
 
     @property
     def loss_names(self) -> tuple[str, ...]:
-        return LOSS_NAMES + ((SHIFT_LOSS,) if self.lambda_shift else ()) + ((FM_LOSS,) if self.lambda_fm else ())
+        return (LOSS_NAMES + ((SHIFT_LOSS,) if self.lambda_shift else ()) + ((FM_LOSS,) if self.lambda_fm else ())
+                + ((GRID_LOSS,) if self.lambda_grid else ()))
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,11 @@ def check_config(config: TrainConfig) -> None:
         raise SafronInputError(f"lambda_shift must be >= 0, got {config.lambda_shift}")
     if not (isinstance(config.shift_scale, int) and 1 <= config.shift_scale <= geometry.PATCH):
         raise SafronInputError(f"shift_scale must be an integer in [1, {geometry.PATCH}], got {config.shift_scale!r}")
+    if not config.lambda_grid >= 0:
+        raise SafronInputError(f"lambda_grid must be >= 0, got {config.lambda_grid}")
+    if config.grid_period not in GRID_PERIODS:
+        raise SafronInputError(f"grid_period must be one of {', '.join(map(str, GRID_PERIODS))} (it divides the "
+                               f"{geometry.PATCH} px patch and fits into it three times), got {config.grid_period!r}")
     if not 0 <= config.ema_decay < 1:
         raise SafronInputError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
     if not (isinstance(config.tiles_per_step, int) and config.tiles_per_step >= 1):

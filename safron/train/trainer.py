@@ -19,7 +19,7 @@ from ..data import TileDataset, TrainingTile
 from ..errors import ModelError, SafronInputError, first_line
 from ..files import written_atomically
 from ..losses import (
-    augment_pair, discriminator_loss, feature_matching_loss, generator_adversarial_loss,
+    augment_pair, discriminator_loss, feature_matching_loss, generator_adversarial_loss, grid_lock_loss,
     parse_policy, sample_augmentation,
 )
 from ..checkpoints import (
@@ -174,7 +174,7 @@ class Trainer:
     def _stitched(self, windows: torch.Tensor, generator: Generator | None = None,
                   tiles: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(`tiles` tiles [tiles, 3, T, T], each stitched from its plan's windows, which come first in `windows`,
-        tile after tile; the patches of the windows after them), by `generator` (default: the one being trained)."""
+        tile after tile; the patches of all windows), by `generator` (default: the one being trained)."""
         with self._autocast():
             patches = (generator or self.generator)(windows)
         ys, xs = self._origins
@@ -184,7 +184,7 @@ class Trainer:
                    self.plan.overlap)
             for k in range(tiles)
         ])
-        return stitched, patches[tiles * count:]
+        return stitched, patches
 
     def train_step(self, tiles: TrainingTile | Sequence[TrainingTile]) -> dict[str, float]:
         """One D step and one G step on `tiles` (one tile, or a batch of tiles of the same size, usually
@@ -205,7 +205,8 @@ class Trainer:
             y, x = torch.randint(0, self.plan.height - self.plan.patch + 1, (2,)).tolist()
             window = self.plan.window
             windows = torch.cat([windows, contexts[0][None, :, y:y + window, x:x + window]])
-        fake, extra = self._stitched(windows, tiles=len(tiles))
+        fake, patches = self._stitched(windows, tiles=len(tiles))
+        extra = patches[len(tiles) * len(self._origins[0]):]
 
         # One draw of DiffAugment per tile, applied alike to its real and generated pair (and again in the G step),
         # so that feature matching compares identically augmented images.
@@ -254,6 +255,11 @@ class Trainer:
                 matching = feature_matching_loss(fake_features, real_features)
                 loss_g = loss_g + config.lambda_fm * matching
                 extra_losses.append(matching)
+            if config.lambda_grid:
+                # On the patches as drawn, in their own coordinates, where a grid-locked pattern keeps its phase.
+                grid = grid_lock_loss(patches, config.grid_period)
+                loss_g = loss_g + config.lambda_grid * grid
+                extra_losses.append(grid)
             self.optimiser_g.zero_grad(set_to_none=True)
             self.scaler.scale(loss_g).backward()
             self.scaler.step(self.optimiser_g)
