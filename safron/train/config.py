@@ -68,9 +68,10 @@ class TrainConfig:
     upsample: str = "transpose"  # the generator's decoder (models.UPSAMPLING); "resize" avoids checkerboard grids
     context: str = "dense"  # how the generator reads the mask context (models.CONTEXTS); "dilated" is cheaper
     levels: int = U_NET_LEVELS  # the generator's U-Net depth (models.U_NET_LEVELS); fewer keep its decisions local
-    # Grid lock (losses.grid_lock_loss): each generated patch folded modulo grid_period must be flat.
+    # Grid lock (losses.grid_lock_loss): each generated patch folded modulo grid_period must be flat. 64, the largest
+    # fold that still averages four repeats each way: at 32 a CPU fine-tune moved its lattice to period 64.
     lambda_grid: float = 0.0
-    grid_period: int = 32
+    grid_period: int = 64
 
     @property
     def loss_names(self) -> tuple[str, ...]:
