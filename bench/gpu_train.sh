@@ -26,6 +26,11 @@
 #           SAFRON_TRAIN_KEEP_STATE="levels5 levels5-shift16" ... (the common arguments above, with --upsample resize)
 #   (the resize decoder renders at 1.6x the default's time per patch on a CPU, over issue 12's 1.5x: see
 #   bench/model_speed.py before shipping; per-patch InstanceNorm statistics are the other suspect for the blocks)
+#   the cheaper alternative since the ninth session: the transposed decoder (1.06x on a CPU at width 32) with
+#   the grid-lock loss against its dot lattice (MODEL_CARD.md, "Grid-lock loss on the CPU": on a CPU fine-tune
+#   it took the seam score from 1.28 to 1.00 at equal compute), beside the resize run:
+#           SAFRON_TRAIN_VARIANTS="resize-l5=--upsample resize --levels 5;transpose-grid=--upsample transpose \
+#             --lambda-grid 20 --lambda-shift 10 --shift-scale 16" ...
 #   dry run on a CPU:  SAFRON_GPU_DRY_RUN=1 SAFRON_TRAIN_DATA=DIR OUT=/tmp/x bench/gpu_train.sh --ngf 8 --ndf 8
 #   batches of tiles (safron-train --tiles-per-step N) are untimed on a GPU: time them first in the same call,
 #   `python bench/train_step.py --device cuda --ngf 32 --tiles 492 --tiles-per-step 1 4 8` (about a minute)
