@@ -11,7 +11,7 @@ import torch
 from .. import geometry
 from ..data import SMALL_IMAGES
 from ..errors import SafronInputError
-from ..losses import GAN_LOSSES, parse_policy
+from ..losses import GAN_LOSSES, grid_periods, parse_policy
 from ..models import CONTEXTS, MIN_U_NET_LEVELS, U_NET_LEVELS, UPSAMPLING
 from ..stitch import BLENDS
 
@@ -23,7 +23,7 @@ LOSS_NAMES = ("loss_g", "l1", "adv", "loss_d", "d_real", "d_fake")
 SHIFT_LOSS = "shift"  # logged after LOSS_NAMES by runs with lambda_shift > 0
 FM_LOSS = "fm"  # logged after them by runs with lambda_fm > 0
 GRID_LOSS = "grid"  # logged after them by runs with lambda_grid > 0
-GRID_PERIODS = tuple(p for p in range(2, geometry.PATCH // 3 + 1) if geometry.PATCH % p == 0)  # losses.grid_lock_loss
+GRID_PERIODS = grid_periods(geometry.PATCH, geometry.PATCH)  # what --grid-period may be
 _DISCRIMINATOR_PREFIX = "discriminator."
 _OPTIMISER_PREFIXES = {"generator": "optimiser.generator.", "discriminator": "optimiser.discriminator."}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
