@@ -1,0 +1,66 @@
+"""How much of each generator's output is locked to its patch grid (not a test): the grid-lock loss as a diagnostic.
+
+`safron.losses.grid_lock_loss` folds each generated patch, less its local mean, modulo P; what survives the fold
+repeats with the patch grid (the dot lattice of a transposed-convolution decoder). This prints its mean over the
+patches of the first N training tiles (the seeded tile sequence of safron-train, 492 px: 2 x 2 patches each), for
+each generator in eval mode (as a render draws), at each period. Real tissue has no patch grid, so the same fold
+of each tile's real 256 px corner is printed as the floor: a generator at or below it shows no grid lock at that
+period.
+
+    python bench/grid_lock.py safron/default_model/generator.onnx RUN_DIR CHECKPOINT.safetensors
+    python bench/grid_lock.py MODEL.onnx --data ../shared/data/glas/train --tiles 8 --periods 16 32 64
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", help="exported .onnx generators, run directories or checkpoints")
+    parser.add_argument("--data", default="../shared/data/glas/train", help="training folder (images/, masks/)")
+    parser.add_argument("--tiles", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=99, help="seed of the tile sequence")
+    parser.add_argument("--periods", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+
+    from safron import geometry, masks
+    from safron.checkpoints import load_generator
+    from safron.data import TileDataset
+    from safron.losses import grid_lock_loss
+    from safron.stitch import cut_windows
+    from safron.train import generator_from_onnx
+
+    torch.set_num_threads(args.threads)
+    generators = {}
+    for model in args.models:
+        generator = generator_from_onnx(model) if Path(model).suffix.lower() == ".onnx" else load_generator(model)
+        generators[model] = generator.eval()
+    tile = 492
+    dataset = TileDataset(args.data, tile, seed=args.seed)
+    plan = geometry.plan(tile, tile)
+    patch = plan.patch
+    scores = {name: {p: [] for p in args.periods} for name in ["real (floor)", *generators]}
+    with torch.no_grad():
+        for step in range(args.tiles):
+            example = dataset.tile_at(step)
+            windows = cut_windows(torch.from_numpy(masks.labels_to_model_input(example.context)), plan)
+            real = torch.from_numpy(example.image[:patch, :patch]).permute(2, 0, 1)[None].float() / 127.5 - 1
+            drawn = {"real (floor)": real} | {name: g(windows) for name, g in generators.items()}
+            for name, patches in drawn.items():
+                for period in args.periods:
+                    scores[name][period].append(grid_lock_loss(patches, period).item())
+    width = max(map(len, scores))
+    print(f"{'generator':<{width}}  " + "  ".join(f"P {p:>3}" for p in args.periods))
+    for name, by_period in scores.items():
+        print(f"{name:<{width}}  " + "  ".join(f"{np.mean(by_period[p]):.4f}" for p in args.periods))
+
+
+if __name__ == "__main__":
+    main()
