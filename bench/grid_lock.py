@@ -7,8 +7,12 @@ each generator in eval mode (as a render draws), at each period. Real tissue has
 of each tile's real 256 px corner is printed as the floor: a generator at or below it shows no grid lock at that
 period.
 
+`--fold class` scores the class fold instead (`safron-train --grid-fold class`): each tile's patches pooled, one
+fold per mask class over the patches' own masks; its floor folds the real tile's crops at the same positions.
+
     python bench/grid_lock.py safron/default_model/generator.onnx RUN_DIR CHECKPOINT.safetensors
     python bench/grid_lock.py MODEL.onnx --data ../shared/data/glas/train --tiles 8 --periods 16 32 64
+    python bench/grid_lock.py MODEL.onnx --fold class
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=99, help="seed of the tile sequence")
     parser.add_argument("--periods", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fold", choices=("patch", "class"), default="patch",
+                        help="patch: each patch on its own, the real floor from the tile's corner; class: the tile's "
+                             "patches pooled per mask class, the real floor from the tile's crops at the same places")
     args = parser.parse_args()
 
     import numpy as np
@@ -51,11 +58,22 @@ def main() -> None:
         for step in range(args.tiles):
             example = dataset.tile_at(step)
             windows = cut_windows(torch.from_numpy(masks.labels_to_model_input(example.context)), plan)
-            real = torch.from_numpy(example.image[:patch, :patch]).permute(2, 0, 1)[None].float() / 127.5 - 1
+            image = torch.from_numpy(example.image).permute(2, 0, 1).float() / 127.5 - 1
+            classes = None
+            if args.fold == "class":
+                origins = list(zip(*(o.tolist() for o in plan.origins())))
+                real = torch.stack([image[:, y:y + patch, x:x + patch] for y, x in origins])
+                margin = plan.margin
+                labels = torch.stack([torch.from_numpy(example.context[y + margin:y + margin + patch,
+                                                                       x + margin:x + margin + patch])
+                                      for y, x in origins])
+                classes = torch.stack([labels == label for label in masks.MODEL_INPUT_CLASSES], dim=1)
+            else:
+                real = image[None, :, :patch, :patch]
             drawn = {"real (floor)": real} | {name: g(windows) for name, g in generators.items()}
             for name, patches in drawn.items():
                 for period in args.periods:
-                    scores[name][period].append(grid_lock_loss(patches, period).item())
+                    scores[name][period].append(grid_lock_loss(patches, period, classes).item())
     width = max(map(len, scores))
     print(f"{'generator':<{width}}  " + "  ".join(f"P {p:>3}" for p in args.periods))
     for name, by_period in scores.items():

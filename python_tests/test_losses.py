@@ -197,6 +197,73 @@ def test_grid_lock_loss_does_not_see_colour_or_smooth_gradients():
         grid_lock_loss(image, 128)
 
 
+
+def deviation(pattern: torch.Tensor) -> float:
+    """A lattice's mean absolute deviation from its mean: what either fold sees of it whole."""
+    return (pattern - pattern.mean(dim=(2, 3), keepdim=True)).abs().mean().item()
+
+
+def test_class_fold_sees_a_lattice_drawn_inside_one_class_whole_where_the_patch_fold_sees_a_fraction():
+    pattern = lattice(16, seed=4)
+    noise = (torch.rand(8, 3, 256, 256, generator=torch.Generator().manual_seed(5)) - 0.5) * 0.2
+    inside = torch.zeros(8, 1, 256, 256)
+    inside[..., 64:192, 64:192] = 1  # a large gland in every patch: a quarter of each
+    patches = noise + pattern * inside
+    others = 1 - inside
+    both = torch.cat([inside, others], dim=1)
+    # The gland class alone: its fold holds the lattice whole (its local mean is taken over the whole patch, so the
+    # gland's edge blurs it within P / 2 of the edge: most of it survives, not all).
+    assert grid_lock_loss(patches, 32, inside).item() > 0.7 * deviation(pattern)
+    # The patch fold dilutes it by the gland's share of the patch.
+    assert grid_lock_loss(patches, 32).item() < 0.5 * deviation(pattern)
+    # Over both classes: the mean of the gland's term and the other class's, which sees the edge and noise only.
+    assert grid_lock_loss(patches, 32, both).item() > 0.4 * deviation(pattern) > grid_lock_loss(patches, 32, others)
+
+
+def test_class_fold_keeps_lattices_of_opposite_sign_in_two_classes_from_cancelling():
+    pattern = lattice(8, seed=6)
+    left = torch.zeros(4, 1, 256, 256)
+    left[..., :128] = 1
+    patches = pattern * left - pattern * (1 - left)
+    classes = torch.cat([left, 1 - left], dim=1)
+    assert grid_lock_loss(patches, 32, classes).item() > 0.8 * deviation(pattern)
+    assert grid_lock_loss(patches, 32).item() < 0.3 * deviation(pattern)
+
+
+def test_class_fold_pools_the_steps_patches_so_texture_leaves_less_in_it():
+    noise = torch.rand(10, 3, 256, 256, generator=torch.Generator().manual_seed(7)) - 0.5
+    ones = torch.ones(10, 1, 256, 256)
+    patch_fold, class_fold = grid_lock_loss(noise, 64).item(), grid_lock_loss(noise, 64, ones).item()
+    # 16 positions per phase and patch, against 160 pooled: about sqrt(10) less.
+    assert class_fold < patch_fold / 2.5
+    # A lattice shared by every patch is seen as whole by both.
+    locked = noise * 0.1 + lattice(64, seed=8)
+    assert grid_lock_loss(locked, 64, ones).item() == pytest.approx(deviation(lattice(64, seed=8)), rel=0.15)
+
+
+def test_class_fold_leaves_out_classes_too_small_to_average_texture():
+    image = (torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(9)) - 0.5 + lattice(8)).requires_grad_()
+    speck = torch.zeros(2, 1, 256, 256)
+    speck[..., :10, :10] = 1  # 200 pixels: under 16 per phase of a 32 x 32 cell
+    assert grid_lock_loss(image, 32, speck).item() == 0
+    grid_lock_loss(image, 32, speck).backward()  # a step where no class is kept still backpropagates
+    assert image.grad is not None and float(image.grad.abs().sum()) == 0
+    kept = grid_lock_loss(image, 32, torch.cat([speck, 1 - speck], dim=1)).item()
+    assert kept == pytest.approx(grid_lock_loss(image, 32, 1 - speck).item())
+
+
+def test_class_fold_does_not_see_colour_or_smooth_gradients_and_checks_its_mask():
+    ramp = torch.linspace(-1, 1, 256)[None, None, :, None] * torch.tensor([0.5, -1.0, 0.2])[None, :, None, None]
+    plane = (ramp + ramp.transpose(2, 3) + 0.4).expand(3, 3, 256, 256)
+    halves = torch.zeros(3, 2, 256, 256)
+    halves[:, 0, :100] = 1
+    halves[:, 1, 100:] = 1
+    assert grid_lock_loss(plane, 64, halves).item() == pytest.approx(0, abs=1e-6)
+    with pytest.raises(ValueError, match=r"classes must be \[3, K, 256, 256\]"):
+        grid_lock_loss(plane, 64, halves[:2])
+    with pytest.raises(ValueError, match="classes must be"):
+        grid_lock_loss(plane, 64, halves[:, :, :128])
+
 def test_the_discriminators_features_lead_to_its_logits():
     discriminator = Discriminator(ndf=4).eval()
     mask, image = pair(2, 128)

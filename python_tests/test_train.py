@@ -413,6 +413,53 @@ def test_grid_lock_loss_sees_a_pattern_repeated_in_every_patch_and_adds_to_the_g
                                                   + config.lambda_grid * lattice["grid"], rel=1e-5)
 
 
+
+class _LatticeInOneClass(_CentreCrop):
+    """_CentreCrop with its fixed pattern drawn only where the patch's mask is one class (mask channel `channel`)."""
+
+    def __init__(self, window: int, patch: int, pattern: torch.Tensor, channel: int):
+        super().__init__(window, patch)
+        self.lattice, self.channel = pattern, channel
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        m, p = self.margin, self.patch
+        inside = windows[:, self.channel:self.channel + 1, m:m + p, m:m + p] > 0
+        return super().forward(windows) + self.lattice * inside
+
+
+def test_class_grid_fold_folds_each_class_over_the_patches_own_masks(big_tile_dir):
+    from safron.losses import grid_lock_loss
+    from safron.masks import MODEL_INPUT_CLASSES
+    from safron.stitch import cut_windows
+
+    dataset = TileDataset(big_tile_dir, 492, seed=0)
+    cell = np.random.default_rng(1).uniform(-0.25, 0.25, (3, 8, 8)).astype(np.float32)
+    pattern = torch.from_numpy(np.tile(cell, (1, 32, 32)))
+    logged = {}
+    for fold in ("patch", "class"):
+        config = TrainConfig(data=str(big_tile_dir), tile=492, lambda_grid=2.0, grid_period=16, grid_fold=fold, **TINY)
+        trainer = Trainer(config, dataset, torch.device("cpu"))
+        # Stroma (input channel 0) only: a lattice that one class's fold sees whole and the patch fold dilutes.
+        generator = _LatticeInOneClass(trainer.plan.window, trainer.plan.patch, pattern, channel=0)
+        trainer.generator = generator
+        logged[fold] = [trainer.train_step(dataset.tile_at(step)) for step in range(2)]
+        for losses in logged[fold]:
+            assert losses["loss_g"] == pytest.approx(config.lambda_l1 * losses["l1"] + config.lambda_adv * losses["adv"]
+                                                     + config.lambda_grid * losses["grid"], rel=1e-5)
+    # The class fold's value is the loss over each patch's own mask, one class per channel, worked out here from
+    # the tile's labels rather than from the generator's input.
+    plan, margin = trainer.plan, trainer.plan.margin
+    for step, losses in enumerate(logged["class"]):
+        tile = dataset.tile_at(step)
+        with torch.no_grad():
+            patches = generator(cut_windows(torch.from_numpy(masks.labels_to_model_input(tile.context)), plan))
+        labels = torch.stack([torch.from_numpy(tile.context[y:y + plan.patch, x:x + plan.patch])
+                              for y, x in zip(*(o + margin for o in plan.origins()))])
+        classes = torch.stack([labels == label for label in MODEL_INPUT_CLASSES], dim=1)
+        assert losses["grid"] == pytest.approx(grid_lock_loss(patches, 16, classes).item(), rel=1e-4)
+        assert losses["grid"] != pytest.approx(logged["patch"][step]["grid"], rel=0.05)
+
+
 def test_init_starts_a_new_run_from_another_runs_models_and_optimisers(tmp_path, data_dir):
     quick_train(tmp_path / "base", data_dir, 3)
     base_state = latest_checkpoint(tmp_path / "base")
@@ -641,6 +688,7 @@ BAD_OPTIONS = [
     (["--lambda-grid", "-1"], "--lambda-grid: expected a number >= 0"),
     (["--grid-period", "128"], "grid_period must be one of 2, 4, 8, 16, 32, 64"),
     (["--grid-period", "24"], "grid_period must be one of 2, 4, 8, 16, 32, 64"),
+    (["--grid-fold", "tile"], "--grid-fold: invalid choice"),
     (["--tiles-per-step", "0"], "--tiles-per-step: expected a positive integer"),
     (["--init", "nowhere"], "nowhere: not a run directory or a training checkpoint"),
     (["--diffaugment", "color,flip"], "--diffaugment: unknown augmentation 'flip'"),

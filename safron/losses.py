@@ -22,6 +22,12 @@
   Near the patch's border the local mean continues the patch by point reflection, which keeps gradients invisible
   and lattices nearly whole there: the border band is where a render shows a patch's own pixels next to the
   overlap, so it must not be left out.
+  Two folds (`GRID_FOLDS`). `patch`: each patch onto its own cell, (256 / P)^2 positions per phase -- 16 at P 64,
+  few enough that real texture leaves a floor the loss pushes against. `class`: all patches of the step onto one
+  cell per tissue class, each over the pixels its mask gives that class. A lattice locked to the patch grid is the
+  same in every patch, so it survives the pooling whole while texture averages over ~10x more positions; and a
+  lattice drawn only where the mask is one class (inside large glands, say) is no longer diluted by the rest of the
+  patch, nor cancelled by another class's lattice of opposite sign.
 
 Random draws come from torch's global generator, which the trainer reseeds from (seed, step) before each step, so
 resumed runs stay exact.
@@ -36,7 +42,7 @@ from torch import nn
 
 __all__ = ["GAN_LOSSES", "AUGMENTATIONS", "AugmentParams", "check_policy", "parse_policy", "sample_augmentation",
            "augment_pair", "discriminator_loss", "generator_adversarial_loss", "feature_matching_loss",
-           "grid_periods", "grid_lock_loss"]
+           "GRID_FOLDS", "grid_periods", "grid_lock_loss"]
 
 GAN_LOSSES = ("bce", "hinge")
 # DiffAugment's three policies, in the order they are applied.
@@ -185,21 +191,34 @@ def _running_mean(pixels: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return torch.cat([first, rest], dim) / length
 
 
+GRID_FOLDS = ("patch", "class")  # grid_lock_loss: each patch on its own, or all patches pooled per mask class
+
+
 def grid_periods(height: int, width: int) -> tuple[int, ...]:
     """The periods `grid_lock_loss` takes on height x width patches: from 2 up, dividing both sides, with at least
     three repeats along each (fewer leave too few pixels per cell for texture to average out)."""
     return tuple(p for p in range(2, min(height, width) // 3 + 1) if height % p == 0 and width % p == 0)
 
 
-def grid_lock_loss(patches: torch.Tensor, period: int) -> torch.Tensor:
+def grid_lock_loss(patches: torch.Tensor, period: int, classes: torch.Tensor | None = None,
+                   min_per_phase: int = 16) -> torch.Tensor:
     """Mean |cell - its mean| of patches [N, C, H, W] less their local mean over period x period pixels, folded modulo
-    `period` onto one cell per patch and channel (module docstring): 0 for colour and linear gradients, and for
-    anything else without a component repeating at the patch grid with a period dividing `period`; `period` divides
-    H and W, which are at least three periods."""
+    `period` (module docstring): 0 for colour and linear gradients, and for anything else without a component
+    repeating at the patch grid with a period dividing `period`; `period` divides H and W, which are at least three
+    periods.
+
+    Without `classes`, each patch and channel is folded onto its own cell (the `patch` fold). With `classes`
+    [N, K, H, W] (a one-hot mask of each patch, or any weights >= 0), all N patches are pooled onto one cell per class
+    and channel, each position weighted by the class's weight there (the `class` fold); a class with fewer than
+    `min_per_phase` x period^2 in weight over the step is left out (its cell would be mostly texture), and the loss is
+    the mean over the classes kept, or 0 when none is."""
     n, c, height, width = patches.shape
     if period not in grid_periods(height, width):
         raise ValueError(f"the period must be at least 2, divide the patch's {height} x {width} and fit three times "
                          f"into it, got {period}")
+    if classes is not None and (classes.dim() != 4 or classes.shape[0] != n or classes.shape[2:] != patches.shape[2:]):
+        raise ValueError(f"classes must be [{n}, K, {height}, {width}] for patches {list(patches.shape)}, "
+                         f"got {list(classes.shape)}")
     pixels = patches.float()
     # The box mean over rows, then columns, of the patch continued by P / 2 pixels before and P / 2 - 1 after:
     # local[y, x] is the mean of the P x P box from (y - P/2, x - P/2).
@@ -207,7 +226,21 @@ def grid_lock_loss(patches: torch.Tensor, period: int) -> torch.Tensor:
     local = pixels
     for dim in (2, 3):
         local = _running_mean(_extended(local, half, period - 1 - half, dim), period, dim)
-    residual = pixels - local
-    cell = residual.reshape(n, c, height // period, period, width // period, period).mean(dim=(2, 4))
-    # Less the cell's mean: with an even P the box is centred half a pixel off, which leaves a gradient's slope.
-    return (cell - cell.mean(dim=(2, 3), keepdim=True)).abs().mean()
+    residual = (pixels - local).reshape(n, c, height // period, period, width // period, period)
+    if classes is None:
+        cell = residual.mean(dim=(2, 4))
+        # Less the cell's mean: with an even P the box is centred half a pixel off, which leaves a gradient's slope.
+        return (cell - cell.mean(dim=(2, 3), keepdim=True)).abs().mean()
+    weights = classes.float().reshape(n, -1, height // period, period, width // period, period)
+    sums = torch.einsum("nkaybx,ncaybx->kcyx", weights, residual)  # [K, C, P, P]
+    counts = weights.sum(dim=(0, 2, 4))  # [K, P, P]
+    totals = counts.sum(dim=(1, 2))  # [K]
+    kept = totals >= min_per_phase * period * period
+    if not bool(kept.any()):
+        return pixels.sum() * 0  # still a graph, so that a caller's backward() works on any step
+    sums, counts, totals = sums[kept], counts[kept], totals[kept]
+    cell = sums / counts.clamp(min=1e-6)[:, None]
+    mean = sums.sum(dim=(2, 3)) / totals[:, None]  # [K, C]: the weighted mean over all phases
+    # Each phase weighted by how many positions it averages, so that a sparsely covered phase counts little.
+    deviation = (counts[:, None] * (cell - mean[:, :, None, None]).abs()).sum(dim=(2, 3)) / totals[:, None]
+    return deviation.mean()

@@ -21,12 +21,13 @@ def _augmentation_policy(text):
 # CLI options that define a run (TrainConfig fields); they default to None so that --resume can tell the ones given.
 _RUN_OPTIONS = ("data", "tile", "stride", "ngf", "ndf", "lr", "beta1", "lambda_l1", "lambda_adv", "lambda_shift",
                 "ema_decay", "blend", "seed", "tiles_per_step", "lambda_fm", "gan_loss", "diffaugment", "lr_d",
-                "small_images", "upsample", "context", "shift_scale", "levels", "lambda_grid", "grid_period")
+                "small_images", "upsample", "context", "shift_scale", "levels", "lambda_grid", "grid_period",
+                "grid_fold")
 
 
 def train_parser() -> argparse.ArgumentParser:
     from ..data import SMALL_IMAGES
-    from ..losses import GAN_LOSSES
+    from ..losses import GAN_LOSSES, GRID_FOLDS
     from ..models import CONTEXTS, UPSAMPLING
     from ..stitch import BLENDS
     from ..train import (
@@ -107,6 +108,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-period", type=positive_int, metavar="P",
                    help="the grid-lock loss's fold: catches every period dividing it; one of "
                         f"{', '.join(map(str, GRID_PERIODS))} (default: {defaults.grid_period})")
+    p.add_argument("--grid-fold", choices=GRID_FOLDS,
+                   help="patch: fold each patch on its own; class: pool all patches of a step, one fold per mask "
+                        "class, which leaves less texture in the fold and sees a lattice drawn only inside one class "
+                        f"(say, large glands) whole (default: {defaults.grid_fold})")
     p.add_argument("--ema-decay", type=non_negative_float, metavar="D",
                    help="also keep an exponential moving average of the generator's weights (e.g. 0.999) and publish "
                         "it: samples, RUN_DIR/generator.safetensors and safron-export use it (default: 0, off)")

@@ -20,7 +20,8 @@ on its own, the generator and the discriminator each run once on the whole batch
      agree wherever the grid falls, texture finer than the blocks may differ.
   6. optional (lambda_grid > 0, not in the paper): lambda_grid * losses.grid_lock_loss(all patches of the step,
      grid_period): each patch folded modulo the period must be flat, which removes patterns that repeat with the
-     patch grid (the lattice of dots a transposed-convolution decoder draws) and nothing else.
+     patch grid (the lattice of dots a transposed-convolution decoder draws) and nothing else. grid_fold "class"
+     pools all patches of the step into one fold per mask class instead.
 Adam (lr 1e-4, beta1 0.5) for both. Optional (ema_decay > 0, not in the paper): after each step an exponential
 moving average of the generator's weights moves towards them, and the run publishes the average (samples,
 RUN_DIR/generator.safetensors, export): it smooths the step-to-step oscillation of GAN training.

@@ -11,7 +11,7 @@ import torch
 from .. import geometry
 from ..data import SMALL_IMAGES
 from ..errors import SafronInputError
-from ..losses import GAN_LOSSES, grid_periods, parse_policy
+from ..losses import GAN_LOSSES, GRID_FOLDS, grid_periods, parse_policy
 from ..models import CONTEXTS, MIN_U_NET_LEVELS, U_NET_LEVELS, UPSAMPLING
 from ..stitch import BLENDS
 
@@ -72,6 +72,9 @@ class TrainConfig:
     # fold that still averages four repeats each way: at 32 a CPU fine-tune moved its lattice to period 64.
     lambda_grid: float = 0.0
     grid_period: int = 64
+    # "patch": each patch folded on its own; "class": all patches of the step pooled, one fold per mask class (less
+    # texture left in the fold, and a lattice drawn only inside one class is seen whole). Older checkpoints: "patch".
+    grid_fold: str = "patch"
 
     @property
     def loss_names(self) -> tuple[str, ...]:
@@ -137,6 +140,8 @@ def check_config(config: TrainConfig) -> None:
     if config.grid_period not in GRID_PERIODS:
         raise SafronInputError(f"grid_period must be one of {', '.join(map(str, GRID_PERIODS))} (it divides the "
                                f"{geometry.PATCH} px patch and fits into it three times), got {config.grid_period!r}")
+    if config.grid_fold not in GRID_FOLDS:
+        raise SafronInputError(f"grid_fold must be one of {', '.join(GRID_FOLDS)}, got {config.grid_fold!r}")
     if not 0 <= config.ema_decay < 1:
         raise SafronInputError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
     if not (isinstance(config.tiles_per_step, int) and config.tiles_per_step >= 1):

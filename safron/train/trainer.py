@@ -257,7 +257,12 @@ class Trainer:
                 extra_losses.append(matching)
             if config.lambda_grid:
                 # On the patches as drawn, in their own coordinates, where a grid-locked pattern keeps its phase.
-                grid = grid_lock_loss(patches, config.grid_period)
+                classes = None
+                if config.grid_fold == "class":
+                    # Each patch's own mask: the centre of its window, +-1 one-hot -> 0/1.
+                    margin, patch = self.plan.margin, self.plan.patch
+                    classes = windows[:, :, margin:margin + patch, margin:margin + patch] > 0
+                grid = grid_lock_loss(patches, config.grid_period, classes)
                 loss_g = loss_g + config.lambda_grid * grid
                 extra_losses.append(grid)
             self.optimiser_g.zero_grad(set_to_none=True)
