@@ -221,9 +221,10 @@ def band_that_logs(mask, store, y0, y1, *, log, fail_at=None, **options):
 @pytest.mark.parametrize("name", ["resumed.ome.zarr", "resumed.tif"])
 def test_an_interrupted_render_in_bands_resumes_with_the_bands_not_done(scene, cluster, tmp_path, monkeypatch, name):
     from safron import bands, zarr_output
+    from safron.files import partial_path
 
     out = tmp_path / name
-    store = bands.scratch_store(out) if name.endswith(".tif") else zarr_output.partial_path(out)
+    store = bands.scratch_store(out) if name.endswith(".tif") else partial_path(out)
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir(), second.mkdir()
     monkeypatch.setattr(engine, "render_band", functools.partial(band_that_logs, log=first, fail_at=384))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import zarr_output
-from .files import replace_folder
+from .files import partial_path, replace_folder
 from .errors import OutputWriteError, SafronInputError, WorkerLostError
 
 # Rows per band by default. Each band renders about one patch row (~236 rows) more than its own, so 4096 rows cost
@@ -137,7 +137,7 @@ def render_in_bands(
     marked done, then the levels or the TIFF as always. An input error (a bad colour) removes the store: it would
     come back. Neither this nor a resume of another render's store (another header) is taken for the output."""
     tiff = tiff_options is not None
-    store = scratch_store(out) if tiff else zarr_output.partial_path(out)
+    store = scratch_store(out) if tiff else partial_path(out)
     bounds = band_bounds(height, band_rows) if client is not None else [(0, height)]
     header = dict(header, chunk=chunk, bands=[list(b) for b in bounds], mpp=mpp, output="tiff" if tiff else "zarr")
     if resume:

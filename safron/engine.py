@@ -790,7 +790,8 @@ def _render_to_files(renderer: _Renderer, out_path: Path, header: dict, resume: 
     """Run `renderer` into the canvas, journal and TIFF of `out_path`; the seconds it took. On failure, keep or
     remove the canvas and journal depending on whether a resume could use them."""
     from .encoder_process import PyramidTiffProcess
-    from .pyramid_tiff import PyramidTiffWriter, partial_path
+    from .files import partial_path
+    from .pyramid_tiff import PyramidTiffWriter
 
     canvas_path, journal_path = side_paths(out_path)
     height, width = renderer.plan.height, renderer.plan.width

@@ -1,8 +1,9 @@
 """Writing a file so that its name holds the complete file or nothing: the content goes to a temporary name beside it
 (the same directory, so that the rename is atomic) and is renamed onto the name only when complete; the temporary
 file is removed on any failure. Every writer of a finished file (checkpoints, exported models, masks, TensorRT
-engine caches) goes through here; the pyramidal TIFF writer keeps its own `.partial`, which a resumed render
-reopens. A folder (an OME-Zarr store) is renamed into place by `replace_folder`."""
+engine caches) goes through here; resumable outputs (the pyramidal TIFF, an OME-Zarr store) are built under
+`partial_path`, which a resumed render reopens. A folder (an OME-Zarr store) is renamed into place by
+`replace_folder`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ from pathlib import Path
 from typing import Iterator
 
 PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """Where a resumable output (the pyramidal TIFF, an OME-Zarr store) is built before it is renamed onto `path`: a
+    fixed name, unlike `temporary_beside`'s, because a render's journal names it and a resumed render reopens it."""
+    path = Path(path)
+    return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
 @contextlib.contextmanager

@@ -62,7 +62,7 @@ import tifffile
 
 from . import _core
 from .errors import OutputWriteError, SafronInputError
-from .files import PARTIAL_SUFFIX
+from .files import partial_path
 from .raw_image import RawImageFile
 from .slide_io import check_free_space, check_output_path
 
@@ -103,12 +103,6 @@ def scratch_bytes(height: int, width: int, tile: int = 256, *, with_canvas: bool
     if with_canvas:
         raw[0] = 0
     return max(size + next_size for size, next_size in zip(raw, raw[1:] + [0]))
-
-
-def partial_path(out_path) -> Path:
-    """Where a writer builds the TIFF of out_path before renaming it into place (a render's journal names it)."""
-    out_path = Path(out_path)
-    return out_path.with_name(out_path.name + PARTIAL_SUFFIX)
 
 
 def _level_path(out_path: Path, level: int) -> Path:

@@ -45,11 +45,6 @@ def is_zarr_path(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() == ZARR_SUFFIX
 
 
-def partial_path(out: Path) -> Path:
-    """Where the store is built before it is renamed onto `out`."""
-    return out.with_name(out.name + ".partial")
-
-
 def require_zarr():
     try:
         import zarr
