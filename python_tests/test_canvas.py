@@ -103,3 +103,20 @@ def test_write_block_puts_whole_rows_and_blocks_where_they_belong_and_refuses_wh
     expected[2:5] = whole_rows
     expected[5:9, 4:7] = block[:, ::-1]
     np.testing.assert_array_equal(np.fromfile(tmp_path / "c", np.uint8).reshape(height, width, 3), expected)
+
+
+def test_a_canvas_of_the_wrong_size_or_none_is_refused_alike_by_resume_and_the_pyramid_writer(tmp_path):
+    from safron.errors import SafronInputError
+    from safron.pyramid_tiff import PyramidTiffWriter
+
+    short = tmp_path / "short"
+    short.write_bytes(bytes(4 * 5 * 3 - 1))
+    cases = ((short, r"canvas .*short holds 59 bytes, not 4 x 5 x 3 = 60"), (tmp_path / "gone", r"canvas .*gone is missing"))
+    for path, message in cases:
+        with pytest.raises(SafronInputError, match=f"^cannot resume: {message}$"):
+            open_canvas(path, 4, 5, create=False)
+        with pytest.raises(SafronInputError, match=f"^{message}$"):
+            PyramidTiffWriter(tmp_path / "out.tif", 4, 5, canvas=path)
+    assert not (tmp_path / "out.tif").exists()
+    open_canvas(short, 4, 5, create=True).close()  # a new render replaces whatever was there
+    assert short.stat().st_size == 60

@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 
 from .errors import SafronInputError
-from .raw_image import RawImageFile
+from .raw_image import RawImageFile, size_problem
 
 
 def side_paths(out_path: Path) -> tuple[Path, Path]:
@@ -119,8 +119,8 @@ def open_canvas(path: Path, height: int, width: int, *, create: bool) -> RawImag
     reserved (`RawImageFile.reserved` says whether the filesystem could). Raises OSError (ENOSPC when the disk cannot
     hold the whole canvas) with nothing reserved."""
     path = Path(path)
-    if not create and (not path.is_file() or path.stat().st_size != height * width * 3):
-        raise SafronInputError(f"cannot resume: canvas {path} is missing or has the wrong size")
+    if not create and (problem := size_problem(path, height, width)):
+        raise SafronInputError(f"cannot resume: canvas {problem}")
     return RawImageFile(path, height, width, "create" if create else "update", reserve=True)
 
 

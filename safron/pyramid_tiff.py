@@ -63,7 +63,7 @@ import tifffile
 from . import _core
 from .errors import OutputWriteError, SafronInputError
 from .files import partial_path
-from .raw_image import RawImageFile
+from .raw_image import RawImageFile, size_problem
 from .slide_io import check_free_space, check_output_path
 
 # Our names for the codecs -> tifffile's names. WebP is deliberately absent: OpenSlide cannot
@@ -371,15 +371,9 @@ class PyramidTiffWriter(ClosedOnExit):
         return mpp_xy
 
     def _check_canvas(self) -> None:
-        canvas = self._level_paths[0]
-        expected = self.height * self.width * _SAMPLES
-        if not canvas.is_file():
-            raise SafronInputError(f"{canvas}: canvas file not found")
-        size = canvas.stat().st_size
-        if size != expected:
-            raise SafronInputError(
-                f"{canvas}: canvas holds {size} bytes, not {self.height} x {self.width} x 3 = {expected}"
-            )
+        problem = size_problem(self._level_paths[0], self.height, self.width)
+        if problem:
+            raise SafronInputError(f"canvas {problem}")
 
     def _open_partial_file(self) -> BinaryIO:
         check_output_path(self.out_path)

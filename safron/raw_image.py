@@ -35,6 +35,17 @@ _OPEN_FLAGS = {
 }
 
 
+def size_problem(path: str | os.PathLike[str], height: int, width: int) -> str | None:
+    """Why the file at `path` cannot be a height x width raw image (missing, or another size), or None."""
+    path, expected = Path(path), height * width * _SAMPLES
+    if not path.is_file():
+        return f"{path} is missing"
+    size = path.stat().st_size
+    if size != expected:
+        return f"{path} holds {size} bytes, not {height} x {width} x {_SAMPLES} = {expected}"
+    return None
+
+
 def reserve(fd: int, size: int) -> bool:
     """Allocate the disk blocks of the first `size` bytes of the open file `fd`, so that writing them through a
     memory map cannot fail (a write the disk cannot take kills the writer with SIGBUS). False where the filesystem
