@@ -311,6 +311,72 @@ def test_only_the_transposed_decoder_draws_a_checkerboard_at_initialisation():
     assert energies["transpose"] > 3 * energies["resize"], energies
 
 
+def test_resizing_then_3x3_is_the_transposed_convolution_of_its_transposed_kernel():
+    """The identity `resize_decoder` rests on, borders included, in float64 so that only rounding separates them."""
+    from safron.models import resize_kernel, transposed_kernel
+
+    torch.manual_seed(0)
+    weight = torch.randn(5, 7, 3, 3, dtype=torch.float64)  # [out, in, 3, 3]
+    features = torch.randn(2, 7, 9, 11, dtype=torch.float64)
+    resized = nn.functional.conv2d(nn.functional.interpolate(features, scale_factor=2, mode="nearest"), weight,
+                                   padding=1)
+    transposed = nn.functional.conv_transpose2d(features, transposed_kernel(weight), stride=2, padding=1)
+    assert transposed.shape == resized.shape == (2, 5, 18, 22)
+    torch.testing.assert_close(transposed, resized, rtol=0, atol=1e-12)
+    torch.testing.assert_close(resize_kernel(transposed_kernel(weight)), weight, rtol=0, atol=1e-12)
+
+
+def test_resize_kernel_takes_out_exactly_the_checkerboard_part():
+    """A transposed kernel = its resize part + a rest orthogonal to every resize kernel, and the rest alone draws
+    a constant input as a pure period-2 pattern (zero mean over each 2 x 2 cell, away from the border)."""
+    from safron.models import resize_kernel, transposed_kernel
+
+    torch.manual_seed(1)
+    kernel = torch.randn(4, 3, 4, 4, dtype=torch.float64)  # [in, out, 4, 4]
+    rest = kernel - transposed_kernel(resize_kernel(kernel))
+    assert rest.abs().max() > 0.1  # a random kernel is not checkerboard-free
+    other = transposed_kernel(torch.randn(3, 4, 3, 3, dtype=torch.float64))
+    assert abs(float((rest * other).sum())) < 1e-10
+    flat = nn.functional.conv_transpose2d(torch.ones(1, 4, 6, 6, dtype=torch.float64), rest, stride=2, padding=1)
+    inner = flat[:, :, 2:-2, 2:-2]
+    cells = inner.reshape(1, 3, 4, 2, 4, 2).mean(dim=(3, 5))
+    assert inner.abs().max() > 0.1 and cells.abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("folded", [False, True])
+def test_resize_decoder_keeps_a_checkerboard_free_generator_and_everything_but_the_decoder(masks, folded):
+    from safron.models import fold_one_hot, resize_decoder, transposed_kernel
+
+    source = seeded_generator(upsample="resize").eval()
+    twin = seeded_generator(upsample="transpose").eval()
+    state = source.state_dict()
+    for index in range(len(twin.decoder)):
+        state[f"decoder.{index}.conv.weight"] = transposed_kernel(state[f"decoder.{index}.conv.weight"])
+    twin.load_state_dict(state)  # a transposed decoder whose kernels lie in the resize subspace
+    if folded:
+        fold_one_hot(twin)
+    converted = resize_decoder(twin)
+    assert converted.upsample == "resize" and twin.upsample == "transpose" and not converted.training
+    assert isinstance(converted.context, type(twin.context))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(masks), twin(masks), rtol=0, atol=2e-5)
+        torch.testing.assert_close(converted(masks), source(masks), rtol=0, atol=2e-5)
+    assert resize_decoder(converted) is converted
+
+
+def test_resize_decoder_removes_the_transposed_decoders_checkerboard():
+    from safron.models import resize_decoder
+
+    uniform = -torch.ones(1, 3, 296, 296)
+    uniform[:, 0] = 1
+    generator = seeded_generator(upsample="transpose").eval()
+    with torch.no_grad():
+        for parameter in generator.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+        before, after = (_nyquist_energy(model(uniform)) for model in (generator, resize_decoder(generator)))
+    assert after * 3 < before, (before, after)
+
+
 # --- the dilated context reader ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("margin,dilations", [(20, [1, 2, 4, 8, 5]), (22, [1, 2, 4, 8, 7]), (15, [1, 2, 4, 8]),

@@ -23,7 +23,7 @@ pytest.importorskip("safetensors", reason="training checkpoints need safetensors
 from conftest import SHARED_DATA  # noqa: E402
 from safron import masks  # noqa: E402
 from safron.data import TRANSFORMS, TileDataset, augment  # noqa: E402
-from safron.errors import SafronInputError  # noqa: E402
+from safron.errors import ModelError, SafronInputError  # noqa: E402
 from safron.export import is_checkpoint_path  # noqa: E402
 from safron.models import Generator  # noqa: E402
 from safron.train import (  # noqa: E402
@@ -919,6 +919,39 @@ def test_cli_init_from_onnx_takes_the_width_from_the_file(tmp_path, capsys, data
     code, err = run_main(capsys, "--data", data_dir, "--init", tmp_path / "missing.onnx", "--out", tmp_path / "x",
                          "--quiet")
     assert code == 2 and err.count("\n") == 1 and "missing.onnx" in err, err
+
+
+def test_init_with_the_resize_decoder_refits_a_transposed_one(tmp_path, data_dir, exported_generator):
+    """--upsample resize on --init of a transposed-decoder run or file: both generators (trained and averaged) start
+    as models.resize_decoder of the stored ones, the discriminator and its Adam state come along, the generator's
+    Adam starts afresh (its moments belong to other kernels); a resumed run never changes its decoder."""
+    from safron.models import resize_decoder
+    from safron.train import generator_from_onnx
+
+    quick_train(tmp_path / "base", data_dir, 2, config=TrainConfig(data=str(data_dir), tile=256, ema_decay=0.5, **TINY))
+    base = latest_checkpoint(tmp_path / "base")
+    config = TrainConfig(data=str(data_dir), tile=256, ema_decay=0.5, upsample="resize", **TINY)
+    dataset = TileDataset(data_dir, 256, seed=0)
+    trainer = Trainer(config, dataset, torch.device("cpu"))
+    trainer.load(base, restore_step=False)
+    expected = resize_decoder(load_generator(base)).state_dict()  # the published (averaged) generator
+    for name, tensor in trainer.generator_ema.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
+    assert trainer.generator.upsample == "resize" and trainer.refits("transpose") and not trainer.refits("resize")
+    assert trainer.optimiser_d.state and not trainer.optimiser_g.state
+    with pytest.raises(ModelError, match="upsample 'transpose' there, 'resize' here"):
+        Trainer(config, dataset, torch.device("cpu")).load(base)  # resuming is not refitting
+
+    onnx_trainer = Trainer(config, dataset, torch.device("cpu"))
+    onnx_trainer.start_from(generator_from_onnx(exported_generator))
+    refitted = resize_decoder(generator_from_onnx(exported_generator)).state_dict()
+    for name, tensor in onnx_trainer.generator.state_dict().items():
+        torch.testing.assert_close(tensor, refitted[name], rtol=0, atol=0)
+
+    notes = []
+    result = quick_train(tmp_path / "tuned", data_dir, 1, config=config, init=tmp_path / "base", note=notes.append)
+    assert result.step == 1 and any("refitted" in text for text in notes), notes
+    assert json.loads(latest_checkpoint(tmp_path / "tuned").read_text())["generator"]["upsample"] == "resize"
 
 
 def test_checkpoints_from_before_the_small_images_setting_resume_skipping_them(tmp_path, data_dir):

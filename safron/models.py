@@ -402,6 +402,48 @@ def unfold_one_hot(generator: Generator) -> Generator:
     generator.context = context
     return generator
 
+# A nearest-neighbour x2 resize followed by a 3x3 convolution (padding 1) is a 4x4 stride-2 transposed convolution
+# (padding 1) whose kernel is constrained: along each axis the transposed kernel's taps k0..k3 are
+# (w2, w1 + w2, w0 + w1, w0) for the 3x3 kernel's taps w0..w2 (even outputs read k1 and k3, odd ones k0 and k2;
+# resizing makes each pair sum the same input pixels). A kernel in this 3-dimensional subspace (of 4) covers the
+# output evenly; what lies outside it is exactly what draws a checkerboard.
+_RESIZE_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+
+
+def transposed_kernel(resize_weight: torch.Tensor) -> torch.Tensor:
+    """The ConvTranspose2d(4, stride 2, padding 1) weight [in, out, 4, 4] equal to nearest x2 resizing followed by
+    a Conv2d(3, padding 1) of weight [out, in, 3, 3]."""
+    taps = _RESIZE_TAPS.to(resize_weight.device, torch.float64)
+    return torch.einsum("as,oist,bt->ioab", taps, resize_weight.double(), taps).to(resize_weight.dtype)
+
+
+def resize_kernel(transposed_weight: torch.Tensor) -> torch.Tensor:
+    """The Conv2d(3, padding 1) weight [out, in, 3, 3] that, after nearest x2 resizing, comes closest (least
+    squares over the kernel taps) to a ConvTranspose2d(4, stride 2, padding 1) of weight [in, out, 4, 4]: the
+    transposed kernel with its checkerboard part taken out. Exact inverse of `transposed_kernel`."""
+    inverse = torch.linalg.pinv(_RESIZE_TAPS).to(transposed_weight.device)
+    return torch.einsum("sa,ioab,tb->oist", inverse, transposed_weight.double(), inverse).to(transposed_weight.dtype)
+
+
+def resize_decoder(generator: Generator) -> Generator:
+    """A new generator with `generator`'s weights whose transposed-convolution decoder levels are replaced by
+    nearest-neighbour resizing and a 3x3 convolution, each the `resize_kernel` of the transposed one: the nearest
+    checkerboard-free generator, to fine-tune from (a generator that already resizes comes back as it is)."""
+    if generator.upsample == "resize":
+        return generator
+    config = {**generator.config(), "upsample": "resize"}
+    converted = Generator.from_config(config).to(next(generator.parameters()).device)
+    state = generator.state_dict()
+    for index, level in enumerate(generator.decoder):
+        key = f"decoder.{index}.conv.weight"
+        state[key] = resize_kernel(level.conv.weight.detach())
+    if isinstance(generator.context, FoldedContext):
+        fold_one_hot(converted)
+    converted.load_state_dict(state)
+    converted.train(generator.training)
+    return converted
+
+
 def normalisation_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every normalisation module of `model` by qualified name (e.g. 'encoder.1.norm'), in definition order.
 

@@ -32,6 +32,8 @@ from .config import (
 )
 from .trainer import Trainer, _resolve_device, _resolve_precision, _sample_grid
 
+_REFIT_NOTE = "; its transposed decoder refitted as resizing and 3x3 convolutions (models.resize_decoder)"
+
 
 class _Logs:
     """losses.csv, TensorBoard events (when tensorboard is installed) and sample PNGs of one run."""
@@ -201,10 +203,14 @@ def train(
         trainer.load(state_path)
     elif init_generator is not None:
         trainer.start_from(init_generator)
-        note(f"starting from the generator of {init_path} (new discriminator and optimisers)")
+        refit = _REFIT_NOTE if trainer.refits(init_generator.upsample) else ""
+        note(f"starting from the generator of {init_path} (new discriminator and optimisers{refit})")
     elif init_path is not None:
         init_step = trainer.load(init_path, restore_step=False)
-        fresh = "; a portable checkpoint: new optimisers" if _read_state(init_path).get("portable") else ""
+        init_state = _read_state(init_path)
+        fresh = "; a portable checkpoint: new optimisers" if init_state.get("portable") else ""
+        if trainer.refits((init_state.get("generator") or {}).get("upsample")) and not fresh:
+            fresh = f"; a new generator optimiser{_REFIT_NOTE}"
         note(f"starting from {init_path} (step {init_step} of its run{fresh})")
     run_dir.mkdir(parents=True, exist_ok=True)
     if trainer.step >= steps:

@@ -26,7 +26,7 @@ from ..checkpoints import (
     CONFIG_METADATA_KEY, EMA_PREFIX, GENERATOR_PREFIX, RUN_DIR_CHECKPOINT, save_checkpoint,
     tensors_under,
 )
-from ..models import Discriminator, Generator
+from ..models import Discriminator, Generator, resize_decoder
 from ..stitch import cut_windows, stitch
 from .checkpointing import _flatten_optimiser, _unflatten_optimiser, read_checkpoint
 from .config import (
@@ -335,9 +335,16 @@ class Trainer:
             old.with_suffix(".safetensors").unlink(missing_ok=True)
         return weights
 
+    def refits(self, upsample: str | None) -> bool:
+        """Whether a starting generator with this decoder becomes this run's by `models.resize_decoder`."""
+        return upsample == "transpose" and self.generator.upsample == "resize"
+
     def start_from(self, generator: Generator) -> None:
         """Take `generator`'s weights (e.g. of an exported ONNX file, `generator_from_onnx`) as this run's starting
-        point; the discriminator and both optimisers start fresh, the moving average (if any) at the generator."""
+        point; the discriminator and both optimisers start fresh, the moving average (if any) at the generator.
+        A transposed-convolution decoder starts a resizing one as its nearest checkerboard-free fit."""
+        if self.refits(generator.upsample):
+            generator = resize_decoder(generator)
         if generator.config() != self.generator.config():
             theirs, ours = generator.config(), self.generator.config()
             differing = ", ".join(f"{key} {theirs.get(key)!r} there, {ours.get(key)!r} here"
@@ -364,15 +371,28 @@ class Trainer:
         this run's learning rate and betas: a fine-tuning run may change them."""
         state, tensors = read_checkpoint(state_path)
         weights = state_path.with_suffix(".safetensors")
+        # Starting a resizing decoder from a transposed one (init only: a resumed run keeps its decoder): both
+        # generators are converted (`resize_decoder`) and the generator's optimiser, whose moments belong to the
+        # transposed kernels, starts afresh.
+        converts = not restore_step and self.refits((state.get("generator") or {}).get("upsample"))
+
+        def generator_tensors(stored: dict) -> dict:
+            if not converts or not stored:
+                return stored
+            source = Generator.from_config(state["generator"])
+            source.load_state_dict(stored)
+            return resize_decoder(source).state_dict()
+
         try:
-            for prefix, model in ((GENERATOR_PREFIX, self.generator), (_DISCRIMINATOR_PREFIX, self.discriminator)):
-                model.load_state_dict(tensors_under(tensors, prefix))
+            self.generator.load_state_dict(generator_tensors(tensors_under(tensors, GENERATOR_PREFIX)))
+            self.discriminator.load_state_dict(tensors_under(tensors, _DISCRIMINATOR_PREFIX))
             if self.generator_ema is not None:
                 # A checkpoint of a run without an average (fine-tuning with --init) starts it at its generator.
-                self.generator_ema.load_state_dict(tensors_under(tensors, EMA_PREFIX) or self.generator.state_dict())
+                self.generator_ema.load_state_dict(generator_tensors(tensors_under(tensors, EMA_PREFIX))
+                                                   or self.generator.state_dict())
             # A portable checkpoint (`portable_checkpoint`) has no optimiser states: Adam then starts afresh.
             for name, optimiser in (("generator", self.optimiser_g), ("discriminator", self.optimiser_d)):
-                if state["optimisers"] is not None:
+                if state["optimisers"] is not None and not (converts and name == "generator"):
                     optimiser.load_state_dict(
                         _unflatten_optimiser(_OPTIMISER_PREFIXES[name], tensors, state["optimisers"][name])
                     )
