@@ -30,7 +30,8 @@
 #   the grid-lock loss against its dot lattice (MODEL_CARD.md, "Grid-lock loss on the CPU": on a CPU fine-tune
 #   it took the seam score from 1.28 to 1.00 at equal compute), beside the resize run:
 #           SAFRON_TRAIN_VARIANTS="resize-l5=--upsample resize --levels 5;transpose-grid=--upsample transpose \
-#             --lambda-grid 20 --lambda-shift 10 --shift-scale 16" ...
+#             --lambda-grid 20 --grid-fold class --lambda-shift 10 --shift-scale 16" ...
+#   (--grid-fold class: crops FID 177 against 191 for the per-patch fold at equal CPU compute, tenth session)
 #   dry run on a CPU:  SAFRON_GPU_DRY_RUN=1 SAFRON_TRAIN_DATA=DIR OUT=/tmp/x bench/gpu_train.sh --ngf 8 --ndf 8
 #   batches of tiles (safron-train --tiles-per-step N) are untimed on a GPU: time them first in the same call,
 #   `python bench/train_step.py --device cuda --ngf 32 --tiles 492 --tiles-per-step 1 4 8` (about a minute)
