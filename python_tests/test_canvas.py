@@ -111,7 +111,8 @@ def test_a_canvas_of_the_wrong_size_or_none_is_refused_alike_by_resume_and_the_p
 
     short = tmp_path / "short"
     short.write_bytes(bytes(4 * 5 * 3 - 1))
-    cases = ((short, r"canvas .*short holds 59 bytes, not 4 x 5 x 3 = 60"), (tmp_path / "gone", r"canvas .*gone is missing"))
+    cases = ((short, r"canvas .*short holds 59 bytes, not 4 x 5 x 3 = 60"),
+             (tmp_path / "gone", r"canvas .*gone is missing"))
     for path, message in cases:
         with pytest.raises(SafronInputError, match=f"^cannot resume: {message}$"):
             open_canvas(path, 4, 5, create=False)

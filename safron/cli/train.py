@@ -132,8 +132,8 @@ def train_parser() -> argparse.ArgumentParser:
                    help="start this new run from another run's models and optimiser states (its run directory or a "
                         "checkpoints/step-N.json), with its settings unless given here: to fine-tune. A "
                         "safron-exported .onnx generator (e.g. safron/default_model/generator.onnx) gives the "
-                        "generator and its width only; discriminator and optimisers start fresh. With --upsample resize, a "
-                        "transposed decoder is refitted as resizing and 3x3 convolutions")
+                        "generator and its width only; discriminator and optimisers start fresh. With --upsample "
+                        "resize, a transposed decoder is refitted as resizing and 3x3 convolutions")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto = bf16 (or fp16) mixed precision on CUDA, fp32 on the CPU; bf16 works on CPUs too, "
