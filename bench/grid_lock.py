@@ -41,6 +41,7 @@ def main() -> None:
     from safron.checkpoints import load_generator
     from safron.data import TileDataset
     from safron.losses import grid_lock_loss
+    from safron.noise import noise_windows
     from safron.stitch import cut_windows
     from safron.train import generator_from_onnx
 
@@ -70,7 +71,12 @@ def main() -> None:
                 classes = torch.stack([labels == label for label in masks.MODEL_INPUT_CLASSES], dim=1)
             else:
                 real = image[None, :, :patch, :patch]
-            drawn = {"real (floor)": real} | {name: g(windows) for name, g in generators.items()}
+            # A generator with noise channels reads the canvas noise a render would give the tile's patches.
+            ys, xs = plan.origins()
+            drawn = {"real (floor)": real} | {
+                name: g(windows, torch.from_numpy(noise_windows(plan, ys, xs, g.noise_channels)) if g.noise_channels
+                        else None)
+                for name, g in generators.items()}
             for name, patches in drawn.items():
                 for period in args.periods:
                     scores[name][period].append(grid_lock_loss(patches, period, classes).item())

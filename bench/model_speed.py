@@ -32,8 +32,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import onnxruntime as ort
+    import numpy as np
 
     from safron import engine, export, synthesis
+    from safron.noise import canvas_noise
 
     specs = [] if args.no_default else [(str(engine.default_model_path()), engine.DEFAULT_OVERLAP)]
     for spec in args.models:
@@ -45,9 +47,19 @@ def main() -> None:
     windows = export.random_masks(args.batch, 296, seed=3)
     labels = synthesis.synthesize(args.size, args.size, seed=1)
 
+    def feeds(session) -> dict:
+        """The mask windows, and the canvas noise for a model that reads noise (safron.noise)."""
+        inputs = {i.name: i for i in session.get_inputs()}
+        if "noise" not in inputs:
+            return {"mask": windows}
+        channels = inputs["noise"].shape[1]
+        noise = np.stack([canvas_noise(300 * k, 0, 296, 296, channels) for k in range(args.batch)])
+        return {"mask": windows, "noise": noise}
+
     def per_patch(session) -> float:
+        inputs = feeds(session)
         started = time.perf_counter()
-        session.run(None, {"mask": windows})
+        session.run(None, inputs)
         return (time.perf_counter() - started) / args.batch
 
     def per_megapixel(path: str, overlap: int) -> float:

@@ -102,3 +102,22 @@ def conv_generator(path: Path, width: int = 16, depth: int = 3, seed: int = 0) -
     nodes += [helper.make_node("Conv", [f"a{depth}", "w_out"], ["logits"]), helper.make_node("Tanh", ["logits"], ["image"])]
     mask, image = _io(296, 256)
     return _save(helper.make_graph(nodes, "conv_generator", [mask], [image], initializer=consts), path)
+
+
+def noise_mix(path: Path, patch: int = 256, margin: int = 20, share: float = 0.5, batch="N") -> Path:
+    """A generator with noise channels (safron.noise): image = (1 - share) x the mask's centre crop + share x the
+    noise's centre crop (3 noise channels), so a render shows the canvas noise exactly where the geometry is right."""
+    nodes, consts = _crop_nodes(margin, patch, "crop")
+    nodes.append(helper.make_node("Slice", ["noise", "starts", "ends", "axes"], ["noise_crop"]))
+    consts += [
+        numpy_helper.from_array(np.array(1 - share, np.float32), "keep"),
+        numpy_helper.from_array(np.array(share, np.float32), "share"),
+    ]
+    nodes += [
+        helper.make_node("Mul", ["crop", "keep"], ["crop_part"]),
+        helper.make_node("Mul", ["noise_crop", "share"], ["noise_part"]),
+        helper.make_node("Add", ["crop_part", "noise_part"], ["image"]),
+    ]
+    mask, image = _io(patch + 2 * margin, patch, batch)
+    noise = helper.make_tensor_value_info("noise", TensorProto.FLOAT, [batch, 3, patch + 2 * margin, patch + 2 * margin])
+    return _save(helper.make_graph(nodes, "noise_mix", [mask, noise], [image], initializer=consts), path)

@@ -322,6 +322,8 @@ class _CentreCrop(torch.nn.Module):
     """A stand-in generator: the mask window's centre, times a learnable gain (so that the G step has a graph),
     plus an optional fixed pattern that is the same in every patch -- texture locked to the patch grid."""
 
+    noise_channels = 0  # reads the mask only, as a noise-free models.Generator
+
     def __init__(self, window: int, patch: int, pattern: torch.Tensor | None = None):
         super().__init__()
         self.window, self.patch, self.margin = window, patch, (window - patch) // 2
@@ -825,6 +827,8 @@ def test_feature_matching_is_zero_when_the_generator_reproduces_the_real_tile(bi
 class _Painter(torch.nn.Module):
     """Paints each pixel of the window's centre with its class's colour; one dummy parameter for the optimiser."""
 
+    noise_channels = 0  # reads the mask only, as a noise-free models.Generator
+
     def __init__(self, window: int, patch: int, colours: torch.Tensor):
         super().__init__()
         self.margin, self.patch, self.colours = (window - patch) // 2, patch, colours
@@ -974,3 +978,75 @@ def test_the_cheaper_context_and_the_resize_decoder_train_and_resume_exactly(tmp
     assert loss_values(read_losses(tmp_path / "straight")) == loss_values(read_losses(tmp_path / "resumed"))
     generator = load_generator(tmp_path / "resumed")
     assert (generator.context_kind, generator.upsample) == ("dilated", "resize")
+
+
+def test_noise_channels_train_resume_exactly_and_reach_the_export(tmp_path, data_dir):
+    """A generator reading noise: each tile's noise is one draw from the step's seed (a resumed run has the same
+    losses), the setting is stored, and the exported file has the noise input the engine fills."""
+    from safron.backends.onnx_runtime import OnnxRuntimeBackend
+    from safron.export import export_onnx
+
+    config = TrainConfig(data=str(data_dir), tile=256, noise_channels=2, lambda_grid=1.0, grid_fold="class",
+                         lambda_shift=1.0, **TINY)
+    quick_train(tmp_path / "straight", data_dir, 3, config=config)
+    quick_train(tmp_path / "resumed", data_dir, 1, config=config)
+    quick_train(tmp_path / "resumed", data_dir, 3, config=None, resume=True)
+    assert loss_values(read_losses(tmp_path / "straight")) == loss_values(read_losses(tmp_path / "resumed"))
+    state = json.loads(latest_checkpoint(tmp_path / "resumed").read_text())
+    assert state["training"]["noise_channels"] == 2 and state["generator"]["noise_channels"] == 2
+    generator = load_generator(tmp_path / "resumed")
+    assert generator.noise_channels == 2 and generator.noise.weight.abs().sum() > 0  # trained, not left at zero
+
+    export_onnx(tmp_path / "resumed", tmp_path / "noisy.onnx", check_samples=2)
+    backend = OnnxRuntimeBackend(tmp_path / "noisy.onnx")
+    try:
+        assert backend.signature.noise_channels == 2
+        with pytest.raises(ValueError, match="reads noise"):
+            backend.run(np.ones((1, 3, 296, 296), np.float32))
+    finally:
+        backend.close()
+
+
+def test_the_noise_a_tile_gets_is_fresh_per_step_and_shared_by_its_overlapping_windows(data_dir):
+    config = TrainConfig(data=str(data_dir), tile=256, noise_channels=1, **TINY)
+    trainer = Trainer(config, TileDataset(data_dir, 256, seed=0), torch.device("cpu"))
+    tile = trainer.dataset.tile_at(0)
+    torch.manual_seed(1)
+    first = trainer._tensors(tile)[0]
+    second = trainer._tensors(tile)[0]
+    assert first.shape[0] == 4
+    torch.testing.assert_close(first[:3], second[:3], rtol=0, atol=0)  # the mask
+    assert (first[3] != second[3]).float().mean() > 0.99  # the noise: a new draw
+    assert -1 <= float(first[3].min()) and float(first[3].max()) <= 1 and abs(float(first[3].mean())) < 0.02
+    # The samples' noise is fixed, so successive samples differ by the generator only.
+    fixed = torch.Generator().manual_seed(0)
+    again = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(trainer._tensors(tile, fixed)[0], trainer._tensors(tile, again)[0], rtol=0, atol=0)
+
+
+def test_init_with_noise_channels_adds_zero_weights_and_a_fresh_generator_optimiser(tmp_path, data_dir,
+                                                                                    exported_generator):
+    from safron.models import with_noise
+    from safron.train import generator_from_onnx
+
+    quick_train(tmp_path / "base", data_dir, 2, config=TrainConfig(data=str(data_dir), tile=256, **TINY))
+    base = latest_checkpoint(tmp_path / "base")
+    config = TrainConfig(data=str(data_dir), tile=256, noise_channels=1, **TINY)
+    dataset = TileDataset(data_dir, 256, seed=0)
+    trainer = Trainer(config, dataset, torch.device("cpu"))
+    trainer.load(base, restore_step=False)
+    expected = with_noise(load_generator(base), 1).state_dict()
+    for name, tensor in trainer.generator.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
+    assert float(trainer.generator.noise.weight.detach().abs().sum()) == 0
+    assert trainer.optimiser_d.state and not trainer.optimiser_g.state
+    with pytest.raises(ModelError, match="noise_channels"):
+        Trainer(config, dataset, torch.device("cpu")).load(base)  # resuming never adds noise
+
+    onnx_trainer = Trainer(config, dataset, torch.device("cpu"))
+    onnx_trainer.start_from(generator_from_onnx(exported_generator))
+    assert float(onnx_trainer.generator.noise.weight.detach().abs().sum()) == 0
+
+    notes = []
+    result = quick_train(tmp_path / "tuned", data_dir, 1, config=config, init=tmp_path / "base", note=notes.append)
+    assert result.step == 1 and any("zero weights on the noise" in text for text in notes), notes

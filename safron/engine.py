@@ -33,6 +33,7 @@ from .accumulator import BandAccumulator, StagingBandAccumulator
 from .backends import Backend, create_backend
 from .canvas import Journal, JournalThread, OutputLock, file_identity, open_canvas, side_paths
 from .errors import ModelError, OutputWriteError, SafronInputError, is_storage_error
+from .noise import noise_windows
 from .pipeline import StageClock, prefetch
 from .raw_image import RawImageFile
 from .slide_io import check_free_space, check_output_path
@@ -234,7 +235,12 @@ class _Renderer:
             else:
                 labels = reader.next_windows()
         with self.clock("prepare"):
-            batch.inputs = self.backend.prepare(labels)
+            channels = self.backend.signature.noise_channels
+            # Noise as a function of canvas coordinates (safron.noise): what every band and resume reads alike.
+            noise = None if not channels else noise_windows(self.plan, batch.ys, batch.xs, channels, out=np.empty(
+                (len(labels), channels, self.plan.window, self.plan.window), np.float32))
+            # (A backend for noise-free models may take the labels only, as before noise existed.)
+            batch.inputs = self.backend.prepare(labels) if noise is None else self.backend.prepare(labels, noise)
         return batch
 
     # -- stage 2: infer --------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from .checkpoints import (  # noqa: F401  the checkpoint names are re-exported: 
 )
 from .errors import ModelError, SafronInputError
 from .files import written_atomically
+from .noise import canvas_noise
 from .slide_io import check_output_path
 
 DEFAULT_OPSET = 17  # read by ONNX Runtime >= 1.13 and TensorRT >= 8.6
@@ -135,26 +136,37 @@ def export_onnx(
         )
     checkpoint_sha256 = file_sha256(located.weights)
     samples = random_masks(check_samples, generator.window)
+    # A generator with noise channels gets noise as the engine draws it (canvas coordinates), one window per sample.
+    noise = None
+    if generator.noise_channels:
+        noise = np.stack([canvas_noise(300 * k, 0, generator.window, generator.window, generator.noise_channels)
+                          for k in range(check_samples)])
+
+    def images(model) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(samples), None if noise is None else torch.from_numpy(noise)).numpy()
+
     rounding_difference = fold_difference = 0.0
     fold = fold and generator.context_kind == "dense"  # a dilated context has no large layer to fold
     if fold:
-        with torch.inference_mode():
-            original = generator(torch.from_numpy(samples)).numpy()
+        original = images(generator)
         fold_one_hot(generator)
-        with torch.inference_mode():
-            fold_difference = float(np.abs(generator(torch.from_numpy(samples)).numpy() - original).max())
+        fold_difference = float(np.abs(images(generator) - original).max())
     if weights == "float16":
+        unrounded = images(generator)
         with torch.inference_mode():
-            unrounded = generator(torch.from_numpy(samples)).numpy()
             for tensor in generator.state_dict().values():
                 tensor.copy_(tensor.half().float())
-            rounding_difference = float(np.abs(generator(torch.from_numpy(samples)).numpy() - unrounded).max())
+        rounding_difference = float(np.abs(images(generator) - unrounded).max())
 
     with written_atomically(out_path) as temporary:  # renamed only once every check passed
-        _torch_export(generator, torch.from_numpy(samples[:1]), temporary, opset)
+        example = [torch.from_numpy(samples[:1])] + ([] if noise is None else [torch.from_numpy(noise[:1])])
+        _torch_export(generator, tuple(example), temporary, opset)
         model = onnx.load(str(temporary))
+        noise_input = (f" and noise float32 [N,{generator.noise_channels},{generator.window},{generator.window}] "
+                       "in [-1,1] (safron.noise)") if generator.noise_channels else ""
         model.doc_string = (
-            f"SAFRON generator: mask float32 [N,3,{generator.window},{generator.window}] in {{-1,1}} -> "
+            f"SAFRON generator: mask float32 [N,3,{generator.window},{generator.window}] in {{-1,1}}{noise_input} -> "
             f"image float32 [N,3,{generator.patch},{generator.patch}] in [-1,1]"
         )
         # The checkpoint's own metadata (e.g. the training step) first, so that ours wins on a clash.
@@ -177,13 +189,13 @@ def export_onnx(
         backend = OnnxRuntimeBackend(temporary)
         try:
             signature = backend.signature
-            if (signature.window, signature.patch, signature.fixed_batch) != (generator.window, generator.patch, None):
+            expected = (generator.window, generator.patch, None, generator.noise_channels)
+            if (signature.window, signature.patch, signature.fixed_batch, signature.noise_channels) != expected:
                 raise RuntimeError(f"exported model has signature {signature}, expected the generator's with batch N")
-            onnx_images = backend.run(samples)
+            onnx_images = backend.run(samples, noise)
         finally:
             backend.close()
-        with torch.inference_mode():
-            torch_images = generator(torch.from_numpy(samples)).numpy()
+        torch_images = images(generator)
         difference = float(np.abs(onnx_images - torch_images).max())
         # NaN compares false: a non-finite output fails the check as it should.
         if not difference <= tolerance:
@@ -221,7 +233,8 @@ def store_weights_as_float16(model) -> None:
     model.graph.node.extend(nodes)
 
 
-def _torch_export(generator, example, path: Path, opset: int) -> None:
+def _torch_export(generator, example: tuple, path: Path, opset: int) -> None:
+    """`generator` traced on `example` (the mask, and the noise for a generator with noise channels) into `path`."""
     import torch
 
     with warnings.catch_warnings():
@@ -234,9 +247,11 @@ def _torch_export(generator, example, path: Path, opset: int) -> None:
         # The tracer warns about shape checks (InstanceNorm's channel count, a map's size) turned into constants;
         # the channels and the window are fixed by the contract, only the batch varies, and it is dynamic.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        names = ["mask", "noise"][:len(example)]
         torch.onnx.export(
-            generator, (example,), str(path), input_names=["mask"], output_names=["image"],
-            dynamic_axes={"mask": {0: "N"}, "image": {0: "N"}}, opset_version=opset, do_constant_folding=True,
+            generator, example, str(path), input_names=names, output_names=["image"],
+            dynamic_axes={**{name: {0: "N"} for name in names}, "image": {0: "N"}}, opset_version=opset,
+            do_constant_folding=True,
             dynamo=False,
         )
 

@@ -15,6 +15,15 @@ corrections DESIGN.md lists:
 * Dropout (0.5, on the three innermost decoder levels) is `nn.Dropout`, active in `train()` only; the official
   code also dropped units at test time.
 
+Noise input (not in the paper; `noise_channels`, default 0): extra input channels of uniform noise in [-1, 1], one
+value per pixel, added through a 3x3 convolution to what the context layer reads from the mask. Without it a
+generator is a deterministic function of the mask, so inside a region of one class wider than its context (a large
+gland, a stretch of stroma) the only thing that varies is the distance to the patch's border: whatever texture it
+draws there is a function of the position in the patch, a pattern repeating with the patch grid (the lattices and
+blocks the model card describes). Noise gives it something else to draw texture from. The engine draws it as a
+function of canvas coordinates (`noise.canvas_noise`), so overlapping patches see the same noise where they overlap
+and a render stays seamless and reproducible; training draws fresh noise for each tile.
+
 Discriminator: the PatchGAN of the official code, applied to a whole stitched tile (mask and image concatenated),
 giving a map of logits (20x20 for a 728 tile).
 
@@ -152,6 +161,7 @@ class Generator(nn.Module):
         upsample: str = "transpose",
         context: str = "dense",
         levels: int = U_NET_LEVELS,
+        noise_channels: int = 0,
     ) -> None:
         super().__init__()
         _require(isinstance(ngf, int) and ngf >= 1, f"generator width ngf must be a positive integer, got {ngf!r}")
@@ -160,6 +170,10 @@ class Generator(nn.Module):
         _require(
             isinstance(in_channels, int) and in_channels >= 1 and isinstance(out_channels, int) and out_channels >= 1,
             f"generator channels must be positive integers, got in={in_channels!r} out={out_channels!r}",
+        )
+        _require(
+            isinstance(noise_channels, int) and noise_channels >= 0,
+            f"generator noise_channels must be an integer >= 0, got {noise_channels!r}",
         )
         _require(
             isinstance(levels, int) and MIN_U_NET_LEVELS <= levels <= U_NET_LEVELS,
@@ -181,7 +195,7 @@ class Generator(nn.Module):
         )
         self.ngf, self.in_channels, self.out_channels = ngf, in_channels, out_channels
         self.window, self.patch, self.dropout, self.upsample = window, patch, float(dropout), upsample
-        self.context_kind, self.levels = context, levels
+        self.context_kind, self.levels, self.noise_channels = context, levels, noise_channels
         self.kernel = window - patch + 1
 
         # in_channels -> ngf, as the official code's 41x41 filter. No bias: every valid input is a ±1 one-hot
@@ -191,6 +205,11 @@ class Generator(nn.Module):
             self.context = nn.Conv2d(in_channels, ngf, self.kernel, stride=1, padding=0, bias=False)
         else:
             self.context = DilatedContext(in_channels, ngf, (window - patch) // 2)
+        # Noise (module docstring) enters beside the context layer's output, through a 3x3 convolution of the
+        # patch's noise and a one-pixel ring of the window's (no padding, which would tell it where the patch
+        # border is): a fraction of a percent of the dense context layer's work, where reading the noise in that
+        # layer would add half of it per channel.
+        self.noise = nn.Conv2d(noise_channels, ngf, 3, bias=False) if noise_channels else None
 
         widths = [ngf * factor for factor in _ENCODER_WIDTHS[:levels]]
         self.encoder = nn.ModuleList()
@@ -231,12 +250,21 @@ class Generator(nn.Module):
             )
         _initialise(self)
 
-    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, mask: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         expected = (self.in_channels, self.window, self.window)
         # Skipped under the TorchScript ONNX exporter, where shapes are traced values and the check only warns.
-        if not torch.onnx.is_in_onnx_export() and (mask.dim() != 4 or tuple(mask.shape[1:]) != expected):
-            raise ValueError(f"Generator expects masks [N, {', '.join(map(str, expected))}], got {list(mask.shape)}")
-        features = nn.functional.leaky_relu(self.context(mask), _LEAK)
+        if not torch.onnx.is_in_onnx_export():
+            if mask.dim() != 4 or tuple(mask.shape[1:]) != expected:
+                raise ValueError(f"Generator expects masks [N, {', '.join(map(str, expected))}], got {list(mask.shape)}")
+            wanted = (len(mask), self.noise_channels, self.window, self.window)
+            if (noise is None) != (self.noise_channels == 0) or (noise is not None and tuple(noise.shape) != wanted):
+                got = "none" if noise is None else list(noise.shape)
+                raise ValueError(f"Generator expects noise {list(wanted) if self.noise_channels else 'none'}, got {got}")
+        features = self.context(mask)
+        if self.noise is not None:
+            ring = (self.window - self.patch) // 2 - 1
+            features = features + self.noise(noise[:, :, ring:self.window - ring, ring:self.window - ring])
+        features = nn.functional.leaky_relu(features, _LEAK)
         skips = []
         for level in self.encoder:
             features = level(features)
@@ -261,6 +289,9 @@ class Generator(nn.Module):
             "upsample": self.upsample,
             "context": self.context_kind,
             "levels": self.levels,
+            # Only when used, so that the config (and the metadata of exported files) of a noise-free
+            # generator reads as it did before noise existed.
+            **({"noise_channels": self.noise_channels} if self.noise_channels else {}),
         }
 
     @classmethod
@@ -439,6 +470,30 @@ def resize_decoder(generator: Generator) -> Generator:
         state[key] = resize_kernel(level.conv.weight.detach())
     if isinstance(generator.context, FoldedContext):
         fold_one_hot(converted)
+    converted.load_state_dict(state)
+    converted.train(generator.training)
+    return converted
+
+
+def with_noise(generator: Generator, channels: int) -> Generator:
+    """A new generator with `generator`'s weights that reads `channels` noise channels (`Generator` docstring),
+    with zero weights on the new ones: it draws exactly what `generator` draws, whatever the noise, until training
+    teaches it to use the noise. Channels it already reads keep their weights; `channels` below what it reads is
+    refused (that would drop learnt weights)."""
+    _require(channels >= generator.noise_channels,
+             f"the generator reads {generator.noise_channels} noise channels; it cannot start one that reads {channels}")
+    if channels == generator.noise_channels:
+        return generator
+    folded = isinstance(generator.context, FoldedContext)
+    converted = Generator.from_config({**generator.config(), "noise_channels": channels})
+    converted.to(next(generator.parameters()).device)
+    if folded:
+        fold_one_hot(converted)
+    state = generator.state_dict()
+    weight = converted.noise.weight.detach().clone().zero_()
+    if generator.noise is not None:
+        weight[:, :generator.noise_channels] = state["noise.weight"]
+    state["noise.weight"] = weight
     converted.load_state_dict(state)
     converted.train(generator.training)
     return converted

@@ -16,12 +16,15 @@ class ModelSignature:
 
     Input `mask` float32 [N, 3, window, window] in {-1, 1}; output `image` float32 [N, 3, patch, patch] in
     [-1, 1], the image at the centre of the mask window. `fixed_batch` is set when the model was exported with
-    a static batch dimension, which then dictates the batch size.
+    a static batch dimension, which then dictates the batch size. A generator with noise channels (models.Generator)
+    has a second input `noise` float32 [N, noise_channels, window, window] in [-1, 1], which the engine fills
+    from canvas coordinates (`noise.noise_windows`).
     """
 
     window: int
     patch: int
     fixed_batch: int | None = None
+    noise_channels: int = 0
 
     @property
     def margin(self) -> int:
@@ -43,16 +46,27 @@ class Backend(abc.ABC):
     default_batch_size: int
 
     @abc.abstractmethod
-    def run(self, masks: np.ndarray) -> np.ndarray:
-        """float32 [N, 3, window, window] -> float32 [N, 3, patch, patch]."""
+    def run(self, masks: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        """float32 [N, 3, window, window] (and the noise windows [N, noise_channels, window, window] of a model with
+        noise channels, None otherwise) -> float32 [N, 3, patch, patch]."""
 
-    def prepare(self, labels: np.ndarray):
-        """uint8 label windows [N, window, window] -> the input `infer` takes."""
-        return masks.labels_to_model_input(labels)
+    def prepare(self, labels: np.ndarray, noise: np.ndarray | None = None):
+        """uint8 label windows [N, window, window] (and their noise windows, for a model with noise channels) ->
+        the input `infer` takes."""
+        encoded = masks.labels_to_model_input(labels)
+        return encoded if noise is None else (encoded, noise)
 
     def infer(self, prepared):
         """A prepared batch -> patches the accumulator adds, sliceable along the batch axis."""
-        return self.run(prepared)
+        return self.run(*prepared) if isinstance(prepared, tuple) else self.run(prepared)
+
+    def _check_noise(self, masks: np.ndarray, noise: np.ndarray | None) -> None:
+        """A ValueError unless `noise` is what this model reads beside `masks` (None for a model without noise)."""
+        channels, window = self.signature.noise_channels, self.signature.window
+        wanted = (len(masks), channels, window, window)
+        if (noise is None) != (channels == 0) or (noise is not None and tuple(noise.shape) != wanted):
+            got = "none" if noise is None else list(noise.shape)
+            raise ValueError(f"this model reads noise {list(wanted) if channels else 'none'}, got {got}")
 
     def band_accumulator(self, plan, blend: str):
         """The accumulator that `infer`'s patches are added into (see geometry.band_accumulator)."""

@@ -19,9 +19,10 @@ def _dim(value) -> int | None:
 def signature_from_session(session, model_path: Path) -> ModelSignature:
     inputs, outputs = session.get_inputs(), session.get_outputs()
     name = model_path.name
-    if len(inputs) != 1 or inputs[0].name != "mask":
+    if not 1 <= len(inputs) <= 2 or inputs[0].name != "mask" or (len(inputs) == 2 and inputs[1].name != "noise"):
         found = ", ".join(i.name for i in inputs)
-        raise ModelError(f"{name}: the model must have one input named 'mask' (found: {found})")
+        raise ModelError(f"{name}: the model must have an input named 'mask', and may have a second one named "
+                         f"'noise' (found: {found})")
     if len(outputs) != 1 or outputs[0].name != "image":
         found = ", ".join(o.name for o in outputs)
         raise ModelError(f"{name}: the model must have one output named 'image' (found: {found})")
@@ -43,7 +44,13 @@ def signature_from_session(session, model_path: Path) -> ModelSignature:
         if io.type != "tensor(float)":
             raise ModelError(f"{name}: '{io.name}' must be float32 (found {io.type})")
     fixed = _dim(in_shape[0])
-    return ModelSignature(window=window, patch=patch, fixed_batch=fixed)
+    noise_channels = 0
+    if len(inputs) == 2:
+        noise_shape = inputs[1].shape
+        noise_channels = _dim(noise_shape[1]) if len(noise_shape) == 4 else None
+        if noise_channels is None or list(noise_shape[2:]) != [window, window] or _dim(noise_shape[0]) != fixed:
+            raise ModelError(f"{name}: expected noise [N,C,{window},{window}] beside mask {in_shape} (found {noise_shape})")
+    return ModelSignature(window=window, patch=patch, fixed_batch=fixed, noise_channels=noise_channels)
 
 
 class OnnxRuntimeBackend(Backend):
@@ -71,8 +78,10 @@ class OnnxRuntimeBackend(Backend):
             raise ModelError(f"{self.model_path}: not a loadable ONNX model ({first_line(exc)})") from None
         self.signature = signature_from_session(self._session, self.model_path)
 
-    def run(self, masks: np.ndarray) -> np.ndarray:
-        (image,) = self._session.run(["image"], {"mask": masks})
+    def run(self, masks: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        self._check_noise(masks, noise)
+        feeds = {"mask": masks} if noise is None else {"mask": masks, "noise": noise}
+        (image,) = self._session.run(["image"], feeds)
         return image
 
     def close(self) -> None:

@@ -207,6 +207,9 @@ def activation_bytes_per_patch(network, bytes_per_value: int) -> int:
 def _contract_signature(model_path: Path, inputs, outputs, float32) -> ModelSignature:
     """The model contract checked on TensorRT I/O tensors, given as (name, shape, dtype) triples."""
     name = model_path.name
+    if [i[0] for i in inputs] == ["mask", "noise"]:
+        raise ModelError(f"{name}: a model with noise channels renders with --backend onnxruntime or torch (this "
+                         "TensorRT backend feeds the mask only)")
     if len(inputs) != 1 or inputs[0][0] != "mask":
         found = ", ".join(i[0] for i in inputs)
         raise ModelError(f"{name}: the model must have one input named 'mask' (found: {found})")
@@ -404,7 +407,8 @@ class TensorRTBackend(Backend):
         array = np.ctypeslib.as_array((ctypes.c_float * values).from_address(pointer)).reshape(count, *shape)
         return pointer, array
 
-    def run(self, masks: np.ndarray) -> np.ndarray:
+    def run(self, masks: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        self._check_noise(masks, noise)
         if masks.ndim != 4 or masks.shape[1:] != self._in_shape:
             raise ValueError(f"expected masks [N, {', '.join(map(str, self._in_shape))}], got {list(masks.shape)}")
         if self.signature.fixed_batch is not None and len(masks) != self.signature.fixed_batch:
@@ -444,9 +448,9 @@ class TensorRTBackend(Backend):
         return host_out[:n].copy()
 
     # -- the engine's device-resident path (module docstring) ---------------------------------------------------
-    def prepare(self, labels: np.ndarray):
+    def prepare(self, labels: np.ndarray, noise: np.ndarray | None = None):
         if not self.device_resident:
-            return super().prepare(labels)
+            return super().prepare(labels, noise)
         from ..cuda_band import pin_labels
 
         return pin_labels(labels)

@@ -135,7 +135,8 @@ class TorchBackend(Backend):
                 f"{model_path}: the engine feeds 3 mask channels and reads 3 image channels, this generator has "
                 f"{generator.in_channels} and {generator.out_channels}"
             )
-        self.signature = ModelSignature(window=generator.window, patch=generator.patch)
+        self.signature = ModelSignature(window=generator.window, patch=generator.patch,
+                                        noise_channels=generator.noise_channels)
         on_gpu = self.device.type == "cuda"
         if on_gpu:
             generator = keep_normalisation_fp32(generator).to(self.device, memory_format=torch.channels_last)
@@ -145,9 +146,11 @@ class TorchBackend(Backend):
             self.default_batch_size = CPU_BATCH_SIZE
         # Device-resident rendering needs safron's own CUDA kernels; without them a GPU still runs the generator
         # and the patches take the host path.
-        can_stay = on_gpu and bool(_core.build_info()["cuda"])
+        # (The device-resident path uploads mask labels only; a generator with noise channels takes the host path.)
+        can_stay = on_gpu and bool(_core.build_info()["cuda"]) and not generator.noise_channels
         if device_resident and not can_stay:
-            raise ModelError("device-resident rendering needs a CUDA device and safron built with its CUDA kernels")
+            raise ModelError("device-resident rendering needs a CUDA device, safron built with its CUDA kernels and "
+                             "a generator without noise channels")
         self.device_resident = can_stay if device_resident is None else device_resident
         self._stream = torch.cuda.Stream(self.device) if on_gpu else None
         self._generator = generator
@@ -163,22 +166,24 @@ class TorchBackend(Backend):
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(threads)
 
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+    def _forward(self, batch: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         if self.device.type != "cuda":  # CPU: fp32, as the export check
-            return self._generator(batch)
+            return self._generator(batch, noise)
         batch = batch.contiguous(memory_format=torch.channels_last)
         # No autocast weight cache: it would hold casts made during a graph capture.
         with torch.autocast(device_type="cuda", dtype=torch.float16, cache_enabled=False):
-            return self._generator(batch)
+            return self._generator(batch, noise)
 
-    def run(self, masks: np.ndarray) -> np.ndarray:
+    def run(self, masks: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        self._check_noise(masks, noise)
         with torch.inference_mode():
-            images = self._forward(torch.from_numpy(masks).to(self.device))
+            noise = None if noise is None else torch.from_numpy(noise).to(self.device)
+            images = self._forward(torch.from_numpy(masks).to(self.device), noise)
             return images.float().contiguous().cpu().numpy()
 
     # -- the engine's device-resident path (see the module docstring) -------------------------------------------
-    def prepare(self, labels: np.ndarray):
-        return pin_labels(labels) if self.device_resident else super().prepare(labels)
+    def prepare(self, labels: np.ndarray, noise: np.ndarray | None = None):
+        return pin_labels(labels) if self.device_resident else super().prepare(labels, noise)
 
     def infer(self, prepared):
         if not self.device_resident:

@@ -22,7 +22,7 @@ def _augmentation_policy(text):
 _RUN_OPTIONS = ("data", "tile", "stride", "ngf", "ndf", "lr", "beta1", "lambda_l1", "lambda_adv", "lambda_shift",
                 "ema_decay", "blend", "seed", "tiles_per_step", "lambda_fm", "gan_loss", "diffaugment", "lr_d",
                 "small_images", "upsample", "context", "shift_scale", "levels", "lambda_grid", "grid_period",
-                "grid_fold")
+                "grid_fold", "noise_channels")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -74,6 +74,12 @@ def train_parser() -> argparse.ArgumentParser:
                    help=f"the generator's U-Net depth: {defaults.levels} (the paper's) goes down to a 1 x 1 bottleneck "
                         "that sees the whole patch, so a patch can decide its look as a whole and show as a block; "
                         f"fewer (4 or more) keep decisions local (default: {defaults.levels})")
+    p.add_argument("--noise-channels", type=non_negative_int, metavar="K",
+                   help="channels of per-pixel noise the generator reads beside the mask (safron-render draws them from "
+                        "canvas coordinates, so renders stay seamless and reproducible): a source of texture other "
+                        "than the patch's position, which is all a noise-free generator has inside a wide region of "
+                        "one class. With --init, a generator reading fewer starts with zero weights on the new ones "
+                        f"(default: {defaults.noise_channels})")
     p.add_argument("--ndf", type=positive_int, metavar="C", help=f"discriminator width (default: {defaults.ndf})")
     p.add_argument("--lr", type=positive_float, metavar="LR", help=f"Adam learning rate (default: {defaults.lr:g})")
     p.add_argument("--beta1", type=non_negative_float, metavar="B", help=f"Adam beta1 (default: {defaults.beta1:g})")
@@ -158,6 +164,8 @@ def _config_from_args(args):
             given.setdefault("ngf", generator.ngf)
             given.setdefault("upsample", generator.upsample)
             given.setdefault("context", generator.context_kind)
+            given.setdefault("levels", generator.levels)
+            given.setdefault("noise_channels", generator.noise_channels)
             return TrainConfig(**given)
         return dataclasses.replace(_stored_config(training_checkpoint(args.init)), **given)
     if args.resume:

@@ -28,6 +28,7 @@ _DISCRIMINATOR_PREFIX = "discriminator."
 _OPTIMISER_PREFIXES = {"generator": "optimiser.generator.", "discriminator": "optimiser.discriminator."}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _AUTOCAST_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_NOISE_CHANNELS = 16  # a few are enough for texture; many would only slow the context layer
 DEFAULT_STEPS, DEFAULT_SAVE_EVERY, DEFAULT_SAMPLE_EVERY, DEFAULT_KEEP = 100_000, 500, 100, 3
 
 
@@ -75,6 +76,8 @@ class TrainConfig:
     # "patch": each patch folded on its own; "class": all patches of the step pooled, one fold per mask class (less
     # texture left in the fold, and a lattice drawn only inside one class is seen whole). Older checkpoints: "patch".
     grid_fold: str = "patch"
+    # Channels of uniform noise the generator reads beside the mask (models.Generator, safron.noise); 0: none.
+    noise_channels: int = 0
 
     @property
     def loss_names(self) -> tuple[str, ...]:
@@ -142,6 +145,9 @@ def check_config(config: TrainConfig) -> None:
                                f"{geometry.PATCH} px patch and fits into it three times), got {config.grid_period!r}")
     if config.grid_fold not in GRID_FOLDS:
         raise SafronInputError(f"grid_fold must be one of {', '.join(GRID_FOLDS)}, got {config.grid_fold!r}")
+    if not (isinstance(config.noise_channels, int) and 0 <= config.noise_channels <= MAX_NOISE_CHANNELS):
+        raise SafronInputError(f"noise_channels must be an integer in [0, {MAX_NOISE_CHANNELS}], got "
+                               f"{config.noise_channels!r}")
     if not 0 <= config.ema_decay < 1:
         raise SafronInputError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
     if not (isinstance(config.tiles_per_step, int) and config.tiles_per_step >= 1):

@@ -32,6 +32,7 @@ from .config import (
 )
 from .trainer import Trainer, _resolve_device, _resolve_precision, _sample_grid
 
+_NOISE_NOTE = "; zero weights on the noise channels it did not read"
 _REFIT_NOTE = "; its transposed decoder refitted as resizing and 3x3 convolutions (models.resize_decoder)"
 
 
@@ -204,13 +205,18 @@ def train(
     elif init_generator is not None:
         trainer.start_from(init_generator)
         refit = _REFIT_NOTE if trainer.refits(init_generator.upsample) else ""
+        if init_generator.noise_channels < trainer.generator.noise_channels:
+            refit += _NOISE_NOTE
         note(f"starting from the generator of {init_path} (new discriminator and optimisers{refit})")
     elif init_path is not None:
         init_step = trainer.load(init_path, restore_step=False)
         init_state = _read_state(init_path)
         fresh = "; a portable checkpoint: new optimisers" if init_state.get("portable") else ""
-        if trainer.refits((init_state.get("generator") or {}).get("upsample")) and not fresh:
-            fresh = f"; a new generator optimiser{_REFIT_NOTE}"
+        stored_generator = init_state.get("generator") or {}
+        changes = (_REFIT_NOTE if trainer.refits(stored_generator.get("upsample")) else "") + (
+            _NOISE_NOTE if stored_generator.get("noise_channels", 0) < trainer.generator.noise_channels else "")
+        if changes and not fresh:
+            fresh = f"; a new generator optimiser{changes}"
         note(f"starting from {init_path} (step {init_step} of its run{fresh})")
     run_dir.mkdir(parents=True, exist_ok=True)
     if trainer.step >= steps:

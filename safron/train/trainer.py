@@ -26,7 +26,7 @@ from ..checkpoints import (
     CONFIG_METADATA_KEY, EMA_PREFIX, GENERATOR_PREFIX, RUN_DIR_CHECKPOINT, save_checkpoint,
     tensors_under,
 )
-from ..models import Discriminator, Generator, resize_decoder
+from ..models import Discriminator, Generator, resize_decoder, with_noise
 from ..stitch import cut_windows, stitch
 from .checkpointing import _flatten_optimiser, _unflatten_optimiser, read_checkpoint
 from .config import (
@@ -116,7 +116,7 @@ class Trainer:
         self.config, self.dataset, self.device, self.precision = config, dataset, device, precision
         torch.manual_seed(config.seed)
         self.generator = Generator(ngf=config.ngf, upsample=config.upsample, context=config.context,
-                                   levels=config.levels).to(device)
+                                   levels=config.levels, noise_channels=config.noise_channels).to(device)
         if config.context == "dense":
             self.generator.context = FourierContextConvolution.replacing(self.generator.context)
         self.discriminator = Discriminator(ndf=config.ndf).to(device)
@@ -163,11 +163,20 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self._autocast_type, enabled=self._autocast_type is not None)
 
-    def _tensors(self, tile: TrainingTile) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mask context [3, T + 2 margin, T + 2 margin], mask tile [1, 3, T, T], real tile [1, 3, T, T])."""
+    def _tensors(self, tile: TrainingTile, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mask context [3 + noise channels, T + 2 margin, T + 2 margin], mask tile [1, 3, T, T], real tile
+        [1, 3, T, T]). The context's noise channels (if the generator reads any) are one fresh draw for the whole
+        tile, from `generator` (default: torch's global one, which each step seeds), so that overlapping patches
+        read the same noise where they overlap, as in a render."""
         context = torch.from_numpy(masks.labels_to_model_input(tile.context)).to(self.device)
         margin, size = self.plan.margin, self.plan.height
         mask_tile = context[None, :, margin:margin + size, margin:margin + size]
+        channels = self.generator.noise_channels
+        if channels:
+            # Drawn on the CPU whatever the device, so that a run's draws do not depend on where it trains.
+            noise = torch.rand(channels, *context.shape[1:], generator=generator) * 2 - 1
+            context = torch.cat([context, noise.to(self.device)])
         real = torch.from_numpy(tile.image).to(self.device).permute(2, 0, 1)[None].float() / 127.5 - 1
         return context, mask_tile, real
 
@@ -175,8 +184,13 @@ class Trainer:
                   tiles: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(`tiles` tiles [tiles, 3, T, T], each stitched from its plan's windows, which come first in `windows`,
         tile after tile; the patches of all windows), by `generator` (default: the one being trained)."""
+        generator = generator or self.generator
         with self._autocast():
-            patches = (generator or self.generator)(windows)
+            if generator.noise_channels:  # the windows carry the tile's noise after the mask
+                classes = generator.in_channels
+                patches = generator(windows[:, :classes], windows[:, classes:])
+            else:
+                patches = generator(windows)
         ys, xs = self._origins
         count = len(ys)
         stitched = torch.stack([
@@ -261,7 +275,8 @@ class Trainer:
                 if config.grid_fold == "class":
                     # Each patch's own mask: the centre of its window, +-1 one-hot -> 0/1.
                     margin, patch = self.plan.margin, self.plan.patch
-                    classes = windows[:, :, margin:margin + patch, margin:margin + patch] > 0
+                    mask_channels = len(masks.MODEL_INPUT_CLASSES)  # the noise channels, if any, come after
+                    classes = windows[:, :mask_channels, margin:margin + patch, margin:margin + patch] > 0
                 grid = grid_lock_loss(patches, config.grid_period, classes)
                 loss_g = loss_g + config.lambda_grid * grid
                 extra_losses.append(grid)
@@ -286,7 +301,9 @@ class Trainer:
         mode = generator.training
         generator.eval()
         try:
-            return self._stitched(cut_windows(self._tensors(tile)[0], self.plan), generator)[0][0]
+            # A fixed noise draw: the samples of successive checkpoints differ by the generator only.
+            noise = torch.Generator().manual_seed(0)
+            return self._stitched(cut_windows(self._tensors(tile, noise)[0], self.plan), generator)[0][0]
         finally:
             generator.train(mode)
 
@@ -345,6 +362,8 @@ class Trainer:
         A transposed-convolution decoder starts a resizing one as its nearest checkerboard-free fit."""
         if self.refits(generator.upsample):
             generator = resize_decoder(generator)
+        if generator.noise_channels < self.generator.noise_channels:
+            generator = with_noise(generator, self.generator.noise_channels)
         if generator.config() != self.generator.config():
             theirs, ours = generator.config(), self.generator.config()
             differing = ", ".join(f"{key} {theirs.get(key)!r} there, {ours.get(key)!r} here"
@@ -356,11 +375,13 @@ class Trainer:
 
     def _difference(self, state: dict, failure: BaseException) -> str:
         """What makes a checkpoint's models differ from this run's: the settings, else the loader's message."""
+        # A noise-free generator's config leaves noise_channels out (models.Generator.config).
+        implied = {"generator": {"noise_channels": 0}, "discriminator": {}}
         differing = [
             f"{name} {key} {stored[key]!r} there, {value!r} here"
             for name, model in (("generator", self.generator), ("discriminator", self.discriminator))
-            for stored in [state.get(name) or {}]
-            for key, value in model.config().items()
+            for stored in [{**implied[name], **(state.get(name) or {})}]
+            for key, value in {**implied[name], **model.config()}.items()
             if key in stored and stored[key] != value
         ]
         return "; ".join(differing) or first_line(failure)
@@ -374,14 +395,21 @@ class Trainer:
         # Starting a resizing decoder from a transposed one (init only: a resumed run keeps its decoder): both
         # generators are converted (`resize_decoder`) and the generator's optimiser, whose moments belong to the
         # transposed kernels, starts afresh.
-        converts = not restore_step and self.refits((state.get("generator") or {}).get("upsample"))
+        # Likewise a generator reading fewer noise channels than this run's: it gains zero weights for the others
+        # (`with_noise`), and the generator's optimiser starts afresh.
+        stored_generator = state.get("generator") or {}
+        refits = not restore_step and self.refits(stored_generator.get("upsample"))
+        widens = not restore_step and stored_generator.get("noise_channels", 0) < self.generator.noise_channels
+        converts = refits or widens
 
         def generator_tensors(stored: dict) -> dict:
             if not converts or not stored:
                 return stored
             source = Generator.from_config(state["generator"])
             source.load_state_dict(stored)
-            return resize_decoder(source).state_dict()
+            if refits:
+                source = resize_decoder(source)
+            return with_noise(source, self.generator.noise_channels).state_dict()
 
         try:
             self.generator.load_state_dict(generator_tensors(tensors_under(tensors, GENERATOR_PREFIX)))

@@ -1,0 +1,186 @@
+"""Noise channels: the canvas noise (safron.noise), generators that read it (models.Generator, with_noise), and
+renders of noise-reading models, which must see the noise of their canvas coordinates and nothing else."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import onnx_models
+from safron import engine, geometry, masks
+from safron.noise import canvas_noise, noise_windows
+from test_engine import random_labels
+
+
+def _lowbias32(value: int) -> int:
+    """Wellons' lowbias32 on one Python int: an implementation independent of the vectorised one."""
+    value &= 0xFFFFFFFF
+    value ^= value >> 16
+    value = (value * 0x7FEB352D) & 0xFFFFFFFF
+    value ^= value >> 15
+    value = (value * 0x846CA68B) & 0xFFFFFFFF
+    return value ^ (value >> 16)
+
+
+def _reference(y: int, x: int, channel: int, seed: int) -> float:
+    """The documented definition: mix(column + mix(row + mix(channel + seed * golden))), top 24 bits, bin centres."""
+    key = _lowbias32(channel + seed * 0x9E3779B9)
+    hashed = _lowbias32((x & 0xFFFFFFFF) + _lowbias32((y & 0xFFFFFFFF) + key))
+    return (hashed >> 8) * 2.0 ** -23 - 1 + 2.0 ** -24
+
+
+def test_canvas_noise_follows_its_definition_at_any_coordinates():
+    got = canvas_noise(-3, 99_998, 4, 5, 2, seed=7)
+    for c in range(2):
+        for i in range(4):
+            for j in range(5):
+                assert got[c, i, j] == np.float32(_reference(-3 + i, 99_998 + j, c, 7))
+
+
+def test_a_region_of_the_canvas_is_the_same_wherever_it_is_read_from():
+    whole = canvas_noise(-20, -20, 300, 400, 3)
+    np.testing.assert_array_equal(canvas_noise(37, 101, 50, 60, 3), whole[:, 57:107, 121:181])
+    np.testing.assert_array_equal(canvas_noise(-20, -20, 300, 400, 3), whole)  # and every time alike
+
+
+def test_the_noise_is_uniform_in_minus_one_one_and_uncorrelated():
+    noise = canvas_noise(1000, 2000, 512, 512, 2)
+    assert -1 < noise.min() and noise.max() < 1
+    assert abs(noise.mean()) < 0.01 and noise.std() == pytest.approx(1 / np.sqrt(3), abs=0.005)
+    pairs = {
+        "horizontal neighbours": (noise[0, :, :-1], noise[0, :, 1:]),
+        "vertical neighbours": (noise[0, :-1], noise[0, 1:]),
+        "diagonal neighbours": (noise[0, :-1, :-1], noise[0, 1:, 1:]),
+        "channels": (noise[0], noise[1]),
+        "seeds": (noise[0], canvas_noise(1000, 2000, 512, 512, 1, seed=1)[0]),
+    }
+    for name, (a, b) in pairs.items():
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.01, name
+
+
+def test_noise_windows_are_the_canvas_around_each_patch_and_padding_rows_are_zero():
+    plan = geometry.plan(700, 500)
+    ys, xs = plan.origins()
+    out = np.full((len(ys) + 2, 2, plan.window, plan.window), 5, np.float32)
+    noise_windows(plan, ys, xs, 2, out=out)
+    for k, (y, x) in enumerate(zip(ys, xs)):
+        np.testing.assert_array_equal(out[k], canvas_noise(int(y) - plan.margin, int(x) - plan.margin, plan.window,
+                                                           plan.window, 2))
+    assert (out[len(ys):] == 0).all()
+
+
+@pytest.fixture(scope="module")
+def noise_model(tmp_path_factory):
+    return onnx_models.noise_mix(tmp_path_factory.mktemp("models") / "noise.onnx")
+
+
+def _expected(labels: np.ndarray) -> np.ndarray:
+    """What noise_mix renders where the geometry is right: half the mask's ±1 colour, half the canvas noise."""
+    encoded = masks.labels_to_model_input(labels).astype(np.float64)
+    value = 0.5 * encoded + 0.5 * canvas_noise(0, 0, *labels.shape, 3).astype(np.float64)
+    return np.clip(np.floor((value + 1) * 127.5 + 0.5), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+@pytest.mark.parametrize("blend", ["uniform", "cosine"])
+@pytest.mark.parametrize("height,width", [(300, 257), (700, 530)])
+def test_a_render_reads_the_noise_of_its_canvas_coordinates_seamlessly(noise_model, height, width, blend):
+    labels = random_labels(height, width, seed=height + width)
+    image = engine.render_array(labels, model=noise_model, blend=blend, batch_size=3)
+    expected = _expected(labels)
+    difference = np.abs(image.astype(int) - expected)
+    # Overlapping patches agree on their noise, so the blend reproduces it; only a weighted mean's float rounding
+    # can move a value sitting on a rounding boundary by one level.
+    assert difference.max() <= 1 and (difference == 0).mean() > 0.999
+    # A different batching reads the same noise: byte for byte the same image.
+    np.testing.assert_array_equal(engine.render_array(labels, model=noise_model, blend=blend, batch_size=4), image)
+
+
+def test_a_fixed_batch_noise_model_renders_alike(tmp_path, noise_model):
+    labels = random_labels(500, 520, seed=9)
+    fixed = onnx_models.noise_mix(tmp_path / "fixed.onnx", batch=5)
+    np.testing.assert_array_equal(engine.render_array(labels, model=fixed),
+                                  engine.render_array(labels, model=noise_model))
+
+
+def test_a_band_of_a_render_reads_the_noise_of_the_whole(tmp_path, noise_model):
+    """Rows rendered as a band (as Dask workers do) are the rows of the whole render: the noise is global."""
+    from PIL import Image
+
+    labels = random_labels(700, 300, seed=4)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(masks.labels_to_colour(labels)).save(mask)
+    whole = engine.render_array(labels, model=noise_model, threads=1)
+    pytest.importorskip("zarr", reason="zarr is not installed (pip install 'safron[distributed]')")
+    from safron import zarr_output
+
+    store = tmp_path / "band.zarr"
+    zarr_output.create(store, 700, 300, chunk=64, mpp=None, levels=False)
+    outcome = engine.render_band(str(mask), str(store), 192, 384, model=str(noise_model), backend="onnxruntime",
+                                 batch_size=None, blend="cosine", overlap=20, threads=1, colour_tolerance=195.0)
+    assert not isinstance(outcome, Exception), outcome
+    band = zarr_output.read_rows(store, 192, 384)
+    np.testing.assert_array_equal(band, whole[192:384])
+
+
+# --- generators that read noise -----------------------------------------------------------------------------------
+
+torch = pytest.importorskip("torch", reason="the generator tests need torch (pip install torch)")
+
+
+@pytest.mark.parametrize("context", ["dense", "dilated"])
+def test_with_noise_starts_as_the_noise_free_generator_and_folds(context):
+    from safron.export import random_masks
+    from safron.models import Generator, fold_one_hot, unfold_one_hot, with_noise
+
+    torch.manual_seed(0)
+    plain = Generator(ngf=4, context=context).eval()
+    windows = torch.from_numpy(random_masks(2, 296))
+    noise = torch.rand(2, 2, 296, 296) * 2 - 1
+    noisy = with_noise(plain, 2)
+    assert noisy.config()["noise_channels"] == 2 and "noise_channels" not in plain.config()
+    with torch.no_grad():
+        torch.testing.assert_close(noisy(windows, noise), plain(windows), rtol=0, atol=0)
+        noisy.noise.weight.normal_(0, 0.05)
+        drawn = noisy(windows, noise)
+        assert (drawn - plain(windows)).abs().max() > 1e-3  # the noise now shows
+        fold_one_hot(noisy)
+        torch.testing.assert_close(noisy(windows, noise), drawn, rtol=0, atol=1e-4)
+        unfold_one_hot(noisy)
+        torch.testing.assert_close(noisy(windows, noise), drawn, rtol=0, atol=1e-4)
+        # A third channel starts at zero weight and keeps the first two.
+        more = with_noise(noisy, 3)
+        torch.testing.assert_close(more(windows, torch.cat([noise, torch.rand(2, 1, 296, 296)], 1)),
+                                   noisy(windows, noise), rtol=0, atol=0)
+    with pytest.raises(Exception, match="cannot start one that reads 1"):
+        with_noise(noisy, 1)
+
+
+def test_a_generator_reads_its_patchs_noise_and_a_one_pixel_ring_only():
+    """Noise beyond the ring would make a patch depend on where the window's border is, as zero padding does."""
+    from safron.export import random_masks
+    from safron.models import Generator
+
+    torch.manual_seed(1)
+    generator = Generator(ngf=4, noise_channels=1).eval()
+    with torch.no_grad():
+        generator.noise.weight.normal_(0, 0.1)
+        windows = torch.from_numpy(random_masks(1, 296))
+        noise = torch.rand(1, 1, 296, 296) * 2 - 1
+        changed = noise.clone()
+        changed[..., :19, :] = 0  # rows outside the ring (the margin is 20)
+        changed[..., :, 277:] = 0
+        torch.testing.assert_close(generator(windows, changed), generator(windows, noise), rtol=0, atol=0)
+        changed[..., 19, 100] = 5.0  # a pixel of the ring
+        assert (generator(windows, changed) - generator(windows, noise)).abs().max() > 0
+
+
+def test_a_generator_refuses_missing_or_misshapen_noise():
+    from safron.models import Generator
+
+    windows = torch.zeros(1, 3, 296, 296)
+    with pytest.raises(ValueError, match="expects noise"):
+        Generator(ngf=4, noise_channels=1)(windows)
+    with pytest.raises(ValueError, match="expects noise"):
+        Generator(ngf=4, noise_channels=1)(windows, torch.zeros(1, 2, 296, 296))
+    with pytest.raises(ValueError, match="expects noise"):
+        Generator(ngf=4)(windows, torch.zeros(1, 1, 296, 296))
