@@ -124,11 +124,13 @@ def test_a_band_of_a_render_reads_the_noise_of_the_whole(tmp_path, noise_model):
 
 # --- generators that read noise -----------------------------------------------------------------------------------
 
-torch = pytest.importorskip("torch", reason="the generator tests need torch (pip install torch)")
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch", reason="the generator tests need torch (pip install torch)")
 
 
 @pytest.mark.parametrize("context", ["dense", "dilated"])
-def test_with_noise_starts_as_the_noise_free_generator_and_folds(context):
+def test_with_noise_starts_as_the_noise_free_generator_and_folds(torch, context):
     from safron.export import random_masks
     from safron.models import Generator, fold_one_hot, unfold_one_hot, with_noise
 
@@ -155,7 +157,7 @@ def test_with_noise_starts_as_the_noise_free_generator_and_folds(context):
         with_noise(noisy, 1)
 
 
-def test_a_generator_reads_its_patchs_noise_and_a_one_pixel_ring_only():
+def test_a_generator_reads_its_patchs_noise_and_a_one_pixel_ring_only(torch):
     """Noise beyond the ring would make a patch depend on where the window's border is, as zero padding does."""
     from safron.export import random_masks
     from safron.models import Generator
@@ -174,7 +176,7 @@ def test_a_generator_reads_its_patchs_noise_and_a_one_pixel_ring_only():
         assert (generator(windows, changed) - generator(windows, noise)).abs().max() > 0
 
 
-def test_a_generator_refuses_missing_or_misshapen_noise():
+def test_a_generator_refuses_missing_or_misshapen_noise(torch):
     from safron.models import Generator
 
     windows = torch.zeros(1, 3, 296, 296)
@@ -184,3 +186,12 @@ def test_a_generator_refuses_missing_or_misshapen_noise():
         Generator(ngf=4, noise_channels=1)(windows, torch.zeros(1, 2, 296, 296))
     with pytest.raises(ValueError, match="expects noise"):
         Generator(ngf=4)(windows, torch.zeros(1, 1, 296, 296))
+
+
+def test_auto_sends_a_noise_model_past_tensorrt(monkeypatch, noise_model, tmp_path):
+    from safron import backends
+
+    monkeypatch.setattr(backends, "_missing_modules", lambda name: [])  # as if TensorRT were installed
+    monkeypatch.setattr(backends, "_cuda_device_present", lambda: True)
+    assert backends._auto_backend(onnx_models.centre_crop(tmp_path / "crop.onnx")) == "tensorrt"
+    assert backends._auto_backend(noise_model) == "onnxruntime"  # not exported by safron: PyTorch cannot rebuild it

@@ -69,12 +69,28 @@ def _auto_backend(model_path: str | os.PathLike) -> str:
         return "torch"  # only PyTorch reads checkpoints; it picks the GPU itself when there is one
     gpu_backends = [name for name in ("tensorrt", "torch") if not _missing_modules(name)]
     if gpu_backends and _cuda_device_present():
-        if gpu_backends[0] == "tensorrt":
+        # The TensorRT backend feeds the mask only: a model that reads noise goes to PyTorch (or ONNX Runtime).
+        if gpu_backends[0] == "tensorrt" and not _onnx_inputs(model_path) - {"mask"}:
             return "tensorrt"
         # PyTorch rebuilds only safron-exported models; any other ONNX model stays with ONNX Runtime.
         if not _missing_modules("onnx") and _exported_by_safron(model_path):
             return "torch"
     return "onnxruntime"
+
+
+def _onnx_inputs(model_path: str | os.PathLike) -> set[str]:
+    """The names of the model's graph inputs (its weights left unread); an empty set when onnx is missing or the
+    file is unreadable (the backend that opens it reports that)."""
+    if _missing_modules("onnx"):
+        return set()
+    import onnx
+
+    try:
+        graph = onnx.load(str(model_path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - see the docstring
+        return set()
+    weights = {initializer.name for initializer in graph.initializer}
+    return {tensor.name for tensor in graph.input} - weights
 
 
 def _exported_by_safron(model_path: str | os.PathLike) -> bool:
