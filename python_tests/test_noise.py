@@ -195,3 +195,85 @@ def test_auto_sends_a_noise_model_past_tensorrt(monkeypatch, noise_model, tmp_pa
     monkeypatch.setattr(backends, "_cuda_device_present", lambda: True)
     assert backends._auto_backend(onnx_models.centre_crop(tmp_path / "crop.onnx")) == "tensorrt"
     assert backends._auto_backend(noise_model) == "onnxruntime"  # not exported by safron: PyTorch cannot rebuild it
+
+
+# --- the render's noise seed --------------------------------------------------------------------------------------
+
+def test_the_seed_changes_a_noise_models_texture_and_nothing_else(noise_model, tmp_path):
+    labels = random_labels(300, 400, seed=2)
+    first = engine.render_array(labels, model=noise_model, seed=5)
+    np.testing.assert_array_equal(engine.render_array(labels, model=noise_model, seed=5), first)
+    other = engine.render_array(labels, model=noise_model, seed=6)
+    assert (first != other).mean() > 0.9  # another texture everywhere
+    crop = onnx_models.centre_crop(tmp_path / "crop.onnx")  # no noise: the seed changes nothing
+    np.testing.assert_array_equal(engine.render_array(labels, model=crop, seed=6), masks.labels_to_colour(labels))
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 1.5, True])
+def test_a_bad_seed_is_one_line(noise_model, seed):
+    from safron.errors import SafronInputError
+
+    with pytest.raises(SafronInputError, match="seed must be an integer 0..4294967295"):
+        engine.render_array(np.zeros((10, 10), np.uint8), model=noise_model, seed=seed)
+
+
+def test_a_resume_under_another_seed_is_refused_both_ways(noise_model, tmp_path, monkeypatch):
+    """A journal pins the seed (left out at the default, so that older journals still match): resuming with another
+    seed, to or from the default, would mix two textures in one image."""
+    import tifffile
+    from PIL import Image
+
+    from safron import canvas
+    from safron.errors import SafronInputError
+
+    labels = random_labels(900, 300, seed=8)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(masks.labels_to_colour(labels)).save(mask)
+    options = dict(model=noise_model, progress=False, compression="none", batch_size=1, threads=1)
+    for first, second in ((0, 3), (3, 0)):
+        out = tmp_path / f"out-{first}.tif"
+        calls = []
+
+        def stop_after_one_record(self, rows_done, _record=canvas.Journal.record):
+            _record(self, rows_done)
+            calls.append(rows_done)
+            raise KeyboardInterrupt  # an interruption once the first band is in the journal
+
+        monkeypatch.setattr(canvas.Journal, "record", stop_after_one_record)
+        with pytest.raises(KeyboardInterrupt):
+            engine.render(mask, out, seed=first, **options)
+        monkeypatch.undo()
+        with pytest.raises(SafronInputError, match="noise_seed differs"):
+            engine.render(mask, out, seed=second, resume=True, **options)
+        engine.render(mask, out, seed=first, resume=True, **options)
+        np.testing.assert_array_equal(tifffile.imread(out), engine.render_array(labels, model=noise_model, seed=first))
+
+
+def test_cli_seed_reaches_the_render(noise_model, tmp_path):
+    import tifffile
+    from PIL import Image
+
+    from safron.cli.render import main
+
+    labels = random_labels(300, 300, seed=1)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(masks.labels_to_colour(labels)).save(mask)
+    out = tmp_path / "out.tif"
+    assert main([str(mask), str(out), "--model", str(noise_model), "--seed", "7", "--quiet",
+                 "--compression", "none"]) == 0
+    np.testing.assert_array_equal(tifffile.imread(out), engine.render_array(labels, model=noise_model, seed=7))
+
+
+def test_a_band_store_under_another_seed_is_not_resumed_both_ways(tmp_path):
+    pytest.importorskip("zarr", reason="zarr is not installed (pip install 'safron[distributed]')")
+    from safron import bands, zarr_output
+    from safron.errors import SafronInputError
+
+    plain = {"format": 1, "blend": "cosine"}
+    seeded = dict(plain, noise_seed=3)
+    for saved, asked in ((plain, seeded), (seeded, plain)):
+        store = tmp_path / "store.zarr"
+        zarr_output.create(store, 64, 64, chunk=64, mpp=None, levels=False, header=saved)
+        with pytest.raises(SafronInputError, match="noise_seed differs"):
+            bands._check_resumable(store, tmp_path / "out.zarr", asked)
+        bands._check_resumable(store, tmp_path / "out.zarr", saved)  # the same header resumes

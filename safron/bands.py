@@ -189,10 +189,11 @@ def _check_resumable(store: Path, out: Path, header: dict) -> None:
     if saved is None:
         raise SafronInputError(f"cannot resume: no interrupted render in bands of {out} (no {store.name}): run without "
                                "--resume to render it")
-    for key, value in header.items():
-        if saved.get(key) != value:
+    # Both ways: an entry only one side has (say, the noise seed, left out at its default) differs too.
+    for key in sorted(header.keys() | saved.keys()):
+        if saved.get(key) != header.get(key):
             raise SafronInputError(f"cannot resume: {key} differs from the interrupted render ({saved.get(key)!r} != "
-                                   f"{value!r})")
+                                   f"{header.get(key)!r})")
 
 
 def _assemble_tiff(store: Path, out: Path, height: int, width: int, chunk: int, tiff_options: dict) -> None:

@@ -155,11 +155,11 @@ class Journal:
             saved = json.loads(lines[0])
         except (OSError, IndexError, ValueError):
             raise SafronInputError(f"cannot resume: no readable journal at {self.path}") from None
-        for key, value in self.header.items():
-            if saved.get(key) != value:
-                raise SafronInputError(
-                    f"cannot resume: {key} differs from the interrupted render ({saved.get(key)!r} != {value!r})"
-                )
+        # Both ways: an entry only one side has (say, the noise seed, left out at its default) differs too.
+        for key in sorted(self.header.keys() | saved.keys()):
+            if saved.get(key) != self.header.get(key):
+                raise SafronInputError(f"cannot resume: {key} differs from the interrupted render "
+                                       f"({saved.get(key)!r} != {self.header.get(key)!r})")
         rows_done, output = 0, None
         for line in lines[1:]:
             try:

@@ -33,7 +33,7 @@ from .accumulator import BandAccumulator, StagingBandAccumulator
 from .backends import Backend, create_backend
 from .canvas import Journal, JournalThread, OutputLock, file_identity, open_canvas, side_paths
 from .errors import ModelError, OutputWriteError, SafronInputError, is_storage_error
-from .noise import noise_windows
+from .noise import DEFAULT_SEED, MAX_SEED, noise_windows
 from .pipeline import StageClock, prefetch
 from .raw_image import RawImageFile
 from .slide_io import check_free_space, check_output_path
@@ -147,7 +147,7 @@ def _check_threads(threads):
                           f", at most {MAX_THREADS_PER_CORE} per CPU core ({os.cpu_count() or 1} cores here)")
 
 
-def _check_render_options(batch_size, blend, overlap, threads) -> None:
+def _check_render_options(batch_size, blend, overlap, threads, seed=DEFAULT_SEED) -> None:
     """What render and render_array take alike, checked before a model is loaded or a file created. What depends
     on the model (a fixed batch, overlap below its patch size) is checked once it is loaded."""
     if blend not in BLENDS:
@@ -156,6 +156,7 @@ def _check_render_options(batch_size, blend, overlap, threads) -> None:
         _check_integer(batch_size, "batch size", 1)
     _check_integer(overlap, "overlap", 0)
     _check_threads(threads)
+    _check_integer(seed, "seed", 0, MAX_SEED)
 
 
 def _check_colour_tolerance(colour_tolerance) -> float:
@@ -196,10 +197,11 @@ class _Batch:
 class _Renderer:
     """One render of one mask with one backend; the sink decides where finalised rows go."""
 
-    def __init__(self, mask, backend, batch_size, blend, overlap, threads, mask_file=None):
+    def __init__(self, mask, backend, batch_size, blend, overlap, threads, mask_file=None, seed=DEFAULT_SEED):
         """`mask_file`: (path, colour tolerance) of `mask` to read its windows in a child process instead of a thread
-        (`reader_process`); None to read them here."""
-        _check_render_options(batch_size, blend, overlap, threads)
+        (`reader_process`); None to read them here. `seed`: of the noise a model with noise channels reads."""
+        _check_render_options(batch_size, blend, overlap, threads, seed)
+        self.seed = seed
         sig = backend.signature
         if sig.fixed_batch is not None:
             if batch_size not in (None, sig.fixed_batch):
@@ -237,7 +239,7 @@ class _Renderer:
         with self.clock("prepare"):
             channels = self.backend.signature.noise_channels
             # Noise as a function of canvas coordinates (safron.noise): what every band and resume reads alike.
-            noise = None if not channels else noise_windows(self.plan, batch.ys, batch.xs, channels, out=np.empty(
+            noise = None if not channels else noise_windows(self.plan, batch.ys, batch.xs, channels, self.seed, out=np.empty(
                 (len(labels), channels, self.plan.window, self.plan.window), np.float32))
             # (A backend for noise-free models may take the labels only, as before noise existed.)
             batch.inputs = self.backend.prepare(labels) if noise is None else self.backend.prepare(labels, noise)
@@ -525,18 +527,20 @@ def render_array(
     threads: int | None = None,
     progress: bool = False,
     colour_tolerance: float = masks.COLOUR_TOLERANCE,
+    seed: int = DEFAULT_SEED,
 ) -> np.ndarray:
     """Render an in-memory mask (labels HxW or colour HxWx3, uint8) to an HxWx3 uint8 RGB image.
 
     `backend` is a name (then `model` and `threads` open it, and it is closed afterwards) or an open `Backend`
     (e.g. from `safron.backends.create_backend`), which is used as it is and left open, so that many small masks
-    can share one loaded model. `colour_tolerance`: see `safron.masks.COLOUR_TOLERANCE`.
+    can share one loaded model. `colour_tolerance`: see `safron.masks.COLOUR_TOLERANCE`. `seed`: of the noise a
+    model with noise channels reads (`safron.noise`); other models ignore it.
     """
-    _check_render_options(batch_size, blend, overlap, threads)
+    _check_render_options(batch_size, blend, overlap, threads, seed)
     source = masks.from_array(np.asarray(mask), colour_tolerance=_check_colour_tolerance(colour_tolerance))
     engine = backend if isinstance(backend, Backend) else create_backend(backend, _resolve_model(model), threads=threads)
     try:
-        renderer = _Renderer(source, engine, batch_size, blend, overlap, threads)
+        renderer = _Renderer(source, engine, batch_size, blend, overlap, threads, seed=seed)
         sink = _ArraySink(source.height, source.width)
         renderer.run(sink, progress=progress)
         return sink.image
@@ -546,7 +550,7 @@ def render_array(
 
 
 def render_band(mask_path: str, store: str, y0: int, y1: int, *, model: str, backend: str, batch_size, blend: str,
-                overlap: int, threads, colour_tolerance: float, progress: bool = False):
+                overlap: int, threads, colour_tolerance: float, progress: bool = False, seed: int = DEFAULT_SEED):
     """One band's task, on a Dask worker or in this process: rows [y0, y1) of the render of the mask at `mask_path`,
     written to level 0 of the Zarr `store` in whole chunk rows. A `bands.BandOutcome`; an input error (a bad colour,
     a model that breaks the contract) or a full disk is returned rather than raised, as one line, so that Dask does
@@ -558,7 +562,7 @@ def render_band(mask_path: str, store: str, y0: int, y1: int, *, model: str, bac
         with masks.open_mask(Path(mask_path), colour_tolerance=colour_tolerance) as source:
             engine = create_backend(backend, Path(model), threads=threads)
             try:
-                renderer = _Renderer(source, engine, batch_size, blend, overlap, threads)
+                renderer = _Renderer(source, engine, batch_size, blend, overlap, threads, seed=seed)
                 sink = _ChunkRowSink(Path(store), y0, y1, source.width, chunk_rows(Path(store)), renderer.plan.patch)
                 patches = renderer.run(sink, rows_done=y0, rows_end=y1, progress=progress, desc=Path(mask_path).name)
             finally:
@@ -635,6 +639,7 @@ def render(
     client=None,
     band_rows: int | None = None,
     chunk: int | None = None,
+    seed: int = DEFAULT_SEED,
 ) -> RenderResult:
     """Render the mask at `mask_path` to a pyramidal tiled BigTIFF at `out_path`, or to an OME-Zarr when `out_path`
     ends in .zarr (`safron.zarr_output`; zstd chunks whatever `compression` says).
@@ -649,9 +654,12 @@ def render(
     workers need safron and the same paths to the mask, the model and OUT's folder (`safron.bands`). The pixels are
     a single-process render's, and a TIFF is byte for byte the same. An interrupted render in bands (or to OME-Zarr)
     keeps its store of finished bands beside OUT, and `resume=True` renders the others (`bands.render_in_bands`).
+
+    `seed`: of the noise a model with noise channels reads (`safron.noise`): the same mask, model and seed give the
+    same image, another seed another texture. Models without noise ignore it.
     """
     mask_path, out_path = Path(mask_path), Path(out_path)
-    _check_render_options(batch_size, blend, overlap, threads)
+    _check_render_options(batch_size, blend, overlap, threads, seed)
     _check_output_options(compression, quality, mpp)
     # Not pinned in the journal: a colour that snaps at all snaps to the same class whatever the tolerance (which
     # only decides whether a colour is refused), so a resume under another tolerance writes the same bytes.
@@ -661,7 +669,7 @@ def render(
     model_path = _resolve_model(model)
     if bands_layout is not None:
         band_options = dict(model=str(model_path.resolve()), backend=backend, batch_size=batch_size, blend=blend,
-                            overlap=overlap, threads=threads, colour_tolerance=colour_tolerance)
+                            overlap=overlap, threads=threads, colour_tolerance=colour_tolerance, seed=seed)
         tiff_options = dict(compression=compression, quality=int(quality), workers=threads)
         return _render_in_bands(mask_path, out_path, client, *bands_layout, mpp, resume, progress, band_options,
                                 tiff_options)
@@ -683,7 +691,7 @@ def render(
                 height, width = source.height, source.width
                 in_child = _in_child_processes(height, width) and not source.in_memory
                 renderer = _Renderer(source, engine, batch_size, blend, overlap, threads,
-                                     mask_file=(mask_path, colour_tolerance) if in_child else None)
+                                     mask_file=(mask_path, colour_tolerance) if in_child else None, seed=seed)
                 mpp = mpp if mpp is not None else source.mpp
                 header = {
                     "format": 1,
@@ -693,6 +701,7 @@ def render(
                     "geometry": [renderer.plan.patch, renderer.plan.margin, renderer.plan.overlap],
                     "blend": blend,
                     "batch_size": renderer.batch_size,
+                    **_seed_entry(seed),
                 }
                 # Plain numbers (not numpy's, which the checks accept): the journal records these as JSON.
                 output_options = dict(compression=compression, quality=int(quality),
@@ -708,6 +717,13 @@ def render(
     return RenderResult(
         out_path, height, width, renderer.plan.count, mpp, engine.name, seconds, dict(renderer.clock.seconds)
     )
+
+
+def _seed_entry(seed: int) -> dict:
+    """The noise seed's entry in a journal's or band store's header: none for the default, so that the headers of
+    renders from before the seed existed (all of them the default's) still match, and a resume under another seed,
+    which would mix two textures, is refused."""
+    return {} if seed == DEFAULT_SEED else {"noise_seed": int(seed)}
 
 
 def _mask_identity(mask_path: Path) -> dict:
@@ -759,7 +775,8 @@ def _render_in_bands(mask_path: Path, out_path: Path, client, chunk: int, band_r
         # hash pins them. Colour tolerance and threads change no pixel (see `render`).
         header = {"format": 1, **_mask_identity(mask_path), "size": [height, width],
                   "model_sha256": _model_sha256(Path(band_options["model"])),
-                  **{key: band_options[key] for key in ("backend", "batch_size", "blend", "overlap")}}
+                  **{key: band_options[key] for key in ("backend", "batch_size", "blend", "overlap")},
+                  **_seed_entry(band_options["seed"])}
         # Level 0 uncompressed and, for a TIFF, the writer's scratch files too: a bound, since chunks are compressed.
         check_free_space(out_path, height * width * 3 * (1 if is_zarr_path(out_path) else 2),
                          "the Zarr store and the writer's temporary files")

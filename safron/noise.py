@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DEFAULT_SEED", "canvas_noise", "noise_windows", "uniform_noise"]
+__all__ = ["DEFAULT_SEED", "MAX_SEED", "canvas_noise", "noise_windows", "uniform_noise"]
 
 DEFAULT_SEED = 0
+MAX_SEED = 2**32 - 1  # the hash takes the seed modulo 2^32: larger ones would repeat smaller ones' noise
 _GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: spreads consecutive seeds
 # 24 random bits per value: every float32 step in [-1, 1) at that resolution is exact, centred in its bin.
 _SCALE = np.float32(2.0 ** -23)

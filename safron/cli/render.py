@@ -8,8 +8,8 @@ import sys
 
 from ..errors import WorkerLostError
 from .common import (
-    EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, Parser, colour_tolerance, exit_status_help, positive_float, positive_int,
-    quality, run_main, threads, tile_side,
+    EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, Parser, colour_tolerance, exit_status_help, non_negative_int, positive_float,
+    positive_int, quality, run_main, threads, tile_side,
 )
 
 
@@ -17,6 +17,7 @@ def render_parser() -> argparse.ArgumentParser:
     from ..backends import BACKEND_NAMES
     from ..engine import BLENDS, DEFAULT_BLEND
     from ..masks import COLOUR_TOLERANCE, SMEAR_RADIUS
+    from ..noise import DEFAULT_SEED
     from ..bands import DEFAULT_BAND_ROWS
     from ..pyramid_tiff import COMPRESSIONS
     from ..zarr_output import DEFAULT_CHUNK
@@ -80,6 +81,10 @@ def render_parser() -> argparse.ArgumentParser:
                    help="RGB distance within which a mask colour snaps to the nearest class colour; other colours "
                         f"are errors, except in lossy (JPEG) masks within {SMEAR_RADIUS} px of a class colour, taken "
                         "for the codec's smear along class edges; inf snaps every colour (default: %(default)g)")
+    p.add_argument("--seed", type=non_negative_int, default=DEFAULT_SEED, metavar="S",
+                   help="seed of the noise that a model with noise channels reads (safron-train --noise-channels): "
+                        "the same mask, model and seed give the same image, another seed another texture; models "
+                        "without noise ignore it (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted render of OUT")
     p.add_argument("--threads", type=threads, metavar="N", help="CPU threads (default: all cores)")
     p.add_argument("--profile", action="store_true",
@@ -93,7 +98,7 @@ def _render_options(args) -> dict:
     """The `engine.render` options both forms of the command pass on, for one mask or for each of many."""
     return dict(model=args.model, backend=args.backend, batch_size=args.batch_size, blend=args.blend,
                 compression=args.compression, quality=args.quality, mpp=args.mpp, threads=args.threads,
-                colour_tolerance=args.colour_tolerance)
+                colour_tolerance=args.colour_tolerance, seed=args.seed)
 
 
 @contextlib.contextmanager
