@@ -34,9 +34,12 @@
 #   (--grid-fold class: crops FID 177 against 191 for the per-patch fold at equal CPU compute, tenth session)
 #   since the eleventh session, noise channels (safron-train --noise-channels; MODEL_CARD.md, "Noise channels"):
 #   inside a wide region of one class a noise-free generator can only draw a function of the position in its patch;
-#   noise is another source of texture. With the seventh session's resize recipe, 8 and 5 levels:
-#           SAFRON_TRAIN_VARIANTS="resize-noise=--upsample resize --noise-channels 2;resize-l5-noise=--upsample \
-#             resize --levels 5 --noise-channels 2" SAFRON_TRAIN_KEEP_STATE="resize-noise resize-l5-noise" ...
+#   noise is another source of texture. With the seventh session's recipe, from scratch: the resize decoder at 5
+#   levels and width 24 (1.36x the default's CPU time per patch; at width 32 1.5-1.7x, over issue 12's 1.5x) and the
+#   transposed decoder at width 32 with the grid loss (1.26x):
+#           SAFRON_TRAIN_VARIANTS="resize-l5-noise=--upsample resize --levels 5 --ngf 24 --noise-channels 2;\
+#             transpose-noise=--upsample transpose --noise-channels 2 --lambda-grid 20 --grid-fold class \
+#             --lambda-shift 10 --shift-scale 16" SAFRON_TRAIN_KEEP_STATE="resize-l5-noise transpose-noise" ...
 #   dry run on a CPU:  SAFRON_GPU_DRY_RUN=1 SAFRON_TRAIN_DATA=DIR OUT=/tmp/x bench/gpu_train.sh --ngf 8 --ndf 8
 #   batches of tiles (safron-train --tiles-per-step N) are untimed on a GPU: time them first in the same call,
 #   `python bench/train_step.py --device cuda --ngf 32 --tiles 492 --tiles-per-step 1 4 8` (about a minute)
