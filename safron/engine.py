@@ -239,8 +239,11 @@ class _Renderer:
         with self.clock("prepare"):
             channels = self.backend.signature.noise_channels
             # Noise as a function of canvas coordinates (safron.noise): what every band and resume reads alike.
-            noise = None if not channels else noise_windows(self.plan, batch.ys, batch.xs, channels, self.seed, out=np.empty(
-                (len(labels), channels, self.plan.window, self.plan.window), np.float32))
+            noise = None
+            if channels:  # as many windows as labels: a fixed batch pads past the patches
+                window = self.plan.window
+                noise = noise_windows(self.plan, batch.ys, batch.xs, channels, self.seed,
+                                      out=np.empty((len(labels), channels, window, window), np.float32))
             # (A backend for noise-free models may take the labels only, as before noise existed.)
             batch.inputs = self.backend.prepare(labels) if noise is None else self.backend.prepare(labels, noise)
         return batch

@@ -70,9 +70,10 @@ def noise_windows(plan, ys: np.ndarray, xs: np.ndarray, channels: int, seed: int
     return out
 
 
-def uniform_noise(channels: int, height: int, width: int, device=None):
-    """A fresh torch draw [channels, height, width] of the same distribution, from torch's global generator (which a
-    training step seeds, so resumed runs stay exact)."""
+def uniform_noise(channels: int, height: int, width: int, generator=None):
+    """A fresh torch draw [channels, height, width] of the same distribution, on the CPU (so that a run's draws do not
+    depend on where it trains), from `generator` or else torch's global one (which a training step seeds, so resumed
+    runs stay exact)."""
     import torch
 
-    return torch.rand(channels, height, width, device=device) * 2 - 1
+    return torch.rand(channels, height, width, generator=generator) * 2 - 1

@@ -205,7 +205,7 @@ def train(
     elif init_generator is not None:
         trainer.start_from(init_generator)
         refit = _REFIT_NOTE if trainer.refits(init_generator.upsample) else ""
-        if init_generator.noise_channels < trainer.generator.noise_channels:
+        if trainer.widens(init_generator.config()):
             refit += _NOISE_NOTE
         note(f"starting from the generator of {init_path} (new discriminator and optimisers{refit})")
     elif init_path is not None:
@@ -214,7 +214,7 @@ def train(
         fresh = "; a portable checkpoint: new optimisers" if init_state.get("portable") else ""
         stored_generator = init_state.get("generator") or {}
         changes = (_REFIT_NOTE if trainer.refits(stored_generator.get("upsample")) else "") + (
-            _NOISE_NOTE if stored_generator.get("noise_channels", 0) < trainer.generator.noise_channels else "")
+            _NOISE_NOTE if trainer.widens(stored_generator) else "")
         if changes and not fresh:
             fresh = f"; a new generator optimiser{changes}"
         note(f"starting from {init_path} (step {init_step} of its run{fresh})")

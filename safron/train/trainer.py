@@ -27,6 +27,7 @@ from ..checkpoints import (
     tensors_under,
 )
 from ..models import Discriminator, Generator, resize_decoder, with_noise
+from ..noise import uniform_noise
 from ..stitch import cut_windows, stitch
 from .checkpointing import _flatten_optimiser, _unflatten_optimiser, read_checkpoint
 from .config import (
@@ -174,9 +175,7 @@ class Trainer:
         mask_tile = context[None, :, margin:margin + size, margin:margin + size]
         channels = self.generator.noise_channels
         if channels:
-            # Drawn on the CPU whatever the device, so that a run's draws do not depend on where it trains.
-            noise = torch.rand(channels, *context.shape[1:], generator=generator) * 2 - 1
-            context = torch.cat([context, noise.to(self.device)])
+            context = torch.cat([context, uniform_noise(channels, *context.shape[1:], generator).to(self.device)])
         real = torch.from_numpy(tile.image).to(self.device).permute(2, 0, 1)[None].float() / 127.5 - 1
         return context, mask_tile, real
 
@@ -352,6 +351,11 @@ class Trainer:
             old.with_suffix(".safetensors").unlink(missing_ok=True)
         return weights
 
+    def widens(self, generator_config: dict) -> bool:
+        """Whether a starting generator of this config (a noise-free one leaves noise_channels out) reads fewer noise
+        channels than this run's, so that it starts with zero weights on the others (`models.with_noise`)."""
+        return generator_config.get("noise_channels", 0) < self.generator.noise_channels
+
     def refits(self, upsample: str | None) -> bool:
         """Whether a starting generator with this decoder becomes this run's by `models.resize_decoder`."""
         return upsample == "transpose" and self.generator.upsample == "resize"
@@ -362,7 +366,7 @@ class Trainer:
         A transposed-convolution decoder starts a resizing one as its nearest checkerboard-free fit."""
         if self.refits(generator.upsample):
             generator = resize_decoder(generator)
-        if generator.noise_channels < self.generator.noise_channels:
+        if self.widens(generator.config()):
             generator = with_noise(generator, self.generator.noise_channels)
         if generator.config() != self.generator.config():
             theirs, ours = generator.config(), self.generator.config()
@@ -399,7 +403,7 @@ class Trainer:
         # (`with_noise`), and the generator's optimiser starts afresh.
         stored_generator = state.get("generator") or {}
         refits = not restore_step and self.refits(stored_generator.get("upsample"))
-        widens = not restore_step and stored_generator.get("noise_channels", 0) < self.generator.noise_channels
+        widens = not restore_step and self.widens(stored_generator)
         converts = refits or widens
 
         def generator_tensors(stored: dict) -> dict:
