@@ -119,5 +119,6 @@ def noise_mix(path: Path, patch: int = 256, margin: int = 20, share: float = 0.5
         helper.make_node("Add", ["crop_part", "noise_part"], ["image"]),
     ]
     mask, image = _io(patch + 2 * margin, patch, batch)
-    noise = helper.make_tensor_value_info("noise", TensorProto.FLOAT, [batch, 3, patch + 2 * margin, patch + 2 * margin])
+    window = patch + 2 * margin
+    noise = helper.make_tensor_value_info("noise", TensorProto.FLOAT, [batch, 3, window, window])
     return _save(helper.make_graph(nodes, "noise_mix", [mask, noise], [image], initializer=consts), path)

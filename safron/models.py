@@ -255,11 +255,13 @@ class Generator(nn.Module):
         # Skipped under the TorchScript ONNX exporter, where shapes are traced values and the check only warns.
         if not torch.onnx.is_in_onnx_export():
             if mask.dim() != 4 or tuple(mask.shape[1:]) != expected:
-                raise ValueError(f"Generator expects masks [N, {', '.join(map(str, expected))}], got {list(mask.shape)}")
+                raise ValueError(f"Generator expects masks [N, {', '.join(map(str, expected))}], "
+                                 f"got {list(mask.shape)}")
             wanted = (len(mask), self.noise_channels, self.window, self.window)
             if (noise is None) != (self.noise_channels == 0) or (noise is not None and tuple(noise.shape) != wanted):
                 got = "none" if noise is None else list(noise.shape)
-                raise ValueError(f"Generator expects noise {list(wanted) if self.noise_channels else 'none'}, got {got}")
+                expected_noise = list(wanted) if self.noise_channels else "none"
+                raise ValueError(f"Generator expects noise {expected_noise}, got {got}")
         features = self.context(mask)
         if self.noise is not None:
             ring = (self.window - self.patch) // 2 - 1
@@ -481,7 +483,8 @@ def with_noise(generator: Generator, channels: int) -> Generator:
     teaches it to use the noise. Channels it already reads keep their weights; `channels` below what it reads is
     refused (that would drop learnt weights)."""
     _require(channels >= generator.noise_channels,
-             f"the generator reads {generator.noise_channels} noise channels; it cannot start one that reads {channels}")
+             f"the generator reads {generator.noise_channels} noise channels; it cannot start one that reads "
+             f"{channels}")
     if channels == generator.noise_channels:
         return generator
     folded = isinstance(generator.context, FoldedContext)

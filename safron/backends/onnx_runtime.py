@@ -49,7 +49,8 @@ def signature_from_session(session, model_path: Path) -> ModelSignature:
         noise_shape = inputs[1].shape
         noise_channels = _dim(noise_shape[1]) if len(noise_shape) == 4 else None
         if noise_channels is None or list(noise_shape[2:]) != [window, window] or _dim(noise_shape[0]) != fixed:
-            raise ModelError(f"{name}: expected noise [N,C,{window},{window}] beside mask {in_shape} (found {noise_shape})")
+            raise ModelError(f"{name}: expected noise [N,C,{window},{window}] beside mask {in_shape} "
+                             f"(found {noise_shape})")
     return ModelSignature(window=window, patch=patch, fixed_batch=fixed, noise_channels=noise_channels)
 
 

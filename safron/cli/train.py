@@ -75,9 +75,9 @@ def train_parser() -> argparse.ArgumentParser:
                         "that sees the whole patch, so a patch can decide its look as a whole and show as a block; "
                         f"fewer (4 or more) keep decisions local (default: {defaults.levels})")
     p.add_argument("--noise-channels", type=non_negative_int, metavar="K",
-                   help="channels of per-pixel noise the generator reads beside the mask (safron-render draws them from "
-                        "canvas coordinates, so renders stay seamless and reproducible): a source of texture other "
-                        "than the patch's position, which is all a noise-free generator has inside a wide region of "
+                   help="channels of per-pixel noise the generator reads beside the mask (safron-render draws "
+                        "them from canvas coordinates, so renders stay seamless and reproducible): a source of "
+                        "texture other than the patch's position, which is all a noise-free generator has inside a wide region of "
                         "one class. With --init, a generator reading fewer starts with zero weights on the new ones "
                         f"(default: {defaults.noise_channels})")
     p.add_argument("--ndf", type=positive_int, metavar="C", help=f"discriminator width (default: {defaults.ndf})")
