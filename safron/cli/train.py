@@ -77,8 +77,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-channels", type=non_negative_int, metavar="K",
                    help="channels of per-pixel noise the generator reads beside the mask (safron-render draws "
                         "them from canvas coordinates, so renders stay seamless and reproducible): a source of "
-                        "texture other than the patch's position, which is all a noise-free generator has inside a wide region of "
-                        "one class. With --init, a generator reading fewer starts with zero weights on the new ones "
+                        "texture other than the patch's position, which is all a noise-free generator has inside a "
+                        "wide region of one class. With --init, a generator reading fewer starts with zero weights on the new ones "
                         f"(default: {defaults.noise_channels})")
     p.add_argument("--ndf", type=positive_int, metavar="C", help=f"discriminator width (default: {defaults.ndf})")
     p.add_argument("--lr", type=positive_float, metavar="LR", help=f"Adam learning rate (default: {defaults.lr:g})")
