@@ -78,8 +78,8 @@ def train_parser() -> argparse.ArgumentParser:
                    help="channels of per-pixel noise the generator reads beside the mask (safron-render draws "
                         "them from canvas coordinates, so renders stay seamless and reproducible): a source of "
                         "texture other than the patch's position, which is all a noise-free generator has inside a "
-                        "wide region of one class. With --init, a generator reading fewer starts with zero weights on the new ones "
-                        f"(default: {defaults.noise_channels})")
+                        "wide region of one class. With --init, a generator reading fewer starts with zero weights "
+                        f"on the new ones (default: {defaults.noise_channels})")
     p.add_argument("--ndf", type=positive_int, metavar="C", help=f"discriminator width (default: {defaults.ndf})")
     p.add_argument("--lr", type=positive_float, metavar="LR", help=f"Adam learning rate (default: {defaults.lr:g})")
     p.add_argument("--beta1", type=non_negative_float, metavar="B", help=f"Adam beta1 (default: {defaults.beta1:g})")
