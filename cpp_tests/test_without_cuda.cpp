@@ -7,6 +7,7 @@
 
 #include "safron/accumulate.h"
 #include "safron/build_info.h"
+#include "safron/noise.h"
 
 namespace safron {
 namespace {
@@ -26,6 +27,18 @@ TEST(WithoutCuda, CudaAccumulatorExplainsItIsUnavailable) {
   try {
     CudaBandAccumulator band(64, 256, 256, 20, BlendMode::Uniform);
     FAIL() << "constructed a CUDA accumulator in a build without CUDA";
+  } catch (const std::runtime_error& error) {
+    EXPECT_NE(std::string(error.what()).find("built without CUDA"), std::string::npos)
+        << error.what();
+  }
+}
+
+TEST(WithoutCuda, CudaNoiseExplainsItIsUnavailable) {
+  const std::int64_t origin = 0;
+  float value = 0.0f;
+  try {
+    fill_noise_cuda(NoiseWindows{1, 1, 1, 1, &origin, &origin, 0}, &value, nullptr);
+    FAIL() << "filled noise on a GPU in a build without CUDA";
   } catch (const std::runtime_error& error) {
     EXPECT_NE(std::string(error.what()).find("built without CUDA"), std::string::npos)
         << error.what();

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import onnx_models
-from safron import engine, geometry, masks
-from safron.noise import canvas_noise, noise_windows
+from safron import _core, engine, geometry, masks
+from safron.noise import NoiseBatch, canvas_noise, noise_windows
 from test_engine import random_labels
 
 
@@ -67,6 +67,28 @@ def test_noise_windows_are_the_canvas_around_each_patch_and_padding_rows_are_zer
         np.testing.assert_array_equal(out[k], canvas_noise(int(y) - plan.margin, int(x) - plan.margin, plan.window,
                                                            plan.window, 2))
     assert (out[len(ys):] == 0).all()
+
+
+def test_a_noise_batch_draws_alike_on_any_thread_count_and_checks_its_arguments():
+    plan = geometry.plan(900, 700)
+    ys, xs = plan.origins()
+    batch = NoiseBatch.of(plan, ys[:5], xs[:5], 3, seed=2**32 + 9, count=7)  # the seed is taken modulo 2^32
+    drawn = batch.draw()
+    assert drawn.shape == (7, 3, plan.window, plan.window) and (drawn[5:] == 0).all()
+    np.testing.assert_array_equal(batch.draw(threads=3), drawn)
+    np.testing.assert_array_equal(drawn[4], canvas_noise(int(ys[4]) - plan.margin, int(xs[4]) - plan.margin,
+                                                         plan.window, plan.window, 3, seed=9))
+    with pytest.raises(ValueError, match="out must have shape"):
+        batch.draw(np.empty((7, 3, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="cannot hold 5 patches"):
+        NoiseBatch.of(plan, ys[:5], xs[:5], 3, count=4)
+
+
+@pytest.mark.parametrize("out", [np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 4, 8), np.float32)[..., ::2],
+                                 np.zeros((1, 4, 4), np.float32)], ids=["float64", "strided", "3-D"])
+def test_the_core_refuses_noise_buffers_it_cannot_fill(out):
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        _core.fill_noise(out, [0], [0], 0)
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +299,74 @@ def test_a_band_store_under_another_seed_is_not_resumed_both_ways(tmp_path):
         with pytest.raises(SafronInputError, match="noise_seed differs"):
             bands._check_resumable(store, tmp_path / "out.zarr", asked)
         bands._check_resumable(store, tmp_path / "out.zarr", saved)  # the same header resumes
+
+
+# -- the device-resident render (GPU machines only) ---------------------------------------------------------------
+
+
+def _cuda_torch():
+    torch = pytest.importorskip("torch", reason="the device-resident render needs torch")
+    if not torch.cuda.is_available():
+        pytest.skip("this torch has no CUDA device")
+    return torch
+
+
+@pytest.fixture
+def noise_checkpoint(tmp_path):
+    """A small generator with 2 noise channels whose noise weights are large enough to show."""
+    torch = pytest.importorskip("torch", reason="the generator tests need torch (pip install torch)")
+    from safron.checkpoints import save_checkpoint
+    from safron.models import Generator
+
+    torch.manual_seed(4)
+    generator = Generator(ngf=8, noise_channels=2)
+    with torch.no_grad():
+        generator.noise.weight.normal_(0, 0.5)
+    return save_checkpoint(generator, tmp_path / "noise.safetensors")
+
+
+@pytest.mark.needs_cuda
+def test_noise_drawn_on_the_gpu_equals_the_host_draw_to_the_bit():
+    torch = _cuda_torch()
+    plan = geometry.plan(1300, 900)
+    ys, xs = plan.origins()
+    batch = NoiseBatch.of(plan, ys[3:9], xs[3:9], 2, seed=77, count=8)
+    stream = torch.cuda.Stream()
+    on_device = batch.draw_on_device(stream)
+    stream.synchronize()
+    np.testing.assert_array_equal(on_device.cpu().numpy(), batch.draw())
+
+
+@pytest.mark.needs_cuda
+def test_a_noise_model_renders_device_resident_as_through_the_host(noise_checkpoint):
+    _cuda_torch()
+    from gpu_checks import assert_resident_render_matches_host_path
+    from safron.backends.torch_backend import TorchBackend
+
+    labels = random_labels(900, 1300, seed=12)
+    resident = TorchBackend(noise_checkpoint, device="cuda")
+    host = TorchBackend(noise_checkpoint, device="cuda", device_resident=False)
+    assert assert_resident_render_matches_host_path(resident, host, labels).std() > 5
+
+
+@pytest.mark.needs_cuda
+def test_cuda_graphs_replay_a_noise_model_like_eager_launches(noise_checkpoint):
+    _cuda_torch()
+    from safron.backends.torch_backend import TorchBackend
+
+    labels = random_labels(700, 1300, seed=13)
+    graphed = TorchBackend(noise_checkpoint, device="cuda", cuda_graphs=True)
+    eager = TorchBackend(noise_checkpoint, device="cuda", cuda_graphs=False)
+    try:
+        with_graphs = engine.render_array(labels, backend=graphed, batch_size=4, seed=5)
+        without = engine.render_array(labels, backend=eager, batch_size=4, seed=5)
+        other_seed = engine.render_array(labels, backend=eager, batch_size=4, seed=6)
+        replays = graphed.graph_replays
+    finally:
+        graphed.close()
+        eager.close()
+    assert replays >= 2
+    difference = np.abs(with_graphs.astype(int) - without.astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, (difference.max(), (difference > 0).mean())
+    # The noise shows, so the equality above means that each replay read its own batch's noise.
+    assert np.abs(other_seed.astype(int) - without.astype(int)).mean() > 0.5

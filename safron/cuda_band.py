@@ -2,7 +2,9 @@
 
 `pin_labels` and `infer_on_device` are the two halves of a GPU backend's `prepare` and `infer` hooks: uint8
 label windows in pinned host memory go up (1 byte per mask pixel instead of 12 for the ±1 float input), are
-one-hot encoded on the GPU and run through the backend's generator on its stream. The torch backend and the
+one-hot encoded on the GPU and run through the backend's generator on its stream; a generator with noise channels
+gets its noise windows drawn by a kernel on the same stream (`noise.NoiseBatch.draw_on_device`), from the window
+origins alone. The torch backend and the
 TensorRT backend differ only in that generator call.
 
 `CudaBand` gives `_core.CudaBandAccumulator` (raw device pointers and a cudaStream_t) the interface the engine
@@ -56,15 +58,19 @@ def pin_labels(labels: np.ndarray):
     return torch.from_numpy(labels).pin_memory()
 
 
-def infer_on_device(stream, labels, forward, input_dtype) -> DevicePatches:
+def infer_on_device(stream, labels, forward, input_dtype, noise=None) -> DevicePatches:
     """On `stream`: upload pinned `labels` to the stream's device, encode them as `input_dtype`, run
-    `forward(windows)` -> patches [N, 3, P, P] (float16 or float32); return them with the event that marks them
+    `forward(windows)` -> patches [N, 3, P, P] (float16 or float32), or `forward(windows, noise_windows)` when a
+    `noise.NoiseBatch` is given, its windows drawn on the device; return the patches with the event that marks them
     written. The caller's next batch may start at once: the accumulator waits for this event only."""
     import torch
 
     with torch.inference_mode(), torch.cuda.stream(stream):
         windows = encode_labels(labels.to(stream.device, non_blocking=True), input_dtype)
-        patches = forward(windows).contiguous()
+        if noise is None:
+            patches = forward(windows).contiguous()
+        else:
+            patches = forward(windows, noise.draw_on_device(stream)).contiguous()
         ready = torch.cuda.Event()
         ready.record(stream)
     return DevicePatches(patches, ready)

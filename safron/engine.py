@@ -33,7 +33,7 @@ from .accumulator import BandAccumulator, StagingBandAccumulator
 from .backends import Backend, create_backend
 from .canvas import Journal, JournalThread, OutputLock, file_identity, open_canvas, side_paths
 from .errors import ModelError, OutputWriteError, SafronInputError, is_storage_error
-from .noise import DEFAULT_SEED, MAX_SEED, noise_windows
+from .noise import DEFAULT_SEED, MAX_SEED, NoiseBatch
 from .pipeline import StageClock, prefetch
 from .raw_image import RawImageFile
 from .slide_io import check_free_space, check_output_path
@@ -238,12 +238,11 @@ class _Renderer:
                 labels = reader.next_windows()
         with self.clock("prepare"):
             channels = self.backend.signature.noise_channels
-            # Noise as a function of canvas coordinates (safron.noise): what every band and resume reads alike.
+            # Noise as a function of canvas coordinates (safron.noise): what every band and resume reads alike. The
+            # backend draws it, on the host or on its GPU.
             noise = None
             if channels:  # as many windows as labels: a fixed batch pads past the patches
-                window = self.plan.window
-                noise = noise_windows(self.plan, batch.ys, batch.xs, channels, self.seed,
-                                      out=np.empty((len(labels), channels, window, window), np.float32))
+                noise = NoiseBatch.of(self.plan, batch.ys, batch.xs, channels, self.seed, count=len(labels))
             # (A backend for noise-free models may take the labels only, as before noise existed.)
             batch.inputs = self.backend.prepare(labels) if noise is None else self.backend.prepare(labels, noise)
         return batch

@@ -17,6 +17,7 @@
 #include "safron/build_info.h"
 #include "safron/errors.h"
 #include "safron/grid.h"
+#include "safron/noise.h"
 #include "safron/pyramid.h"
 
 namespace py = pybind11;
@@ -324,6 +325,49 @@ void bind_cuda_accumulator(py::module_& m) {
       .def_property_readonly("device", &CudaBandAccumulator::device);
 }
 
+void bind_noise(py::module_& m) {
+  m.def(
+      "fill_noise",
+      [](py::array& out, const py::object& y0s, const py::object& x0s, std::uint32_t seed,
+         int threads) {
+        const py::dtype dtype = out.dtype();
+        const bool layout_ok = dtype.kind() == 'f' && dtype.itemsize() == 4 &&
+                               dtype.attr("isnative").cast<bool>() && out.ndim() == 4 &&
+                               (out.flags() & py::array::c_style);
+        require(layout_ok,
+                "out must be a C-contiguous float32 array (n, channels, height, width); got ",
+                describe_with_strides(out));
+        require(out.writeable(), "out must be writable; got a read-only ", describe(out));
+        const std::int64_t n = out.shape(0);
+        const Int64Array top = positions(y0s, n, "y0s");
+        const Int64Array left = positions(x0s, n, "x0s");
+        const safron::NoiseWindows windows{n,           out.shape(1), out.shape(2), out.shape(3),
+                                           top.data(), left.data(),  seed};
+        float* data = static_cast<float*>(out.mutable_data());
+        py::gil_scoped_release release;
+        safron::fill_noise(windows, data, threads);
+      },
+      py::arg("out"), py::arg("y0s"), py::arg("x0s"), py::arg("seed"), py::arg("threads") = 1,
+      "Fill out [n, channels, height, width] with the canvas noise of the windows whose top-left "
+      "canvas pixels are (y0s[k], x0s[k]) (safron/noise.h), on `threads` threads (0: all).");
+  m.def(
+      "fill_noise_cuda",
+      [](std::uintptr_t out_ptr, std::int64_t n, std::int64_t channels, std::int64_t height,
+         std::int64_t width, const py::object& y0s, const py::object& x0s, std::uint32_t seed,
+         std::uintptr_t stream) {
+        const Int64Array top = positions(y0s, n, "y0s");
+        const Int64Array left = positions(x0s, n, "x0s");
+        const safron::NoiseWindows windows{n,          channels,    height, width,
+                                           top.data(), left.data(), seed};
+        py::gil_scoped_release release;
+        safron::fill_noise_cuda(windows, reinterpret_cast<float*>(out_ptr), as_stream(stream));
+      },
+      py::arg("out_ptr"), py::arg("n"), py::arg("channels"), py::arg("height"), py::arg("width"),
+      py::arg("y0s"), py::arg("x0s"), py::arg("seed"), py::arg("stream") = 0,
+      "fill_noise into float32 device memory at out_ptr, queued on `stream`. Raises RuntimeError "
+      "when built without CUDA.");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -358,6 +402,7 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("image"),
       "2x2 mean of a uint8 (h, w, 3) image, rounded half up, ceil(h/2) x ceil(w/2); rows may be strided.");
+  bind_noise(m);
   m.def("blend_modes", [] {
     std::vector<std::string> names;
     for (std::string_view name : safron::blend_mode_names()) names.emplace_back(name);

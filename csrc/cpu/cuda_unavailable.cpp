@@ -5,6 +5,7 @@
 
 #include "safron/accumulate.h"
 #include "safron/build_info.h"
+#include "safron/noise.h"
 
 namespace safron {
 
@@ -59,6 +60,10 @@ void CudaBandAccumulator::discard(std::int64_t, std::int64_t, CudaStream) {
 }
 
 void CudaBandAccumulator::read_rows(std::int64_t, std::int64_t, float*, float*, CudaStream) const {
+  throw_built_without_cuda();
+}
+
+void fill_noise_cuda(const NoiseWindows&, float*, CUstream_st*) {
   throw_built_without_cuda();
 }
 

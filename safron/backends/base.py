@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import geometry, masks
+from ..noise import NoiseBatch
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,7 @@ class ModelSignature:
     [-1, 1], the image at the centre of the mask window. `fixed_batch` is set when the model was exported with
     a static batch dimension, which then dictates the batch size. A generator with noise channels (models.Generator)
     has a second input `noise` float32 [N, noise_channels, window, window] in [-1, 1], which the engine fills
-    from canvas coordinates (`noise.noise_windows`).
+    from canvas coordinates (`noise.NoiseBatch`).
     """
 
     window: int
@@ -50,11 +51,11 @@ class Backend(abc.ABC):
         """float32 [N, 3, window, window] (and the noise windows [N, noise_channels, window, window] of a model with
         noise channels, None otherwise) -> float32 [N, 3, patch, patch]."""
 
-    def prepare(self, labels: np.ndarray, noise: np.ndarray | None = None):
-        """uint8 label windows [N, window, window] (and their noise windows, for a model with noise channels) ->
-        the input `infer` takes."""
+    def prepare(self, labels: np.ndarray, noise: NoiseBatch | None = None):
+        """uint8 label windows [N, window, window] (and, for a model with noise channels, their noise windows, not
+        yet drawn) -> the input `infer` takes. The host path draws the noise here."""
         encoded = masks.labels_to_model_input(labels)
-        return encoded if noise is None else (encoded, noise)
+        return encoded if noise is None else (encoded, noise.draw())
 
     def infer(self, prepared):
         """A prepared batch -> patches the accumulator adds, sliceable along the batch axis."""

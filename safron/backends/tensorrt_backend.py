@@ -448,7 +448,7 @@ class TensorRTBackend(Backend):
         return host_out[:n].copy()
 
     # -- the engine's device-resident path (module docstring) ---------------------------------------------------
-    def prepare(self, labels: np.ndarray, noise: np.ndarray | None = None):
+    def prepare(self, labels: np.ndarray, noise=None):
         if not self.device_resident:
             return super().prepare(labels, noise)
         from ..cuda_band import pin_labels

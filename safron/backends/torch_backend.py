@@ -9,8 +9,9 @@ On CPU it computes in fp32, as the export check does. On a CUDA GPU it runs in f
 tensors (the layout tensor cores want), except the normalisation layers, which stay in fp32: instance
 statistics over a 256x256 map lose accuracy in fp16, the same reason the TensorRT build pins them. When safron
 was built with its CUDA kernels the render is device-resident: uint8 label windows go up (1 byte per mask pixel
-instead of 12 for the ±1 float input), are one-hot encoded on the GPU, and the fp16 patches go straight into the
-CUDA band accumulator (`safron.cuda_band`); only finished uint8 pixels come back.
+instead of 12 for the ±1 float input), are one-hot encoded on the GPU (a generator with noise channels gets its
+noise drawn there too, from the window origins), and the fp16 patches go straight into the CUDA band accumulator
+(`safron.cuda_band`); only finished uint8 pixels come back.
 
 On that path the generator's forward is captured as a CUDA graph per batch size (once a size has been seen
 twice; a render's last, partial batch stays eager) and replayed: one launch per batch instead of one Python
@@ -42,6 +43,7 @@ from ..checkpoints import (
     onnx_weights,
 )
 from ..models import Generator, fold_one_hot, normalisation_layers
+from ..noise import NoiseBatch
 from .base import Backend, ModelSignature
 
 # Patches per call. On CPU, as ONNX Runtime: larger batches only add latency. On a GPU, enough windows to fill
@@ -52,26 +54,30 @@ CUDA_GRAPHS_ENV = "SAFRON_CUDA_GRAPHS"
 
 
 class _GraphedForward:
-    """`forward` on a fixed input shape, captured once as a CUDA graph and replayed on the current stream."""
+    """`forward` on fixed input shapes (the windows, and the noise of a generator with noise channels), captured
+    once as a CUDA graph and replayed on the current stream."""
 
-    def __init__(self, forward, example: torch.Tensor):
-        self._input = torch.empty_like(example)
-        self._input.copy_(example)
+    def __init__(self, forward, *examples: torch.Tensor):
+        self._inputs = [torch.empty_like(example) for example in examples]
+        for buffer, example in zip(self._inputs, examples):
+            buffer.copy_(example)
+        device = examples[0].device
         # Warm-up on a side stream, as capture requires: kernel selection and allocations happen before it.
-        side = torch.cuda.Stream(example.device)
-        side.wait_stream(torch.cuda.current_stream(example.device))
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                forward(self._input)
-        torch.cuda.current_stream(example.device).wait_stream(side)
+                forward(*self._inputs)
+        torch.cuda.current_stream(device).wait_stream(side)
         self._graph = torch.cuda.CUDAGraph()
         # thread_local: the render's other threads keep synchronising and allocating (finalise, pinned uploads)
         # while this one captures; only this thread's own calls must stay capture-safe.
         with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
-            self._output = forward(self._input)
+            self._output = forward(*self._inputs)
 
-    def __call__(self, windows: torch.Tensor) -> torch.Tensor:
-        self._input.copy_(windows)
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        for buffer, value in zip(self._inputs, inputs, strict=True):
+            buffer.copy_(value)
         self._graph.replay()
         # The next replay overwrites the graph's output buffer while the accumulator may still be reading this
         # batch: hand out a copy (a device-to-device copy of one batch, microseconds).
@@ -144,13 +150,11 @@ class TorchBackend(Backend):
         else:
             generator = generator.to(self.device)
             self.default_batch_size = CPU_BATCH_SIZE
-        # Device-resident rendering needs safron's own CUDA kernels; without them a GPU still runs the generator
-        # and the patches take the host path.
-        # (The device-resident path uploads mask labels only; a generator with noise channels takes the host path.)
-        can_stay = on_gpu and bool(_core.build_info()["cuda"]) and not generator.noise_channels
+        # Device-resident rendering needs safron's own CUDA kernels (the accumulator, and the noise of a generator
+        # with noise channels); without them a GPU still runs the generator and the patches take the host path.
+        can_stay = on_gpu and bool(_core.build_info()["cuda"])
         if device_resident and not can_stay:
-            raise ModelError("device-resident rendering needs a CUDA device, safron built with its CUDA kernels and "
-                             "a generator without noise channels")
+            raise ModelError("device-resident rendering needs a CUDA device and safron built with its CUDA kernels")
         self.device_resident = can_stay if device_resident is None else device_resident
         self._stream = torch.cuda.Stream(self.device) if on_gpu else None
         self._generator = generator
@@ -182,37 +186,42 @@ class TorchBackend(Backend):
             return images.float().contiguous().cpu().numpy()
 
     # -- the engine's device-resident path (see the module docstring) -------------------------------------------
-    def prepare(self, labels: np.ndarray, noise: np.ndarray | None = None):
-        return pin_labels(labels) if self.device_resident else super().prepare(labels, noise)
+    def prepare(self, labels: np.ndarray, noise: NoiseBatch | None = None):
+        if not self.device_resident:
+            return super().prepare(labels, noise)
+        # The noise stays a request: infer draws it on the GPU.
+        return pin_labels(labels) if noise is None else (pin_labels(labels), noise)
 
     def infer(self, prepared):
         if not self.device_resident:
             return super().infer(prepared)
+        labels, noise = prepared if isinstance(prepared, tuple) else (prepared, None)
         # The accumulator reads NCHW; fp16 halves what it reads and is what autocast produced anyway.
-        return infer_on_device(self._stream, prepared, self._device_forward, torch.float16)
+        return infer_on_device(self._stream, labels, self._device_forward, torch.float16, noise)
 
-    def _forward_fp16(self, windows: torch.Tensor) -> torch.Tensor:
-        return self._forward(windows).to(torch.float16)
+    def _forward_fp16(self, windows: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        return self._forward(windows, noise).to(torch.float16)
 
-    def _device_forward(self, windows: torch.Tensor) -> torch.Tensor:
-        """fp16 patches of `windows` on the inference stream: a graph replay for a batch shape seen before."""
+    def _device_forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """fp16 patches of the windows (and their noise) on the inference stream: a graph replay for batch shapes
+        seen before."""
         eager = self._forward_fp16
         if not self.cuda_graphs:
-            return eager(windows)
-        key = tuple(windows.shape)
+            return eager(*inputs)
+        key = tuple(tuple(value.shape) for value in inputs)
         graphed = self._graphs.get(key)
         if graphed is None:
             if key not in self._shapes_seen:  # a shape seen once (a render's last batch) is not worth a capture
                 self._shapes_seen.add(key)
-                return eager(windows)
+                return eager(*inputs)
             try:
-                graphed = self._graphs[key] = _GraphedForward(eager, windows)
+                graphed = self._graphs[key] = _GraphedForward(eager, *inputs)
             except RuntimeError as exc:  # a PyTorch or driver that cannot capture this model: stay eager
                 warnings.warn(f"CUDA graph capture failed, running eagerly: {first_line(exc)}", stacklevel=2)
                 self.cuda_graphs = False
-                return eager(windows)
+                return eager(*inputs)
         self.graph_replays += 1
-        return graphed(windows)
+        return graphed(*inputs)
 
     def band_accumulator(self, plan, blend: str):
         if not self.device_resident:
