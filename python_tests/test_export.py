@@ -480,3 +480,42 @@ def test_other_decoders_and_contexts_export_and_read_back_into_pytorch(tmp_path,
         assert np.abs(reference.run(masks) - expected).max() <= PARITY_TOLERANCE
     finally:
         reference.close()
+
+
+def _op_types(path) -> set[str]:
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def test_a_resizing_decoder_is_exported_as_the_transposed_convolutions_it_equals(tmp_path, capsys):
+    """Cheaper inference (`models.transposed_decoder`), the same images, and `--init` from the file trains the
+    resizing decoder again with the weights it was exported from."""
+    from safron.train import generator_from_onnx
+
+    torch.manual_seed(2)
+    resizing = Generator(ngf=NGF, upsample="resize", context="dilated")
+    with torch.no_grad():
+        for parameter in resizing.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    resizing.eval()
+    save_checkpoint(resizing, tmp_path / "resize.safetensors")
+    code, err = run_cli(capsys, tmp_path / "resize.safetensors", tmp_path / "fast.onnx")
+    assert code == 0 and "transposing the resizing decoder moved the output by at most" in err
+    assert "ConvTranspose" in _op_types(tmp_path / "fast.onnx") and "Resize" not in _op_types(tmp_path / "fast.onnx")
+    metadata = {entry.key: entry.value for entry in onnx.load(str(tmp_path / "fast.onnx")).metadata_props}
+    assert metadata[export.METADATA_DECODER_TRANSPOSED] == "true"
+    assert json.loads(metadata[export.CONFIG_METADATA_KEY])["upsample"] == "transpose"
+    masks = random_masks(3, 296, seed=21)
+    expected = torch_images(resizing, masks)
+    fast = ort_session(tmp_path / "fast.onnx").run(None, {"mask": masks})[0]
+    assert np.abs(fast - expected).max() <= PARITY_TOLERANCE and expected.std() > 0.05
+    # --no-fold keeps the layers as trained.
+    code, err = run_cli(capsys, tmp_path / "resize.safetensors", tmp_path / "plain.onnx", "--no-fold")
+    assert code == 0 and "transposing" not in err
+    assert "Resize" in _op_types(tmp_path / "plain.onnx") and "ConvTranspose" not in _op_types(tmp_path / "plain.onnx")
+    plain_metadata = {entry.key: entry.value for entry in onnx.load(str(tmp_path / "plain.onnx")).metadata_props}
+    assert plain_metadata[export.METADATA_DECODER_TRANSPOSED] == "false"
+    # Training continues from the resizing decoder, within rounding of the exported weights.
+    trained = generator_from_onnx(tmp_path / "fast.onnx")
+    assert trained.upsample == "resize" and trained.training
+    for key, value in resizing.state_dict().items():
+        torch.testing.assert_close(trained.state_dict()[key], value, rtol=0, atol=1e-6)

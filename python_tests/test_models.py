@@ -377,6 +377,44 @@ def test_resize_decoder_removes_the_transposed_decoders_checkerboard():
     assert after * 3 < before, (before, after)
 
 
+@pytest.mark.parametrize("options", [{}, {"context": "dilated"}, {"noise_channels": 2}, {"fold": True}],
+                         ids=["dense", "dilated", "noise", "folded"])
+def test_transposed_decoder_draws_what_the_resizing_decoder_draws(masks, options):
+    """The export's rewrite: the same function up to rounding, a transposed generator's layout (config and keys), and
+    `resize_decoder` takes it back to the very weights it came from."""
+    from safron.models import fold_one_hot, resize_decoder, transposed_decoder
+
+    options = dict(options)
+    fold = options.pop("fold", False)
+    resizing = seeded_generator(upsample="resize", **options).eval()
+    with torch.no_grad():
+        for parameter in resizing.parameters():  # weights large enough for every layer to matter
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    if fold:
+        fold_one_hot(resizing)
+    original = {key: value.clone() for key, value in resizing.state_dict().items()}
+    noise = torch.rand(len(masks), 2, 296, 296) * 2 - 1 if resizing.noise_channels else None
+    with torch.no_grad():
+        expected = resizing(masks, noise)
+        transposed = transposed_decoder(resizing)
+        assert transposed is resizing and transposed.upsample == "transpose"
+        assert all(isinstance(level.conv, nn.ConvTranspose2d) and not hasattr(level, "resize")
+                   for level in transposed.decoder)
+        torch.testing.assert_close(transposed(masks, noise), expected, rtol=0, atol=2e-5)
+        assert expected.std() > 0.05  # not a flat image: every layer shows
+        # A generator built from the rewritten config takes the rewritten weights as they are.
+        rebuilt = Generator.from_config(transposed.config()).eval()
+        if fold:
+            fold_one_hot(rebuilt)
+        rebuilt.load_state_dict(transposed.state_dict())
+        torch.testing.assert_close(rebuilt(masks, noise), expected, rtol=0, atol=2e-5)
+        back = resize_decoder(transposed)
+    assert back.upsample == "resize" and back.state_dict().keys() == original.keys()
+    for key, value in back.state_dict().items():
+        torch.testing.assert_close(value, original[key], rtol=0, atol=1e-6)
+    assert transposed_decoder(seeded_generator()).upsample == "transpose"  # nothing to rewrite
+
+
 # --- the dilated context reader ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("margin,dilations", [(20, [1, 2, 4, 8, 5]), (22, [1, 2, 4, 8, 7]), (15, [1, 2, 4, 8]),

@@ -40,6 +40,8 @@ METADATA_CHECKPOINT = "safron.checkpoint"
 METADATA_CHECKPOINT_SHA256 = "safron.checkpoint_sha256"
 METADATA_WEIGHTS = "safron.weights"  # "float32" or "float16": how the initializers are stored
 METADATA_FOLDED = "safron.context_folded"  # "true": the context convolution reads two channels (models.fold_one_hot)
+# "true": trained with a resizing decoder, stored as the transposed convolutions it equals (models.transposed_decoder)
+METADATA_DECODER_TRANSPOSED = "safron.decoder_transposed"
 # Suffix of an fp16 initializer whose Cast node restores the fp32 tensor under the original name.
 FLOAT16_SUFFIX = "__float16"
 

@@ -12,7 +12,12 @@ a failed export never leaves a file that looks usable.
 `fold=True` (the default) exports the generator with the one-hot input folded into its context convolution
 (`models.fold_one_hot`): a third less work in the layer that takes about 90 % of a CPU render (1.45x faster
 inference for the embedded model, bench/RESULTS.md), outputs within ~2e-5 of the unfolded generator's, the same input
-contract. The ONNX metadata says so, and the torch backend rebuilds the folded layer from it.
+contract. The ONNX metadata says so, and the torch backend rebuilds the folded layer from it. The same flag writes a
+decoder trained with `upsample="resize"` (nearest x2, then a 3x3 convolution) as the 4x4 stride-2 transposed
+convolutions it equals (`models.transposed_decoder`): the same function up to rounding, with 16 instead of 36
+multiply-adds per input pixel and channel pair (a width-32 resizing generator renders at 1.28x the embedded model's
+CPU time per patch instead of 1.70x, bench/RESULTS.md). The metadata records it, so that `--init` from the file
+trains the resizing decoder again (`load_onnx_generator(as_trained=True)`).
 
 `weights="float16"` stores the weights as fp16, each followed by a Cast to fp32 that ONNX Runtime folds when it
 loads the model: half the file (a width-32 generator is 53 MB in fp32, over the 40 MB an embedded model may
@@ -34,7 +39,8 @@ import numpy as np
 from . import __version__, masks
 from .checkpoints import (  # noqa: F401  the checkpoint names are re-exported: safron.export was their home
     CHECKPOINT_SUFFIX, CONFIG_METADATA_KEY, EMA_PREFIX, FLOAT16_SUFFIX, GENERATOR_PREFIX, METADATA_CHECKPOINT,
-    METADATA_CHECKPOINT_SHA256, METADATA_FOLDED, METADATA_GENERATOR_CONFIG, METADATA_VERSION, METADATA_WEIGHTS,
+    METADATA_CHECKPOINT_SHA256, METADATA_DECODER_TRANSPOSED, METADATA_FOLDED, METADATA_GENERATOR_CONFIG,
+    METADATA_VERSION, METADATA_WEIGHTS,
     RUN_DIR_CHECKPOINT, Checkpoint, file_sha256, find_checkpoint, is_checkpoint_path, load_generator, load_weights,
     load_checkpoint, onnx_weights, require_module, save_checkpoint, tensors_under,
 )
@@ -83,8 +89,9 @@ class ExportResult:
     tolerance: float
     weights: str = "float32"
     rounding_difference: float = 0.0  # |fp16-weight generator - fp32 generator| on the check masks (0 for float32)
-    folded: bool = True
-    fold_difference: float = 0.0  # |folded generator - generator| on the check masks (0 without the fold)
+    folded: bool = True  # the one-hot input folded into the context convolution
+    fold_difference: float = 0.0  # |rewritten generator - generator| on the check masks (0 without a rewrite)
+    decoder_transposed: bool = False  # a resizing decoder written as transposed convolutions
 
 
 class ParityError(RuntimeError):
@@ -112,7 +119,7 @@ def export_onnx(
     import torch
 
     from .backends.onnx_runtime import OnnxRuntimeBackend
-    from .models import count_parameters, fold_one_hot
+    from .models import count_parameters, fold_one_hot, transposed_decoder
 
     out_path = Path(out_path)
     max_opset = onnx.defs.onnx_opset_version()
@@ -147,10 +154,15 @@ def export_onnx(
             return model(torch.from_numpy(samples), None if noise is None else torch.from_numpy(noise)).numpy()
 
     rounding_difference = fold_difference = 0.0
-    fold = fold and generator.context_kind == "dense"  # a dilated context has no large layer to fold
-    if fold:
+    # The exact rewrites for inference. A dilated context has no large layer to fold.
+    transpose = fold and generator.upsample == "resize"
+    fold = fold and generator.context_kind == "dense"
+    if fold or transpose:
         original = images(generator)
-        fold_one_hot(generator)
+        if fold:
+            fold_one_hot(generator)
+        if transpose:
+            transposed_decoder(generator)
         fold_difference = float(np.abs(images(generator) - original).max())
     if weights == "float16":
         unrounded = images(generator)
@@ -178,6 +190,7 @@ def export_onnx(
             METADATA_CHECKPOINT_SHA256: checkpoint_sha256,
             METADATA_WEIGHTS: weights,
             METADATA_FOLDED: "true" if fold else "false",
+            METADATA_DECODER_TRANSPOSED: "true" if transpose else "false",
         }.items():
             entry = model.metadata_props.add()
             entry.key, entry.value = key, value
@@ -207,7 +220,7 @@ def export_onnx(
         out_path=out_path, checkpoint=located.weights, checkpoint_sha256=checkpoint_sha256, opset=opset,
         parameters=count_parameters(generator), check_samples=check_samples, max_abs_difference=difference,
         tolerance=tolerance, weights=weights, rounding_difference=rounding_difference, folded=fold,
-        fold_difference=fold_difference,
+        fold_difference=fold_difference, decoder_transposed=transpose,
     )
 
 

@@ -36,13 +36,14 @@ from ..cuda_band import infer_on_device, pin_labels
 from ..errors import ModelError, first_line
 from ..checkpoints import (
     CONFIG_METADATA_KEY,
+    METADATA_DECODER_TRANSPOSED,
     METADATA_FOLDED,
     is_checkpoint_path,
     load_generator,
     load_weights,
     onnx_weights,
 )
-from ..models import Generator, fold_one_hot, normalisation_layers
+from ..models import Generator, fold_one_hot, normalisation_layers, resize_decoder, unfold_one_hot
 from ..noise import NoiseBatch
 from .base import Backend, ModelSignature
 
@@ -104,8 +105,10 @@ def keep_normalisation_fp32(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_onnx_generator(path: str | os.PathLike) -> Generator:
-    """The generator a safron-exported ONNX file holds, rebuilt in PyTorch (CPU, eval mode, no gradients)."""
+def load_onnx_generator(path: str | os.PathLike, as_trained: bool = False) -> Generator:
+    """The generator a safron-exported ONNX file holds, rebuilt in PyTorch (CPU, eval mode, no gradients).
+    `as_trained`: with the export's inference rewrites undone (an unfolded context, and the resizing decoder a model
+    was trained with), the form that training continues from."""
     try:
         import onnx
     except ImportError:
@@ -124,7 +127,12 @@ def load_onnx_generator(path: str | os.PathLike) -> Generator:
     if metadata.get(METADATA_FOLDED) == "true":
         fold_one_hot(generator)  # the layer's shape; its weights are loaded below
     weights = {name: torch.from_numpy(values.copy()) for name, values in onnx_weights(model).items()}
-    return load_weights(generator, weights, path)
+    generator = load_weights(generator, weights, path)
+    if as_trained:
+        unfold_one_hot(generator)
+        if metadata.get(METADATA_DECODER_TRANSPOSED) == "true":
+            generator = resize_decoder(generator)  # exact: the kernels lie in the resize subspace
+    return generator
 
 
 class TorchBackend(Backend):

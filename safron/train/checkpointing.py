@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from ..checkpoints import CONFIG_METADATA_KEY, GENERATOR_PREFIX, published_tensors, tensors_under
 from ..errors import ModelError, SafronInputError, first_line
 from ..files import written_atomically
-from ..models import Generator, unfold_one_hot
+from ..models import Generator
 from .config import CHECKPOINTS_FOLDER, CHECKPOINT_FORMAT, TrainConfig, _DISCRIMINATOR_PREFIX
 
 
@@ -130,11 +130,12 @@ def _stored_config(state_path: Path) -> TrainConfig:
 
 def generator_from_onnx(path: str | os.PathLike) -> Generator:
     """The generator of a safron-exported ONNX file (the embedded default model, say), in a form that trains: a
-    folded context convolution is unfolded (`models.unfold_one_hot`). Fine-tuning starts from it with `init`: this
-    is how training continues from a shipped model whose training run is gone."""
+    folded context convolution is unfolded (`models.unfold_one_hot`), a decoder trained resizing resizes again
+    (`models.resize_decoder`). Fine-tuning starts from it with `init`: this is how training continues from a shipped
+    model whose training run is gone."""
     from ..backends.torch_backend import load_onnx_generator
 
-    generator = unfold_one_hot(load_onnx_generator(path))
+    generator = load_onnx_generator(path, as_trained=True)
     return generator.train().requires_grad_(True)
 
 
