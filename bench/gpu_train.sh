@@ -40,6 +40,13 @@
 #           SAFRON_TRAIN_VARIANTS="resize-l5-noise=--upsample resize --levels 5 --ngf 24 --noise-channels 2;\
 #             transpose-noise=--upsample transpose --noise-channels 2 --lambda-grid 20 --grid-fold class \
 #             --lambda-shift 10 --shift-scale 16" SAFRON_TRAIN_KEEP_STATE="resize-l5-noise transpose-noise" ...
+#   since the twelfth session safron-export writes a resizing decoder as the transposed convolutions it equals, so
+#   the resize decoder costs what the transposed one does (bench/RESULTS.md): at width 32 with 2 noise channels,
+#   1.35x the default's CPU time per patch at 8 levels (27 MB with --weights float16), 1.28x at 5 levels. The
+#   seventh session's winner with noise, beside its 5-level form (against the patch-sized blocks), both at width 32:
+#           SAFRON_TRAIN_VARIANTS="resize-noise=--upsample resize --noise-channels 2;\
+#             resize-l5-noise=--upsample resize --levels 5 --noise-channels 2" \
+#           SAFRON_TRAIN_KEEP_STATE="resize-l5-noise" ... (the seventh session's common arguments)
 #   dry run on a CPU:  SAFRON_GPU_DRY_RUN=1 SAFRON_TRAIN_DATA=DIR OUT=/tmp/x bench/gpu_train.sh --ngf 8 --ndf 8
 #   batches of tiles (safron-train --tiles-per-step N) are untimed on a GPU: time them first in the same call,
 #   `python bench/train_step.py --device cuda --ngf 32 --tiles 492 --tiles-per-step 1 4 8` (about a minute)
