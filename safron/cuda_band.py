@@ -4,8 +4,7 @@
 label windows in pinned host memory go up (1 byte per mask pixel instead of 12 for the ±1 float input), are
 one-hot encoded on the GPU and run through the backend's generator on its stream; a generator with noise channels
 gets its noise windows drawn by a kernel on the same stream (`noise.NoiseBatch.draw_on_device`), from the window
-origins alone. The torch backend and the
-TensorRT backend differ only in that generator call.
+origins alone. The torch backend and the TensorRT backend differ only in that generator call.
 
 `CudaBand` gives `_core.CudaBandAccumulator` (raw device pointers and a cudaStream_t) the interface the engine
 uses for the CPU `BandAccumulator` (safron.accumulator's, with the staging capability): `add(patches, ys, xs, image_height)`, `finalise(y0, y1, out, x0, x1)`,
