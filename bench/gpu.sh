@@ -15,7 +15,9 @@
 # within SAFRON_GPU_BUDGET_S (default 420 s, the whole script) are skipped, judged from the previous size's
 # time per pixel (pessimistic: small renders pay a fixed start-up), so the script stays under 8 minutes.
 # SAFRON_GPU_SIZES overrides the sizes, SAFRON_GPU_RENDER_BACKENDS the renders ("torch torch-eager"; TensorRT is
-# added where installed), SAFRON_GPU_TRAIN_STEP=0 leaves out the training-step timing.
+# added where installed; "torch-noise" renders the same generator with 2 noise channels, whose noise the device-
+# resident path draws on the GPU: its bare rate is always measured), SAFRON_GPU_TRAIN_STEP=0 leaves out the
+# training-step timing.
 #
 # Timings only compare within one call (lent machines differ). SAFRON_GPU_BASELINE=DIR adds, at every size, a
 # render by another version of safron: DIR holds its sources, e.g. made here with
@@ -186,6 +188,9 @@ torch.manual_seed(0)
 generator = Generator(ngf=ngf).eval()
 save_checkpoint(generator, work / "generator.safetensors")
 print(export_onnx(work / "generator.safetensors", work / "generator.onnx"))
+# The same architecture reading 2 noise channels (safron.noise), for what drawing noise on the GPU costs.
+torch.manual_seed(0)
+save_checkpoint(Generator(ngf=ngf, noise_channels=2).eval(), work / "generator_noise.safetensors")
 EOF
 
 stage bare_generator python - "$WORK" "$DRY_RUN" <<'EOF'
@@ -197,12 +202,15 @@ from pathlib import Path
 
 import numpy as np
 
+from safron import geometry
 from safron.backends import available_backends, create_backend
+from safron.noise import NoiseBatch
 
 work, dry_run = Path(sys.argv[1]), sys.argv[2] == "1"
 seconds = 1.0 if dry_run else 15.0
 # "torch-eager": the torch backend with its CUDA graphs off (SAFRON_CUDA_GRAPHS=0), to show what they buy.
-candidates = [("torch", work / "generator.safetensors"), ("torch-eager", work / "generator.safetensors")]
+candidates = [("torch", work / "generator.safetensors"), ("torch-eager", work / "generator.safetensors"),
+              ("torch-noise", work / "generator_noise.safetensors")]
 if available_backends()["tensorrt"]:
     candidates.append(("tensorrt", work / "generator.onnx"))
 def synchronise():
@@ -215,14 +223,20 @@ def synchronise():
 
 for name, model in candidates:
     os.environ["SAFRON_CUDA_GRAPHS"] = "0" if name == "torch-eager" else "1"
-    backend = create_backend(name.removesuffix("-eager"), model)
+    backend = create_backend(name.removesuffix("-eager").removesuffix("-noise"), model)
     try:
         # The engine's own hooks on ready label windows: for a device-resident backend that is label upload,
         # encoding and the generator, with the patches left on the GPU, which is what the render feeds on.
         batch = backend.default_batch_size
         window = backend.signature.window
         labels = np.random.default_rng(0).integers(0, 3, (batch, window, window), dtype=np.uint8)
-        prepared = backend.prepare(labels)
+        if backend.signature.noise_channels:  # the noise of the first patches of a large canvas
+            plan = geometry.plan(4096, 4096)
+            ys, xs = plan.origins()
+            noise = NoiseBatch.of(plan, ys[:batch], xs[:batch], backend.signature.noise_channels)
+            prepared = backend.prepare(labels, noise)
+        else:
+            prepared = backend.prepare(labels)
         backend.infer(prepared)  # warm-up: kernel selection, allocator
         synchronise()
         runs, start = 0, time.perf_counter()
@@ -273,6 +287,7 @@ for size in $SIZES; do
   for backend in "${render_backends[@]}"; do
     model=$WORK/generator.safetensors
     [[ $backend == tensorrt ]] && model=$WORK/generator.onnx
+    [[ $backend == torch-noise ]] && model=$WORK/generator_noise.safetensors
     # GPU utilisation sampled every 200 ms during the render: is the GPU the bottleneck or waiting?
     sampler=
     if command -v nvidia-smi >/dev/null; then
@@ -298,14 +313,14 @@ from tree_rss import TreePeakRss
 work, size, backend, model = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 os.environ["SAFRON_CUDA_GRAPHS"] = "0" if backend == "torch-eager" else "1"
 out = work / f"render_{backend}_{size}.tif"
-engine_backend = {"torch-eager": "torch", "baseline": "torch"}.get(backend, backend)
+engine_backend = {"torch-eager": "torch", "torch-noise": "torch", "baseline": "torch"}.get(backend, backend)
 print(f"safron from {Path(safron.__file__).parent}")
 start = time.perf_counter()
 # Host memory of the render and its child processes (mask reader, TIFF encoder) together; issue 15 asks < 2 GiB.
 with TreePeakRss() as peak:
     result = render(work / f"mask_{size}.tif", out, model=model, backend=engine_backend, progress=False)
 seconds = time.perf_counter() - start
-bare = float((work / f"bare_{engine_backend}.txt").read_text())
+bare = float((work / f"bare_{'torch-noise' if backend == 'torch-noise' else engine_backend}.txt").read_text())
 patches_per_second = result.patches / seconds
 gpu = ""
 try:
