@@ -5,6 +5,7 @@
 #include "../ops/accumulate_impl.h"
 #include "../ops/band_rows.h"
 #include "cuda_check.h"
+#include "device_positions.h"
 #include "safron/accumulate.h"
 #include "safron/build_info.h"
 #include "safron/errors.h"
@@ -133,26 +134,14 @@ void CudaBandAccumulator::add(const void* device_patches, DType dtype, std::int6
   const detail::ScopedDevice on_device(device_);
   require_device_accessible(device_patches, device_, "add: patches");
 
-  // Positions travel in a stream-ordered allocation, so queued batches never share a buffer.
-  std::vector<std::int64_t> positions(host_ys, host_ys + n);
-  positions.insert(positions.end(), host_xs, host_xs + n);
-  const std::size_t bytes = positions.size() * sizeof(std::int64_t);
-  std::int64_t* device_positions = nullptr;
-  detail::cuda_check(cudaMallocAsync(&device_positions, bytes, stream),
-                     "cudaMallocAsync(positions)");
-  cudaError_t status =
-      cudaMemcpyAsync(device_positions, positions.data(), bytes, cudaMemcpyHostToDevice, stream);
-  if (status == cudaSuccess) {
-    const detail::PatchBatch batch{device_patches,       dtype,  n,    device_positions,
-                                   device_positions + n, patch_, ramp_};
-    const std::int64_t pixel_count = rows.size() * columns.size();
-    accumulate_kernel<<<blocks_for(pixel_count), kThreadsPerBlock, 0, stream>>>(
-        DeviceBand{sums_, weights_, width_, capacity_rows_}, batch, rows.begin, columns.begin,
-        columns.size(), pixel_count);
-    status = cudaGetLastError();
-  }
-  cudaFreeAsync(device_positions, stream);
-  detail::cuda_check(status, "CudaBandAccumulator::add");
+  const detail::DevicePositions positions(host_ys, host_xs, n, stream, "CudaBandAccumulator::add");
+  const detail::PatchBatch batch{device_patches, dtype,  n,    positions.ys(),
+                                 positions.xs(), patch_, ramp_};
+  const std::int64_t pixel_count = rows.size() * columns.size();
+  accumulate_kernel<<<blocks_for(pixel_count), kThreadsPerBlock, 0, stream>>>(
+      DeviceBand{sums_, weights_, width_, capacity_rows_}, batch, rows.begin, columns.begin,
+      columns.size(), pixel_count);
+  detail::cuda_check(cudaGetLastError(), "CudaBandAccumulator::add");
   slots_.mark_patches(n, host_ys, host_xs, patch_, image_height);
 }
 

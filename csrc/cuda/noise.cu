@@ -1,8 +1,7 @@
 #include <cuda_runtime.h>
 
-#include <vector>
-
 #include "cuda_check.h"
+#include "device_positions.h"
 #include "safron/errors.h"
 #include "safron/noise.h"
 
@@ -39,26 +38,11 @@ void fill_noise_cuda(const NoiseWindows& w, float* device_out, CUstream_st* stre
   require(attributes.type == cudaMemoryTypeDevice || attributes.type == cudaMemoryTypeManaged,
           "fill_noise_cuda: the output must be device memory");
   const detail::ScopedDevice on_device(attributes.device);
-  // The positions travel in a stream-ordered allocation, as the accumulator's do: batches queued
-  // one after another never share a buffer.
-  std::vector<std::int64_t> positions(w.y0s, w.y0s + w.n);
-  positions.insert(positions.end(), w.x0s, w.x0s + w.n);
-  const std::size_t bytes = positions.size() * sizeof(std::int64_t);
-  std::int64_t* device_positions = nullptr;
-  detail::cuda_check(cudaMallocAsync(&device_positions, bytes, stream),
-                     "cudaMallocAsync(noise positions)");
-  cudaError_t status =
-      cudaMemcpyAsync(device_positions, positions.data(), bytes, cudaMemcpyHostToDevice, stream);
-  if (status == cudaSuccess) {
-    const auto blocks =
-        static_cast<unsigned int>((count + kThreadsPerBlock - 1) / kThreadsPerBlock);
-    noise_kernel<<<blocks, kThreadsPerBlock, 0, stream>>>(device_out, w.channels, w.height, w.width,
-                                                          device_positions,
-                                                          device_positions + w.n, w.seed, count);
-    status = cudaGetLastError();
-  }
-  cudaFreeAsync(device_positions, stream);
-  detail::cuda_check(status, "fill_noise_cuda");
+  const detail::DevicePositions origins(w.y0s, w.x0s, w.n, stream, "fill_noise_cuda");
+  const auto blocks = static_cast<unsigned int>((count + kThreadsPerBlock - 1) / kThreadsPerBlock);
+  noise_kernel<<<blocks, kThreadsPerBlock, 0, stream>>>(device_out, w.channels, w.height, w.width,
+                                                        origins.ys(), origins.xs(), w.seed, count);
+  detail::cuda_check(cudaGetLastError(), "fill_noise_cuda");
 }
 
 }  // namespace safron
