@@ -416,6 +416,25 @@ def test_grid_lock_loss_sees_a_pattern_repeated_in_every_patch_and_adds_to_the_g
 
 
 
+def test_texture_loss_is_logged_and_adds_to_the_generators_loss_with_its_weight(big_tile_dir):
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the texture loss needs efficientnet-lite-pytorch")
+    config = TrainConfig(data=str(big_tile_dir), tile=492, lambda_texture=3.0, **TINY)
+    assert config.loss_names == (*LOSS_NAMES, "texture")
+    dataset = TileDataset(big_tile_dir, 492, seed=0)
+    trainer = Trainer(config, dataset, torch.device("cpu"))
+    # Frozen and outside the optimiser: the checkpoint holds no feature network.
+    optimised = {id(p) for group in trainer.optimiser_g.param_groups for p in group["params"]}
+    assert not any(id(p) in optimised for p in trainer.texture_features.parameters())
+    assert not any(key.startswith("texture") for key in trainer.state()[0])
+    losses = trainer.train_step(dataset.tile_at(0))
+    assert losses["texture"] > 0
+    assert losses["loss_g"] == pytest.approx(config.lambda_l1 * losses["l1"] + config.lambda_adv * losses["adv"]
+                                             + config.lambda_texture * losses["texture"], rel=1e-5)
+    # The generator's output is what the loss sees: a generator that copies the real tile would score 0.
+    assert Trainer(dataclasses.replace(config, lambda_texture=0.0), dataset,
+                   torch.device("cpu")).texture_features is None
+
+
 class _LatticeInOneClass(_CentreCrop):
     """_CentreCrop with its fixed pattern drawn only where the patch's mask is one class (mask channel `channel`)."""
 
@@ -691,6 +710,7 @@ BAD_OPTIONS = [
     (["--grid-period", "128"], "grid_period must be one of 2, 4, 8, 16, 32, 64"),
     (["--grid-period", "24"], "grid_period must be one of 2, 4, 8, 16, 32, 64"),
     (["--grid-fold", "tile"], "--grid-fold: invalid choice"),
+    (["--lambda-texture", "-1"], "--lambda-texture: expected a number >= 0"),
     (["--tiles-per-step", "0"], "--tiles-per-step: expected a positive integer"),
     (["--init", "nowhere"], "nowhere: not a run directory or a training checkpoint"),
     (["--diffaugment", "color,flip"], "--diffaugment: unknown augmentation 'flip'"),

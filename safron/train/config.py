@@ -23,6 +23,7 @@ LOSS_NAMES = ("loss_g", "l1", "adv", "loss_d", "d_real", "d_fake")
 SHIFT_LOSS = "shift"  # logged after LOSS_NAMES by runs with lambda_shift > 0
 FM_LOSS = "fm"  # logged after them by runs with lambda_fm > 0
 GRID_LOSS = "grid"  # logged after them by runs with lambda_grid > 0
+TEXTURE_LOSS = "texture"  # logged after them by runs with lambda_texture > 0
 GRID_PERIODS = grid_periods(geometry.PATCH, geometry.PATCH)  # what --grid-period may be
 _DISCRIMINATOR_PREFIX = "discriminator."
 _OPTIMISER_PREFIXES = {"generator": "optimiser.generator.", "discriminator": "optimiser.discriminator."}
@@ -78,11 +79,14 @@ class TrainConfig:
     grid_fold: str = "patch"
     # Channels of uniform noise the generator reads beside the mask (models.Generator, safron.noise); 0: none.
     noise_channels: int = 0
+    # Texture loss (safron.texture_loss): per mask class, the distributions of EfficientNet-Lite0 features of the
+    # generated and the real tile must match (sliced Wasserstein); 0: off.
+    lambda_texture: float = 0.0
 
     @property
     def loss_names(self) -> tuple[str, ...]:
         return (LOSS_NAMES + ((SHIFT_LOSS,) if self.lambda_shift else ()) + ((FM_LOSS,) if self.lambda_fm else ())
-                + ((GRID_LOSS,) if self.lambda_grid else ()))
+                + ((GRID_LOSS,) if self.lambda_grid else ()) + ((TEXTURE_LOSS,) if self.lambda_texture else ()))
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,8 @@ def check_config(config: TrainConfig) -> None:
         raise SafronInputError(f"lambda_shift must be >= 0, got {config.lambda_shift}")
     if not (isinstance(config.shift_scale, int) and 1 <= config.shift_scale <= geometry.PATCH):
         raise SafronInputError(f"shift_scale must be an integer in [1, {geometry.PATCH}], got {config.shift_scale!r}")
+    if not config.lambda_texture >= 0:
+        raise SafronInputError(f"lambda_texture must be >= 0, got {config.lambda_texture}")
     if not config.lambda_grid >= 0:
         raise SafronInputError(f"lambda_grid must be >= 0, got {config.lambda_grid}")
     if config.grid_period not in GRID_PERIODS:

@@ -29,6 +29,7 @@ from ..checkpoints import (
 from ..models import Discriminator, Generator, resize_decoder, with_noise
 from ..noise import uniform_noise
 from ..stitch import cut_windows, stitch
+from ..texture_loss import texture_features, texture_loss
 from .checkpointing import _flatten_optimiser, _unflatten_optimiser, read_checkpoint
 from .config import (
     CHECKPOINTS_FOLDER, CHECKPOINT_FORMAT, DEFAULT_KEEP, PRECISIONS, TrainConfig, _AUTOCAST_TYPES,
@@ -139,6 +140,8 @@ class Trainer:
         self.step = 0
         self.last_output: torch.Tensor | None = None
         self.generator_ema = self._new_average() if config.ema_decay else None
+        # Frozen, outside the optimisers and the checkpoint: the same pretrained weights every time.
+        self.texture_features = texture_features(device) if config.lambda_texture else None
 
     @property
     def _lr_d(self) -> float:
@@ -279,6 +282,12 @@ class Trainer:
                 grid = grid_lock_loss(patches, config.grid_period, classes)
                 loss_g = loss_g + config.lambda_grid * grid
                 extra_losses.append(grid)
+            if config.lambda_texture:
+                # On the stitched tiles as the discriminator sees them (before DiffAugment), per mask class.
+                with self._autocast():
+                    texture = texture_loss(self.texture_features, fake, real, mask_tile > 0)
+                loss_g = loss_g + config.lambda_texture * texture
+                extra_losses.append(texture)
             self.optimiser_g.zero_grad(set_to_none=True)
             self.scaler.scale(loss_g).backward()
             self.scaler.step(self.optimiser_g)
