@@ -182,6 +182,7 @@ def test_report_of_the_centre_crop_model_finds_its_images_are_the_masks(tmp_path
     assert stored["whole"]["fid"]["value"] == pytest.approx(report.whole.fid.value)
     text = (out / "report.md").read_text()
     assert "FID" in text and "seam score" in text and "centre_crop.onnx" in text
+    assert "pretrained networks in the model's training losses (its metadata): none" in text
     # Of these names only testA_1 is in SHEET_IMAGES: one row of three half-scale panels.
     assert np.asarray(Image.open(out / "sheet.png")).shape == (150, 3 * 170 + 2 * 8, 3)
 

