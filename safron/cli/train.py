@@ -122,8 +122,8 @@ def train_parser() -> argparse.ArgumentParser:
                    help="weight of the texture loss: within each mask class, the distribution of a frozen "
                         "EfficientNet-Lite0's features (strides 4-16) of the generated tile must match the real "
                         "tile's (sliced Wasserstein), which asks for real texture without asking for it in the same "
-                        "place; not the Inception network safron-eval scores with. About 0.5 s per 728 px tile on "
-                        f"one CPU core (default: {defaults.lambda_texture:g}, off)")
+                        "place; not the Inception network safron-eval scores with. About 0.2 s more per 728 px "
+                        f"step on one CPU core (default: {defaults.lambda_texture:g}, off)")
     p.add_argument("--ema-decay", type=non_negative_float, metavar="D",
                    help="also keep an exponential moving average of the generator's weights (e.g. 0.999) and publish "
                         "it: samples, RUN_DIR/generator.safetensors and safron-export use it (default: 0, off)")
