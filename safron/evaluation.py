@@ -544,9 +544,11 @@ def _plots(out_dir: Path, report: Report, real: Sequence[np.ndarray], synthetic:
 
 def _loss_networks(model_path: Path) -> str | None:
     """What the model's metadata says its training losses read (checkpoints.METADATA_LOSS_NETWORKS), if anything."""
-    import onnxruntime
+    from .checkpoints import METADATA_LOSS_NETWORKS, find_checkpoint, is_checkpoint_path
 
-    from .checkpoints import METADATA_LOSS_NETWORKS
+    if is_checkpoint_path(model_path):  # what --backend torch renders straight from training
+        return find_checkpoint(model_path).metadata.get(METADATA_LOSS_NETWORKS)
+    import onnxruntime
 
     session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     return session.get_modelmeta().custom_metadata_map.get(METADATA_LOSS_NETWORKS)
