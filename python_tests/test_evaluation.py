@@ -91,6 +91,49 @@ def test_features_survive_the_file_and_a_damaged_file_is_one_line(tmp_path):
         evaluation.load_features(tmp_path / "bad.npz")
 
 
+def _report_folder(folder: Path, real: dict, synthetic: dict) -> Path:
+    folder.mkdir(parents=True)
+    evaluation.save_features(folder / evaluation.FEATURES_FILE,
+                             {f"{kind}_{name}": group for kind, groups in (("real", real), ("synthetic", synthetic))
+                              for name, group in groups.items()})
+    return folder
+
+
+def test_comparing_two_saved_reports_gives_the_paired_differences_a_baseline_run_would(tmp_path, capsys):
+    real = {"whole": _features(0, 12, 1), "crops": _features(1, 12, 3)}
+    good = {"whole": _features(2, 12, 1), "crops": _features(3, 12, 3)}
+    poor = {name: [g + 0.8 for g in group] for name, group in good.items()}
+    candidate = _report_folder(tmp_path / "good", real, good)
+    baseline = _report_folder(tmp_path / "poor", real, poor)
+    differences = evaluation.compare_reports(candidate, baseline, resamples=20)
+    for name in ("whole", "crops"):
+        direct = evaluation.paired_difference(real[name], good[name], poor[name], resamples=20)
+        for stat in ("fid", "kid"):  # the saved features are float32
+            ours, theirs = getattr(differences[name], stat), getattr(direct, stat)
+            assert (ours.value, ours.low, ours.high) == pytest.approx((theirs.value, theirs.low, theirs.high),
+                                                                      rel=1e-4)
+    assert differences["crops"].verdict == "better"
+    assert evaluation.compare_reports(baseline, candidate, resamples=20)["crops"].verdict == "worse"
+
+    assert eval_main(["--compare", str(candidate), str(baseline), "--bootstrap", "20"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[1].startswith(f"versus {baseline} (crops): FID -") and out[1].endswith(": better")
+
+    # Reports of other test images cannot be paired; a folder without features is not a report.
+    other = _report_folder(tmp_path / "other", {"whole": _features(5, 12, 1), "crops": _features(6, 12, 3)}, poor)
+    with pytest.raises(SafronInputError, match="scored other test images"):
+        evaluation.compare_reports(candidate, other, resamples=5)
+    for argv, needle in (([str(candidate), str(tmp_path)], "not a safron-eval report folder (no features.npz)"),
+                         ([str(candidate)], "expected 2 arguments"),
+                         ([str(candidate), str(baseline), "--report", "x"], "--compare takes two report folders")):
+        try:
+            code = eval_main(["--compare", *argv])
+        except SystemExit as exc:  # argparse's own usage errors
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and needle in err, err
+
+
 def _seamless_texture(height: int, width: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     grey = rng.uniform(100, 130, (height, width))

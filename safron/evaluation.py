@@ -41,7 +41,7 @@ from .errors import SafronInputError
 
 __all__ = [
     "SHEET_IMAGES", "CROP", "SEAM_SIDE", "FEATURES_FILE", "TestCase", "Interval", "SetScores", "Difference", "Report",
-    "load_testa", "crops", "bootstrap_scores", "paired_difference", "save_features", "load_features", "border_profile", "grid_lock", "seam_score", "side_by_side", "evaluate", "write_report",
+    "load_testa", "crops", "bootstrap_scores", "paired_difference", "compare_reports", "save_features", "load_features", "border_profile", "grid_lock", "seam_score", "side_by_side", "evaluate", "write_report",
 ]
 
 # Fixed, so that sheets of different models compare image for image: glands of several sizes and grades.
@@ -487,6 +487,27 @@ def _baseline_group(stored: dict[str, list[np.ndarray]], name: str, real: list[n
         raise SafronInputError(f"{baseline}: that report scored other test images (or another feature network); "
                                f"compare reports of the same GlaS testA")
     return stored[f"synthetic_{name}"]
+
+
+def compare_reports(candidate: str | os.PathLike, baseline: str | os.PathLike,
+                    resamples: int = DEFAULT_RESAMPLES) -> dict[str, Difference]:
+    """{"whole": ..., "crops": ...}: the paired differences between the models of two report folders, from the
+    features each saved, without rendering or the feature network again (what `--baseline` adds to a report, for
+    reports already written: seconds instead of minutes). Both must have scored the same test images."""
+    stored = {}
+    for name, folder in (("candidate", candidate), ("baseline", baseline)):
+        path = Path(folder) / FEATURES_FILE
+        if not path.is_file():
+            raise SafronInputError(f"{folder}: not a safron-eval report folder (no {FEATURES_FILE})")
+        stored[name] = load_features(path)
+    differences = {}
+    for name in ("whole", "crops"):
+        real = stored["candidate"].get(f"real_{name}")
+        if real is None or f"synthetic_{name}" not in stored["candidate"]:
+            raise SafronInputError(f"{candidate}: its {FEATURES_FILE} lacks the {name} protocol's features")
+        theirs = _baseline_group(stored["baseline"], name, real, baseline)
+        differences[name] = paired_difference(real, stored["candidate"][f"synthetic_{name}"], theirs, resamples)
+    return differences
 
 
 def _train_images(glas: str | os.PathLike) -> list[np.ndarray]:

