@@ -461,6 +461,13 @@ def test_a_texture_trained_generator_says_which_network_its_loss_read_through_to
         # What safron-eval's report prints, for the exported model and for the checkpoints themselves.
         for model in (run_dir / "g.onnx", weights.with_suffix(".json"), run_dir):
             assert _loss_networks(model) == expected
+    # A run from before the metadata key: export reads the training settings in the checkpoint's JSON instead.
+    state = json.loads(weights.with_suffix(".json").read_text())
+    state["training"]["lambda_texture"] = 2.0
+    weights.with_suffix(".json").write_text(json.dumps(state))
+    export_onnx(weights.with_suffix(".json"), run_dir / "older.onnx", check_samples=1)
+    assert {e.key: e.value for e in onnx.load(str(run_dir / "older.onnx")).metadata_props}.get(
+        METADATA_LOSS_NETWORKS) == TEXTURE_NETWORK
 
 
 class _LatticeInOneClass(_CentreCrop):
