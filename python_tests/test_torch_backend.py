@@ -39,11 +39,16 @@ def block_labels(height: int, width: int, seed: int, block: int = 40) -> np.ndar
 # --- reading safron-exported ONNX into PyTorch --------------------------------------------------------------------
 
 def test_torch_backend_runs_a_safron_exported_onnx_like_onnx_runtime():
+    from safron.noise import canvas_noise
+
     windows = random_masks(2, 296, seed=3)
     reference, rebuilt = OnnxRuntimeBackend(DEFAULT_MODEL, threads=1), TorchBackend(DEFAULT_MODEL, threads=1)
     try:
         assert rebuilt.signature == reference.signature
-        difference = np.abs(rebuilt.run(windows) - reference.run(windows)).max()
+        # The default reads noise (since the thirteenth session): both get the same canvas noise.
+        channels = rebuilt.signature.noise_channels
+        noise = np.stack([canvas_noise(300 * k, 0, 296, 296, channels) for k in range(2)]) if channels else None
+        difference = np.abs(rebuilt.run(windows, noise) - reference.run(windows, noise)).max()
     finally:
         reference.close()
         rebuilt.close()
@@ -115,10 +120,13 @@ def test_auto_sends_safron_models_to_torch_only_when_a_gpu_is_present(tmp_path, 
     assert backends._auto_backend(foreign) == "onnxruntime"
 
 
-def test_auto_prefers_tensorrt_on_a_gpu(monkeypatch):
+def test_auto_prefers_tensorrt_on_a_gpu_for_models_without_noise(monkeypatch, tmp_path):
     monkeypatch.setattr(backends, "_cuda_device_present", lambda: True)
     monkeypatch.setattr(backends, "_missing_modules", lambda name: [])
-    assert backends._auto_backend(DEFAULT_MODEL) == "tensorrt"
+    noise_free = centre_crop(tmp_path / "centre_crop.onnx")
+    assert backends._auto_backend(noise_free) == "tensorrt"
+    # The TensorRT backend feeds the mask only: a noise-reading model (the default) goes to PyTorch.
+    assert backends._auto_backend(DEFAULT_MODEL) == "torch"
 
 
 # --- the engine's backend hooks -----------------------------------------------------------------------------------
