@@ -38,8 +38,8 @@ def eval_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "Examples: safron-eval --report eval/ --glas data/glas [--model generator.onnx]; safron-eval --compare "
-            "eval_new/ eval_old/; safron-eval REAL_DIR GENERATED_DIR. Each image is resized whole to 299 x 299: compare images of like size. FID is biased "
-            "upwards with fewer than 2048 images per set; KID is unbiased. "
+            "eval_new/ eval_old/; safron-eval REAL_DIR GENERATED_DIR. Each image is resized whole to 299 x 299: "
+            "compare images of like size. FID is biased upwards with fewer than 2048 images per set; KID is unbiased. "
             + exit_status_help(sigterm=False)
         ),
     )
