@@ -439,8 +439,7 @@ def test_a_texture_trained_generator_says_which_network_its_loss_read_through_to
     import onnx
     from safetensors import safe_open
 
-    from safron.checkpoints import METADATA_LOSS_NETWORKS
-    from safron.evaluation import _loss_networks
+    from safron.checkpoints import METADATA_LOSS_NETWORKS, loss_networks
     from safron.export import export_onnx
     from safron.texture_loss import TEXTURE_NETWORK
 
@@ -460,7 +459,7 @@ def test_a_texture_trained_generator_says_which_network_its_loss_read_through_to
         assert exported.get(METADATA_LOSS_NETWORKS) == expected
         # What safron-eval's report prints, for the exported model and for the checkpoints themselves.
         for model in (run_dir / "g.onnx", weights.with_suffix(".json"), run_dir):
-            assert _loss_networks(model) == expected
+            assert loss_networks(model) == expected
     # A run from before the metadata key: export reads the training settings in the checkpoint's JSON instead.
     state = json.loads(weights.with_suffix(".json").read_text())
     state["training"]["lambda_texture"] = 2.0
@@ -468,6 +467,7 @@ def test_a_texture_trained_generator_says_which_network_its_loss_read_through_to
     export_onnx(weights.with_suffix(".json"), run_dir / "older.onnx", check_samples=1)
     assert {e.key: e.value for e in onnx.load(str(run_dir / "older.onnx")).metadata_props}.get(
         METADATA_LOSS_NETWORKS) == TEXTURE_NETWORK
+    assert loss_networks(weights.with_suffix(".json")) == TEXTURE_NETWORK  # and safron-eval's report says the same
 
 
 class _LatticeInOneClass(_CentreCrop):

@@ -100,6 +100,31 @@ def find_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(weights=weights, config=config, metadata=metadata)
 
 
+def loss_networks(model: str | os.PathLike, located: Checkpoint | None = None) -> str | None:
+    """The pretrained networks a generator's training losses read (`METADATA_LOSS_NETWORKS`), or None: from an
+    ONNX file's metadata, or a checkpoint's (`located`, if already found, saves reading it again); for a training
+    checkpoint's JSON from before the key, from the training settings it stores."""
+    if not is_checkpoint_path(model):
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        return session.get_modelmeta().custom_metadata_map.get(METADATA_LOSS_NETWORKS)
+    located = located or find_checkpoint(model)
+    if located.metadata.get(METADATA_LOSS_NETWORKS):
+        return located.metadata[METADATA_LOSS_NETWORKS]
+    path = Path(model)
+    if path.suffix == ".json" and path.is_file():
+        try:
+            training = json.loads(path.read_text(encoding="utf-8")).get("training") or {}
+        except (OSError, ValueError, AttributeError):
+            return None
+        if training.get("lambda_texture"):
+            from .texture_loss import TEXTURE_NETWORK
+
+            return TEXTURE_NETWORK
+    return None
+
+
 def _read_metadata(weights: Path) -> dict[str, str]:
     from safetensors import safe_open
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import geometry, masks
-from .checkpoints import file_sha256
+from .checkpoints import file_sha256, loss_networks
 from .errors import SafronInputError
 
 __all__ = [
@@ -463,7 +463,7 @@ def evaluate(
         seam=seam, seam_side=seam_side, dice_synthetic=dice_synthetic, dice_real=dice_real, segmenter=segmenter,
         reference_whole=scores.get("reference_whole"), reference_crops=scores.get("reference_crops"),
         baseline=str(baseline) if baseline is not None else None, versus_whole=differences.get("whole"),
-        versus_crops=differences.get("crops"), seconds=seconds, loss_networks=_loss_networks(model_path),
+        versus_crops=differences.get("crops"), seconds=seconds, loss_networks=loss_networks(model_path),
     )
     by_name = {c.name: (c, image) for c, image in zip(cases, rendered)}
     sheet_rows = [(masks.labels_to_colour(c.labels), c.image, image)
@@ -561,18 +561,6 @@ def _plots(out_dir: Path, report: Report, real: Sequence[np.ndarray], synthetic:
     figure.tight_layout()
     figure.savefig(out_dir / "colour_histograms.png", dpi=100)
     plt.close(figure)
-
-
-def _loss_networks(model_path: Path) -> str | None:
-    """What the model's metadata says its training losses read (checkpoints.METADATA_LOSS_NETWORKS), if anything."""
-    from .checkpoints import METADATA_LOSS_NETWORKS, find_checkpoint, is_checkpoint_path
-
-    if is_checkpoint_path(model_path):  # what --backend torch renders straight from training
-        return find_checkpoint(model_path).metadata.get(METADATA_LOSS_NETWORKS)
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    return session.get_modelmeta().custom_metadata_map.get(METADATA_LOSS_NETWORKS)
 
 
 def _interval(interval: Interval, digits: int) -> str:

@@ -42,7 +42,7 @@ from .checkpoints import (  # noqa: F401  the checkpoint names are re-exported: 
     METADATA_CHECKPOINT_SHA256, METADATA_DECODER_TRANSPOSED, METADATA_FOLDED, METADATA_LOSS_NETWORKS,
     METADATA_GENERATOR_CONFIG, METADATA_VERSION, METADATA_WEIGHTS,
     RUN_DIR_CHECKPOINT, Checkpoint, file_sha256, find_checkpoint, is_checkpoint_path, load_generator, load_weights,
-    load_checkpoint, onnx_weights, require_module, save_checkpoint, tensors_under,
+    load_checkpoint, loss_networks, onnx_weights, require_module, save_checkpoint, tensors_under,
 )
 from .errors import ModelError, SafronInputError
 from .files import written_atomically
@@ -98,24 +98,6 @@ class ParityError(RuntimeError):
     """ONNX Runtime disagrees with PyTorch beyond the tolerance: an exporter or runtime defect, not the user's."""
 
 
-def _loss_networks(checkpoint: str | os.PathLike, located) -> str | None:
-    """The pretrained networks the generator's training losses read: as its file's metadata says, else as the
-    training settings stored in a training checkpoint's JSON imply (runs from before the metadata key)."""
-    if located.metadata.get(METADATA_LOSS_NETWORKS):
-        return located.metadata[METADATA_LOSS_NETWORKS]
-    path = Path(checkpoint)
-    if path.suffix == ".json" and path.is_file():
-        try:
-            training = json.loads(path.read_text(encoding="utf-8")).get("training") or {}
-        except (OSError, ValueError, AttributeError):
-            return None
-        if training.get("lambda_texture"):
-            from .texture_loss import TEXTURE_NETWORK
-
-            return TEXTURE_NETWORK
-    return None
-
-
 def export_onnx(
     checkpoint: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -160,7 +142,7 @@ def export_onnx(
             f"{generator.in_channels} and {generator.out_channels}"
         )
     checkpoint_sha256 = file_sha256(located.weights)
-    loss_networks = _loss_networks(checkpoint, located)
+    networks = loss_networks(checkpoint, located)
     samples = random_masks(check_samples, generator.window)
     # A generator with noise channels gets noise as the engine draws it (canvas coordinates), one window per sample.
     noise = None
@@ -210,7 +192,7 @@ def export_onnx(
             METADATA_WEIGHTS: weights,
             METADATA_FOLDED: "true" if fold else "false",
             METADATA_DECODER_TRANSPOSED: "true" if transpose else "false",
-            **({METADATA_LOSS_NETWORKS: loss_networks} if loss_networks else {}),
+            **({METADATA_LOSS_NETWORKS: networks} if networks else {}),
         }.items():
             entry = model.metadata_props.add()
             entry.key, entry.value = key, value
