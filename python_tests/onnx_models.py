@@ -61,6 +61,21 @@ def context_mix(path: Path, patch: int = 256, margin: int = 20, share: float = 0
     return _save(helper.make_graph(nodes, "context_mix", [mask], [image], initializer=consts), path)
 
 
+def bright_edges(path: Path, edge: int = 8, patch: int = 256, margin: int = 20) -> Path:
+    """The centre crop, but white (+1) on the outermost `edge` rows and columns of every patch: a generator that draws
+    its patch edges badly, which only the pixels that no other patch covers show."""
+    nodes, consts = _crop_nodes(margin, patch, "crop")
+    inner = np.zeros((1, 1, patch, patch), np.float32)
+    inner[..., edge:patch - edge, edge:patch - edge] = 1
+    consts += [numpy_helper.from_array(inner, "inner"), numpy_helper.from_array(1 - inner, "edges")]
+    nodes += [
+        helper.make_node("Mul", ["crop", "inner"], ["kept"]),
+        helper.make_node("Add", ["kept", "edges"], ["image"]),
+    ]
+    mask, image = _io(patch + 2 * margin, patch)
+    return _save(helper.make_graph(nodes, "bright_edges", [mask], [image], initializer=consts), path)
+
+
 def wrong_input_name(path: Path) -> Path:
     """Violates the contract: its input is called 'input', not 'mask'."""
     nodes, consts = _crop_nodes(20, 256, "image")

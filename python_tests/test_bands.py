@@ -237,6 +237,9 @@ def test_an_interrupted_render_in_bands_resumes_with_the_bands_not_done(scene, c
     with pytest.raises(SafronInputError, match="cannot resume: blend differs"):
         engine.render(scene["mask"], out, model=scene["model"], client=cluster, resume=True, blend="linear",
                       **LAYOUT, **OPTIONS)
+    with pytest.raises(SafronInputError, match="cannot resume: outset differs"):
+        engine.render(scene["mask"], out, model=scene["model"], client=cluster, resume=True, outset=0,
+                      **LAYOUT, **OPTIONS)
     monkeypatch.setattr(engine, "render_band", functools.partial(band_that_logs, log=second))
     engine.render(scene["mask"], out, model=scene["model"], client=cluster, resume=True, **LAYOUT, **OPTIONS)
     assert sorted(int(p.name) for p in second.iterdir()) == sorted({0, 192, 384, 576} - {y0 for y0, _ in done})

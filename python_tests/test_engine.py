@@ -9,6 +9,7 @@ import tifffile
 
 import onnx_models
 from safron import engine, geometry, masks
+from safron.errors import SafronInputError
 
 
 def random_labels(height, width, seed=0, blob=37):
@@ -33,12 +34,37 @@ def mix_model(tmp_path_factory):
 SIZES = [(1, 1), (1, 300), (255, 256), (256, 257), (491, 492), (493, 728), (729, 1000), (260, 2600)]
 
 
+@pytest.mark.parametrize("outset", [0, engine.DEFAULT_OUTSET, 256])
 @pytest.mark.parametrize("blend", ["uniform", "linear", "cosine"])
 @pytest.mark.parametrize("height,width", SIZES)
-def test_centre_crop_reproduces_mask_exactly(crop_model, height, width, blend):
+def test_centre_crop_reproduces_mask_exactly(crop_model, height, width, blend, outset):
     labels = random_labels(height, width, seed=height * 7 + width)
-    image = engine.render_array(labels, model=crop_model, blend=blend, batch_size=3)
+    image = engine.render_array(labels, model=crop_model, blend=blend, batch_size=3, outset=outset)
     np.testing.assert_array_equal(image, masks.labels_to_colour(labels))
+
+
+def test_the_outset_takes_the_image_border_from_inside_patches(tmp_path):
+    # A generator that draws its patches' outermost 8 px white: inside the image the cosine blend hides them (their
+    # weight is nearly 0 there), but without an outset the image's own border is such edge rows, a white frame.
+    model = onnx_models.bright_edges(tmp_path / "edges.onnx", edge=8)
+    labels = random_labels(600, 700, seed=5)
+    colours = masks.labels_to_colour(labels).astype(int)
+    frame = np.ones(labels.shape, bool)
+    frame[8:-8, 8:-8] = False
+
+    def frame_error(outset):
+        image = engine.render_array(labels, model=model, outset=outset).astype(int)
+        return np.abs(image - colours)[frame].mean()
+
+    assert frame_error(0) > 100  # white where the mask's colours should be
+    assert frame_error(engine.DEFAULT_OUTSET) < frame_error(0) / 10
+
+
+@pytest.mark.parametrize("outset,message", [(-1, "outset must be an integer >= 0"), (1.5, "outset must be an integer"),
+                                            (257, r"outset must be in \[0, 256\] for this model")])
+def test_bad_outsets_are_one_line_errors(crop_model, outset, message):
+    with pytest.raises(SafronInputError, match=message):
+        engine.render_array(random_labels(64, 64, seed=1), model=crop_model, outset=outset)
 
 
 def test_colour_mask_and_label_mask_render_alike(crop_model):
@@ -140,3 +166,46 @@ def test_stage_times_are_measured(tmp_path, crop_model):
     for stage in ("read", "prepare", "infer", "accumulate", "finalise", "encode"):
         assert 0 < result.stage_seconds[stage] <= result.seconds, stage
     assert result.megapixels_per_second == pytest.approx(700 * 900 / 1e6 / result.seconds)
+
+
+def test_a_resume_under_another_outset_is_refused(tmp_path, mix_model, monkeypatch):
+    # The journal pins the outset: the border rows of the two grids differ, and a journal from before the outset
+    # existed (no entry) must not be continued by a render that has one.
+    from safron import canvas
+
+    labels = random_labels(900, 300, seed=8)
+    mask, out = tmp_path / "mask.tif", tmp_path / "out.tif"
+    tifffile.imwrite(mask, masks.labels_to_colour(labels))
+    options = dict(model=mix_model, progress=False, compression="none", batch_size=1, threads=1)
+
+    def stop_after_one_record(self, rows_done, _record=canvas.Journal.record):
+        _record(self, rows_done)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(canvas.Journal, "record", stop_after_one_record)
+    with pytest.raises(KeyboardInterrupt):
+        engine.render(mask, out, outset=0, **options)
+    monkeypatch.undo()
+    with pytest.raises(SafronInputError, match="cannot resume: outset differs"):
+        engine.render(mask, out, resume=True, **options)
+    engine.render(mask, out, outset=0, resume=True, **options)
+    np.testing.assert_array_equal(tifffile.imread(out), engine.render_array(labels, model=mix_model, outset=0))
+    assert not np.array_equal(tifffile.imread(out), engine.render_array(labels, model=mix_model))
+
+
+def test_cli_outset_reaches_the_render_and_a_bad_one_is_a_usage_error(tmp_path, capsys):
+    from safron.cli.render import main
+
+    model = onnx_models.bright_edges(tmp_path / "edges.onnx")
+    labels = random_labels(300, 400, seed=2)
+    mask, out = tmp_path / "mask.tif", tmp_path / "out.tif"
+    tifffile.imwrite(mask, masks.labels_to_colour(labels))
+    common = [str(mask), str(out), "--model", str(model), "--quiet", "--compression", "none"]
+    assert main(common + ["--outset", "0"]) == 0
+    np.testing.assert_array_equal(tifffile.imread(out), engine.render_array(labels, model=model, outset=0))
+    assert main(common) == 0  # the default outset
+    np.testing.assert_array_equal(tifffile.imread(out), engine.render_array(labels, model=model))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(common + ["--outset", "-3"])
+    assert exit_info.value.code == 2 and "--outset" in capsys.readouterr().err

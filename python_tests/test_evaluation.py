@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from safron import evaluation, geometry, masks, metrics
+from safron import engine, evaluation, geometry, masks, metrics
 from safron.cli.eval import main as eval_main
 from safron.errors import SafronInputError
 
@@ -156,6 +156,21 @@ def test_seam_score_is_one_without_seams_and_grows_with_a_step_at_patch_edges():
         evaluation.seam_score(texture[:600], plan)
 
 
+def test_seam_score_finds_the_seams_of_a_grid_reaching_beyond_the_image():
+    outset = 20
+    grid = geometry.plan(700 + 2 * outset, 900 + 2 * outset)
+    canvas = _seamless_texture(700 + 2 * outset, 900 + 2 * outset).astype(np.int16)
+    rng = np.random.default_rng(2)
+    for y, x in zip(*grid.origins()):
+        canvas[y:y + grid.patch, x:x + grid.patch] += int(rng.choice([-12, 12]))
+    image = np.clip(canvas, 0, 255).astype(np.uint8)[outset:-outset, outset:-outset]
+    assert evaluation.seam_score(image, grid, outset) > 1.1
+    # Looked for on the lines of a grid starting at the image's corner, the same steps are missed.
+    assert evaluation.seam_score(image, geometry.plan(700, 900)) < 1.05
+    with pytest.raises(ValueError, match="740 x 940"):
+        evaluation.seam_score(image, grid)
+
+
 def test_border_profile_sees_a_bright_rim_and_a_flat_image_has_no_lock():
     flat = np.full((120, 150, 3), 100, np.uint8)
     rimmed = flat.copy()
@@ -219,8 +234,12 @@ def test_report_of_the_centre_crop_model_finds_its_images_are_the_masks(tmp_path
         assert (out / name).is_file(), name
     # The centre-crop model paints the mask's class colours: far from the H&E-coloured "real" images.
     assert report.whole.fid.value > 1 and report.crops.samples_per_set == 3
-    # Its patches agree exactly where they overlap, so stitching leaves no trace of its own.
-    assert report.seam == pytest.approx(1.0, abs=0.15)
+    # Its patches agree exactly where they overlap, so stitching leaves no trace of its own: the seam render is the
+    # seam mask's colours, and scores as they do on the same lines.
+    colours = masks.labels_to_colour(masks.synthesize(600, 600, seed=evaluation.SEAM_MASK_SEED))
+    grid = geometry.plan(600 + 2 * engine.DEFAULT_OUTSET, 600 + 2 * engine.DEFAULT_OUTSET)
+    assert report.seam == pytest.approx(evaluation.seam_score(colours, grid, engine.DEFAULT_OUTSET), rel=1e-6)
+    assert report.outset == engine.DEFAULT_OUTSET
     stored = json.loads((out / "report.json").read_text())
     assert stored["whole"]["fid"]["value"] == pytest.approx(report.whole.fid.value)
     text = (out / "report.md").read_text()

@@ -25,11 +25,11 @@ from test_engine import random_labels
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 
-def windows_in_thread(mask, plan, batch_size, fixed, first_batch, patches_end):
+def windows_in_thread(mask, plan, batch_size, fixed, first_batch, patches_end, outset=0):
     ys, xs = plan.origins()
     for indices in windows.batch_indices(plan, batch_size, first_batch, patches_end):
         rows = batch_size if fixed else len(indices)
-        yield windows.label_windows(mask, plan, ys[indices], xs[indices],
+        yield windows.label_windows(mask, plan, ys[indices] - outset, xs[indices] - outset,
                                     np.empty((rows, plan.window, plan.window), np.uint8))
 
 
@@ -40,17 +40,20 @@ def label_tif(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("batch_size,fixed,first_batch,patches_end", [
-    (5, False, 0, None),    # a whole render; the last batch is short
-    (4, True, 0, None),     # a model with a fixed batch: background past the last patch
-    (2, False, 2, 17),      # a resume that starts at batch 2, a band that ends inside a batch
+@pytest.mark.parametrize("batch_size,fixed,first_batch,patches_end,outset", [
+    (5, False, 0, None, 0),    # a whole render; the last batch is short
+    (4, True, 0, None, 0),     # a model with a fixed batch: background past the last patch
+    (2, False, 2, 17, 0),      # a resume that starts at batch 2, a band that ends inside a batch
+    (5, False, 0, None, 20),   # a grid reaching 20 px beyond the mask (the engine's default outset)
 ])
-def test_the_process_gives_the_threads_windows_batch_for_batch(label_tif, batch_size, fixed, first_batch, patches_end):
+def test_the_process_gives_the_threads_windows_batch_for_batch(label_tif, batch_size, fixed, first_batch, patches_end,
+                                                               outset):
     with masks.open_mask(label_tif) as mask:
-        plan = geometry.plan(mask.height, mask.width)
+        plan = geometry.plan(mask.height + 2 * outset, mask.width + 2 * outset)
         patches_end = patches_end or plan.count
-        expected = list(windows_in_thread(mask, plan, batch_size, fixed, first_batch, patches_end))
-    reader = WindowReaderProcess(label_tif, masks.COLOUR_TOLERANCE, plan, batch_size, fixed, first_batch, patches_end)
+        expected = list(windows_in_thread(mask, plan, batch_size, fixed, first_batch, patches_end, outset))
+    reader = WindowReaderProcess(label_tif, masks.COLOUR_TOLERANCE, plan, outset, batch_size, fixed, first_batch,
+                                 patches_end)
     try:
         for want in expected:  # more batches than slots: slots are freed and reused
             got = reader.next_windows()
@@ -68,7 +71,7 @@ def test_a_colour_mask_is_snapped_in_the_child_as_here(tmp_path):
     path = tmp_path / "mask.tif"
     tifffile.imwrite(path, colour, tile=(128, 128))
     plan = geometry.plan(700, 600)
-    reader = WindowReaderProcess(path, masks.COLOUR_TOLERANCE, plan, 6, False, 0, plan.count)
+    reader = WindowReaderProcess(path, masks.COLOUR_TOLERANCE, plan, 0, 6, False, 0, plan.count)
     try:
         with masks.open_mask(path) as mask:
             for want in windows_in_thread(mask, plan, 6, False, 0, plan.count):
@@ -85,7 +88,7 @@ def test_a_bad_pixel_found_by_the_child_is_the_threads_mask_error(tmp_path):
     plan = geometry.plan(900, 600)
     with masks.open_mask(path) as mask, pytest.raises(MaskError) as in_thread:
         list(windows_in_thread(mask, plan, 2, False, 0, plan.count))
-    reader = WindowReaderProcess(path, masks.COLOUR_TOLERANCE, plan, 2, False, 0, plan.count)
+    reader = WindowReaderProcess(path, masks.COLOUR_TOLERANCE, plan, 0, 2, False, 0, plan.count)
     try:
         reader.next_windows()  # the first batches are fine
         with pytest.raises(MaskError) as in_process:
@@ -99,7 +102,7 @@ def test_a_bad_pixel_found_by_the_child_is_the_threads_mask_error(tmp_path):
 def test_a_mask_the_child_cannot_open_is_reported_at_the_first_batch(tmp_path, label_tif):
     plan = geometry.plan(1300, 900)
     moved = tmp_path / "gone.tif"
-    reader = WindowReaderProcess(moved, masks.COLOUR_TOLERANCE, plan, 4, False, 0, plan.count)
+    reader = WindowReaderProcess(moved, masks.COLOUR_TOLERANCE, plan, 0, 4, False, 0, plan.count)
     try:
         with pytest.raises(MaskError, match="gone.tif"):
             reader.next_windows()
@@ -109,7 +112,7 @@ def test_a_mask_the_child_cannot_open_is_reported_at_the_first_batch(tmp_path, l
 
 def test_a_killed_reader_is_an_error_not_a_hang(label_tif):
     plan = geometry.plan(1300, 900)
-    reader = WindowReaderProcess(label_tif, masks.COLOUR_TOLERANCE, plan, 4, False, 0, plan.count)
+    reader = WindowReaderProcess(label_tif, masks.COLOUR_TOLERANCE, plan, 0, 4, False, 0, plan.count)
     try:
         reader.next_windows()
         os.kill(reader._child.process.pid, signal.SIGKILL)
@@ -123,7 +126,7 @@ def test_a_killed_reader_is_an_error_not_a_hang(label_tif):
 def test_stop_frees_a_read_stage_waiting_for_a_stuck_child(label_tif, monkeypatch):
     monkeypatch.setattr(reader_process, "_EXIT_TIMEOUT_S", 0.5)
     plan = geometry.plan(1300, 900)
-    reader = WindowReaderProcess(label_tif, masks.COLOUR_TOLERANCE, plan, 4, False, 0, plan.count)
+    reader = WindowReaderProcess(label_tif, masks.COLOUR_TOLERANCE, plan, 0, 4, False, 0, plan.count)
     reader.next_windows()
     os.kill(reader._child.process.pid, signal.SIGSTOP)  # stuck: it will not answer, nor exit when asked
     outcome = []
@@ -196,7 +199,7 @@ def test_a_reader_whose_render_is_killed_exits_quietly(label_tif):
         from safron import geometry, masks
         from safron.reader_process import WindowReaderProcess
         plan = geometry.plan(1300, 900)
-        reader = WindowReaderProcess({str(label_tif)!r}, masks.COLOUR_TOLERANCE, plan, 1, False, 0, plan.count)
+        reader = WindowReaderProcess({str(label_tif)!r}, masks.COLOUR_TOLERANCE, plan, 0, 1, False, 0, plan.count)
         print(reader._child.process.pid, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """)

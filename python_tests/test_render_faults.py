@@ -226,7 +226,9 @@ def test_a_model_returning_non_finite_values_is_a_one_line_error_and_leaves_noth
     proc = safron_render(mask_tif, tmp_path / "out.tif", "--model", models[kind], "--quiet")
     assert proc.returncode == EXIT_USAGE, proc.stderr
     line = one_line(proc.stderr)
-    assert "NaN or infinite" in line and "backend onnxruntime" in line and "y=0, x=0" in line
+    # The first patch: it starts `outset` pixels beyond the image's top-left corner, in image coordinates.
+    first = -engine.DEFAULT_OUTSET
+    assert "NaN or infinite" in line and "backend onnxruntime" in line and f"y={first}, x={first}" in line
     assert names(tmp_path) == ["mask.tif"]  # the model will do it again: nothing to resume
     with pytest.raises(ModelError, match="NaN or infinite"):
         engine.render_array(random_labels(300, 300), model=models[kind])
@@ -247,9 +249,10 @@ def test_a_non_finite_patch_is_found_where_it_is(models, monkeypatch):
 
     monkeypatch.setattr(OnnxRuntimeBackend, "run", poison_third_patch_of_second_batch)
     labels = random_labels(700, 700, seed=3)
-    plan = engine.geometry.plan(700, 700)
-    ys, xs = plan.origins()
-    with pytest.raises(ModelError, match=f"patch at y={ys[3 + 2]}, x={xs[3 + 2]}"):
+    outset = engine.DEFAULT_OUTSET
+    plan = engine.geometry.plan(700 + 2 * outset, 700 + 2 * outset)
+    ys, xs = plan.origins()  # grid coordinates: the error names image coordinates
+    with pytest.raises(ModelError, match=f"patch at y={ys[3 + 2] - outset}, x={xs[3 + 2] - outset}"):
         engine.render_array(labels, model=models["crop"], batch_size=3)
 
 

@@ -1,10 +1,11 @@
 """One mask rendered in row bands: on a Dask client's workers, or as one band in this process.
 
-The patch grid is global (`geometry.plan` of the whole mask), so a band is just a range of output rows: its task
-renders every patch that touches the range, those straddling its edges included, and keeps its own rows
-(`engine.render_band`, through `_Renderer.run(rows_end=)`), which are therefore the rows of a single-process render,
-value for value. Bands start on chunk boundaries of the Zarr store they write and span whole chunk rows, so each
-chunk has one writer and a band rerun by Dask (its worker died, its task failed) rewrites the same whole chunks.
+The patch grid is global (`geometry.plan` of the whole mask grown by the render's outset), so a band is just a range
+of output rows: its task renders every patch that touches the range, those straddling its edges included, and keeps
+its own rows (`engine.render_band`, through `_Renderer.run(rows_end=)`), which are therefore the rows of a
+single-process render, value for value. Bands start on chunk boundaries of the Zarr store they write and span whole
+chunk rows, so each chunk has one writer and a band rerun by Dask (its worker died, its task failed) rewrites the same
+whole chunks.
 
 An OME-Zarr output is built under `OUT.partial` (`zarr_output`): the bands write level 0, then one task per chunk row
 of each reduced level halves the level above, level by level, and the store is renamed onto OUT. A TIFF output goes

@@ -43,6 +43,7 @@ from .slide_io import check_free_space, check_output_path
 # generator: FID 235.2 / KID 0.144 cosine against 238.5 / 0.148 uniform, and the lines gone; MODEL_CARD.md).
 DEFAULT_BLEND = "cosine"
 DEFAULT_OVERLAP = geometry.OVERLAP
+DEFAULT_OUTSET = geometry.OUTSET
 # A pyramidal BigTIFF is written whatever OUT is called; a name that promises another format would mislead every
 # program that trusts it. (.btf and .tf8 are the usual BigTIFF names.)
 OUTPUT_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
@@ -147,7 +148,7 @@ def _check_threads(threads):
                           f", at most {MAX_THREADS_PER_CORE} per CPU core ({os.cpu_count() or 1} cores here)")
 
 
-def _check_render_options(batch_size, blend, overlap, threads, seed=DEFAULT_SEED) -> None:
+def _check_render_options(batch_size, blend, overlap, threads, seed=DEFAULT_SEED, outset=DEFAULT_OUTSET) -> None:
     """What render and render_array take alike, checked before a model is loaded or a file created. What depends
     on the model (a fixed batch, overlap below its patch size) is checked once it is loaded."""
     if blend not in BLENDS:
@@ -155,6 +156,7 @@ def _check_render_options(batch_size, blend, overlap, threads, seed=DEFAULT_SEED
     if batch_size is not None:
         _check_integer(batch_size, "batch size", 1)
     _check_integer(overlap, "overlap", 0)
+    _check_integer(outset, "outset", 0)
     _check_threads(threads)
     _check_integer(seed, "seed", 0, MAX_SEED)
 
@@ -197,11 +199,19 @@ class _Batch:
 class _Renderer:
     """One render of one mask with one backend; the sink decides where finalised rows go."""
 
-    def __init__(self, mask, backend, batch_size, blend, overlap, threads, mask_file=None, seed=DEFAULT_SEED):
+    def __init__(self, mask, backend, batch_size, blend, overlap, threads, mask_file=None, seed=DEFAULT_SEED,
+                 outset=DEFAULT_OUTSET):
         """`mask_file`: (path, colour tolerance) of `mask` to read its windows in a child process instead of a thread
-        (`reader_process`); None to read them here. `seed`: of the noise a model with noise channels reads."""
-        _check_render_options(batch_size, blend, overlap, threads, seed)
-        self.seed = seed
+        (`reader_process`); None to read them here. `seed`: of the noise a model with noise channels reads.
+        `outset`: how far the patch grid reaches beyond each border of the image (`geometry.OUTSET`).
+
+        Coordinates: `plan` is the grid over the image grown by `outset` on every side, so its row y is image row
+        y - outset. Mask windows and noise are read at image coordinates, sinks receive image rows and columns
+        only, and everything between (patch origins, the accumulator) is in grid coordinates."""
+        _check_render_options(batch_size, blend, overlap, threads, seed, outset)
+        self.seed, self.outset = seed, outset
+        self._scratch_buffer = None
+        self.height, self.width = mask.height, mask.width
         sig = backend.signature
         if sig.fixed_batch is not None:
             if batch_size not in (None, sig.fixed_batch):
@@ -211,7 +221,10 @@ class _Renderer:
         self.batch_size = batch_size or backend.default_batch_size
         if not 0 <= overlap < sig.patch:
             raise SafronInputError(f"overlap must be in [0, {sig.patch}) for this model (got {overlap})")
-        self.plan = geometry.plan(mask.height, mask.width, patch=sig.patch, margin=sig.margin, overlap=overlap)
+        if outset > sig.patch:
+            raise SafronInputError(f"outset must be in [0, {sig.patch}] for this model (got {outset})")
+        self.plan = geometry.plan(mask.height + 2 * outset, mask.width + 2 * outset, patch=sig.patch,
+                                  margin=sig.margin, overlap=overlap)
         self.accumulator = backend.band_accumulator(self.plan, blend)
         if not isinstance(self.accumulator, BandAccumulator):
             raise TypeError(f"{type(backend).__name__}.band_accumulator returned a {type(self.accumulator).__name__}, "
@@ -232,7 +245,7 @@ class _Renderer:
             if reader is None:
                 n = self.backend.signature.fixed_batch or len(batch.indices)
                 window = self.plan.window
-                labels = windows.label_windows(self.mask, self.plan, batch.ys, batch.xs,
+                labels = windows.label_windows(self.mask, self.plan, batch.ys - self.outset, batch.xs - self.outset,
                                                np.empty((n, window, window), np.uint8))
             else:
                 labels = reader.next_windows()
@@ -242,7 +255,8 @@ class _Renderer:
             # backend draws it, on the host or on its GPU.
             noise = None
             if channels:  # as many windows as labels: a fixed batch pads past the patches
-                noise = NoiseBatch.of(self.plan, batch.ys, batch.xs, channels, self.seed, count=len(labels))
+                noise = NoiseBatch.of(self.plan, batch.ys - self.outset, batch.xs - self.outset, channels, self.seed,
+                                      count=len(labels))
             # (A backend for noise-free models may take the labels only, as before noise existed.)
             batch.inputs = self.backend.prepare(labels) if noise is None else self.backend.prepare(labels, noise)
         return batch
@@ -281,15 +295,21 @@ class _Renderer:
         # is an input error (exit 2) that names the model's backend and where, not a traceback.
         return ModelError(
             f"the model's output holds NaN or infinite values (backend {self.backend.name}, patch at "
-            f"y={int(batch.ys[k])}, x={int(batch.xs[k])}); a generator must return finite values in [-1, 1]"
+            f"y={int(batch.ys[k]) - self.outset}, x={int(batch.xs[k]) - self.outset}); a generator must return "
+            "finite values in [-1, 1]"
         )
 
     # -- stage 3: accumulate and finalise --------------------------------------------------------------------
+    def _grid_rows(self, rows_done: int, rows_end: int | None) -> tuple[int, int]:
+        """Image rows [rows_done, rows_end) (rows_end None: to the last) as grid rows. The grid's rows beyond the image
+        lie outside the range, so they are rendered only as far as patches straddling the image need, and dropped."""
+        return rows_done + self.outset, (self.height if rows_end is None else rows_end) + self.outset
+
     def _span(self, rows_done: int, rows_end: int | None):
-        """What rendering rows [rows_done, rows_end) takes: (stop row, first and last patch row, first patch, patch
-        end, first batch)."""
+        """What rendering image rows [rows_done, rows_end) takes: (stop row, first and last patch row, first patch,
+        patch end, first batch), rows in grid coordinates."""
         plan = self.plan
-        stop = plan.height if rows_end is None else rows_end
+        rows_done, stop = self._grid_rows(rows_done, rows_end)
         first_row = plan.first_row_touching(rows_done) if rows_done < stop else plan.rows
         # The last patch row touching row stop - 1: the patch rows after it start at stop or below.
         last_row = int(np.searchsorted(plan.ys, stop, side="left")) - 1
@@ -308,7 +328,7 @@ class _Renderer:
 
         path, tolerance = self.mask_file
         try:
-            return WindowReaderProcess(path, tolerance, self.plan, self.batch_size,
+            return WindowReaderProcess(path, tolerance, self.plan, self.outset, self.batch_size,
                                        self.backend.signature.fixed_batch is not None, first_batch, patches_end)
         except OSError:  # no room for its shared buffer, or no process to be had: read in a thread, as small images
             return None
@@ -323,6 +343,7 @@ class _Renderer:
 
         plan = self.plan
         stop, first_row, last_row, first_patch, patches_end, first_batch = self._span(rows_done, rows_end)
+        rows_done = rows_done + self.outset  # from here on, rows are the grid's
         # Rows are finalised (or, below rows_done, discarded) contiguously from the first row the replayed
         # patches touch, so no band slot is left holding partial sums. Within a patch row, column blocks are
         # finalised as soon as the patches to their right no longer touch them.
@@ -366,7 +387,7 @@ class _Renderer:
                     if last_col == plan.cols - 1:  # the patch row is complete: its rows are final everywhere
                         if rows_end > rows_done:
                             with self.clock("journal"):
-                                sink.rows_final(min(rows_end, stop))
+                                sink.rows_final(min(rows_end, stop) - self.outset)
                         final_done, cols_done = rows_end, 0
                 self._raise_if_device_patches_nonfinite(batch)
                 bar.update(int(keep.sum()))
@@ -392,16 +413,50 @@ class _Renderer:
         return int(plan.xs[last_col + 1]) // block * block
 
     def _finalise(self, sink, y0: int, y1: int, x0: int, x1: int, rows_done: int, stop: int) -> None:
-        # On resume, rows below rows_done are on disk already; in a band, rows from `stop` on are the next band's.
-        # Their partial sums are dropped.
+        """Finalise grid rows [y0, y1) x columns [x0, x1) (whole accumulator blocks) and hand the image's part of them
+        to `sink`. On resume, rows below rows_done are on disk already; in a band, rows from `stop` on are the next
+        band's; the grid's rows above the image are below rows_done and those under it from `stop` on. The partial
+        sums of all these are dropped."""
+        accumulator = self.accumulator
         if y0 < rows_done:
-            self.accumulator.discard(y0, min(y1, rows_done), x0, x1)
+            accumulator.discard(y0, min(y1, rows_done), x0, x1)
             y0 = min(y1, rows_done)
         if y0 < min(y1, stop):
             with self.clock("finalise"):
-                sink.finalise(self.accumulator, y0, min(y1, stop), x0, x1)
+                self._finalise_kept(sink, y0, min(y1, stop), x0, x1)
         if y1 > stop:
-            self.accumulator.discard(max(y0, stop), y1, x0, x1)
+            accumulator.discard(max(y0, stop), y1, x0, x1)
+
+    def _finalise_kept(self, sink, y0: int, y1: int, x0: int, x1: int) -> None:
+        """Finalise grid rows [y0, y1) x columns [x0, x1), all of them image rows, into `sink`, dropping the columns
+        beyond the image. The accumulator finalises whole blocks only: a block straddling the image's left or right
+        border goes through a scratch buffer, every other straight into the sink (a canvas's memory map)."""
+        accumulator, outset = self.accumulator, self.outset
+        left, right = max(x0, outset), min(x1, outset + self.width)
+        if isinstance(accumulator, StagingBandAccumulator):
+            # A GPU accumulator's pixels arrive in a host buffer of its own: written from there, not copied into
+            # a memory map (page faults made that most of the main thread's time on the GPU).
+            pixels, uncovered = accumulator.finalise_staged(y0, y1, x0, x1)
+            _check_covered(uncovered, y0, y1)
+            if left < right:
+                sink.write(y0 - outset, left - outset, pixels[:, left - x0:right - x0])
+        elif (left, right) == (x0, x1):
+            with sink.block(y0 - outset, y1 - outset, x0 - outset, x1 - outset) as out:
+                _check_covered(accumulator.finalise(y0, y1, out, x0, x1), y0, y1)
+        else:
+            pixels = self._scratch(y1 - y0, x1 - x0)
+            _check_covered(accumulator.finalise(y0, y1, pixels, x0, x1), y0, y1)
+            if left < right:
+                sink.write(y0 - outset, left - outset, pixels[:, left - x0:right - x0])
+
+    def _scratch(self, rows: int, cols: int) -> np.ndarray:
+        """A (rows, cols, 3) uint8 buffer for finalised pixels, reused from call to call (a sink copies them out
+        before the next): fresh memory each time would cost a page fault per 4 KiB. It holds no more than the
+        blocks straddling the image's side borders."""
+        size = rows * cols * 3
+        if self._scratch_buffer is None or self._scratch_buffer.size < size:
+            self._scratch_buffer = np.empty(size, np.uint8)
+        return self._scratch_buffer[:size].reshape(rows, cols, 3)
 
     def _timed_waits(self, outputs):
         """Yield inference results, timing how long the main thread waits for each."""
@@ -414,11 +469,18 @@ class _Renderer:
 
 
 class _ArraySink:
+    """Where a render's pixels go, in image coordinates: `block(y0, y1, x0, x1)` is a context giving a writable view
+    of a block to finalise into, `write(y, x, pixels)` copies final pixels from elsewhere to row y, column x, and
+    `rows_final(y1)` says that rows [.., y1) are complete."""
+
     def __init__(self, height, width):
         self.image = np.empty((height, width, 3), dtype=np.uint8)
 
-    def finalise(self, accumulator, y0, y1, x0, x1):
-        _finalise_into(accumulator, y0, y1, x0, x1, self.image[y0:y1, x0:x1])
+    def block(self, y0, y1, x0, x1):
+        return contextlib.nullcontext(self.image[y0:y1, x0:x1])
+
+    def write(self, y, x, pixels):
+        self.image[y:y + len(pixels), x:x + pixels.shape[1]] = pixels
 
     def rows_final(self, y1):
         pass
@@ -433,8 +495,11 @@ class _ChunkRowSink:
         self.store, self.start, self.end, self.chunk = store, y0, y1, chunk
         self.buffer = np.empty((chunk + patch, width, 3), dtype=np.uint8)
 
-    def finalise(self, accumulator, y0, y1, x0, x1):
-        _finalise_into(accumulator, y0, y1, x0, x1, self.buffer[y0 - self.start:y1 - self.start, x0:x1])
+    def block(self, y0, y1, x0, x1):
+        return contextlib.nullcontext(self.buffer[y0 - self.start:y1 - self.start, x0:x1])
+
+    def write(self, y, x, pixels):
+        self.buffer[y - self.start:y - self.start + len(pixels), x:x + pixels.shape[1]] = pixels
 
     def rows_final(self, y1):
         from . import zarr_output
@@ -454,24 +519,15 @@ class _FileSink:
     def __init__(self, canvas: RawImageFile, journal: JournalThread, writer):
         self.canvas, self.journal, self.writer = canvas, journal, writer
 
-    def finalise(self, accumulator, y0, y1, x0, x1):
-        if isinstance(accumulator, StagingBandAccumulator):
-            # A GPU accumulator's pixels arrive in a host buffer of its own: written from there, not copied into
-            # a memory map (page faults made that most of the main thread's time on the GPU).
-            pixels, uncovered = accumulator.finalise_staged(y0, y1, x0, x1)
-            _check_covered(uncovered, y0, y1)
-            self.canvas.write_block(y0, x0, pixels)
-            return
-        with self.canvas.block(y0, y1, x0, x1) as block:
-            _finalise_into(accumulator, y0, y1, x0, x1, block)
+    def block(self, y0, y1, x0, x1):
+        return self.canvas.block(y0, y1, x0, x1)
+
+    def write(self, y, x, pixels):
+        self.canvas.write_block(y, x, pixels)
 
     def rows_final(self, y1):
         self.journal.submit(y1)
         self.writer.rows_ready(y1)
-
-
-def _finalise_into(accumulator, y0, y1, x0, x1, out):
-    _check_covered(accumulator.finalise(y0, y1, out, x0, x1), y0, y1)
 
 
 def _check_covered(uncovered: int, y0: int, y1: int) -> None:
@@ -530,19 +586,21 @@ def render_array(
     progress: bool = False,
     colour_tolerance: float = masks.COLOUR_TOLERANCE,
     seed: int = DEFAULT_SEED,
+    outset: int = DEFAULT_OUTSET,
 ) -> np.ndarray:
     """Render an in-memory mask (labels HxW or colour HxWx3, uint8) to an HxWx3 uint8 RGB image.
 
     `backend` is a name (then `model` and `threads` open it, and it is closed afterwards) or an open `Backend`
     (e.g. from `safron.backends.create_backend`), which is used as it is and left open, so that many small masks
     can share one loaded model. `colour_tolerance`: see `safron.masks.COLOUR_TOLERANCE`. `seed`: of the noise a
-    model with noise channels reads (`safron.noise`); other models ignore it.
+    model with noise channels reads (`safron.noise`); other models ignore it. `outset`: how far the patch grid
+    reaches beyond the image's borders (`safron.geometry.OUTSET`; 0 renders as versions before it did).
     """
-    _check_render_options(batch_size, blend, overlap, threads, seed)
+    _check_render_options(batch_size, blend, overlap, threads, seed, outset)
     source = masks.from_array(np.asarray(mask), colour_tolerance=_check_colour_tolerance(colour_tolerance))
     engine = backend if isinstance(backend, Backend) else create_backend(backend, _resolve_model(model), threads=threads)
     try:
-        renderer = _Renderer(source, engine, batch_size, blend, overlap, threads, seed=seed)
+        renderer = _Renderer(source, engine, batch_size, blend, overlap, threads, seed=seed, outset=outset)
         sink = _ArraySink(source.height, source.width)
         renderer.run(sink, progress=progress)
         return sink.image
@@ -552,7 +610,8 @@ def render_array(
 
 
 def render_band(mask_path: str, store: str, y0: int, y1: int, *, model: str, backend: str, batch_size, blend: str,
-                overlap: int, threads, colour_tolerance: float, progress: bool = False, seed: int = DEFAULT_SEED):
+                overlap: int, threads, colour_tolerance: float, progress: bool = False, seed: int = DEFAULT_SEED,
+                outset: int = DEFAULT_OUTSET):
     """One band's task, on a Dask worker or in this process: rows [y0, y1) of the render of the mask at `mask_path`,
     written to level 0 of the Zarr `store` in whole chunk rows. A `bands.BandOutcome`; an input error (a bad colour,
     a model that breaks the contract) or a full disk is returned rather than raised, as one line, so that Dask does
@@ -564,7 +623,7 @@ def render_band(mask_path: str, store: str, y0: int, y1: int, *, model: str, bac
         with masks.open_mask(Path(mask_path), colour_tolerance=colour_tolerance) as source:
             engine = create_backend(backend, Path(model), threads=threads)
             try:
-                renderer = _Renderer(source, engine, batch_size, blend, overlap, threads, seed=seed)
+                renderer = _Renderer(source, engine, batch_size, blend, overlap, threads, seed=seed, outset=outset)
                 sink = _ChunkRowSink(Path(store), y0, y1, source.width, chunk_rows(Path(store)), renderer.plan.patch)
                 patches = renderer.run(sink, rows_done=y0, rows_end=y1, progress=progress, desc=Path(mask_path).name)
             finally:
@@ -642,6 +701,7 @@ def render(
     band_rows: int | None = None,
     chunk: int | None = None,
     seed: int = DEFAULT_SEED,
+    outset: int = DEFAULT_OUTSET,
 ) -> RenderResult:
     """Render the mask at `mask_path` to a pyramidal tiled BigTIFF at `out_path`, or to an OME-Zarr when `out_path`
     ends in .zarr (`safron.zarr_output`; zstd chunks whatever `compression` says).
@@ -659,9 +719,12 @@ def render(
 
     `seed`: of the noise a model with noise channels reads (`safron.noise`): the same mask, model and seed give the
     same image, another seed another texture. Models without noise ignore it.
+
+    `outset`: how far the patch grid reaches beyond each border of the image, rendered from the mirrored mask and
+    cropped, so that border pixels are blended like any seam (`safron.geometry.OUTSET`; 0 renders as before it).
     """
     mask_path, out_path = Path(mask_path), Path(out_path)
-    _check_render_options(batch_size, blend, overlap, threads, seed)
+    _check_render_options(batch_size, blend, overlap, threads, seed, outset)
     _check_output_options(compression, quality, mpp)
     # Not pinned in the journal: a colour that snaps at all snaps to the same class whatever the tolerance (which
     # only decides whether a colour is refused), so a resume under another tolerance writes the same bytes.
@@ -671,7 +734,8 @@ def render(
     model_path = _resolve_model(model)
     if bands_layout is not None:
         band_options = dict(model=str(model_path.resolve()), backend=backend, batch_size=batch_size, blend=blend,
-                            overlap=overlap, threads=threads, colour_tolerance=colour_tolerance, seed=seed)
+                            overlap=overlap, threads=threads, colour_tolerance=colour_tolerance, seed=seed,
+                            outset=outset)
         tiff_options = dict(compression=compression, quality=int(quality), workers=threads)
         return _render_in_bands(mask_path, out_path, client, *bands_layout, mpp, resume, progress, band_options,
                                 tiff_options)
@@ -693,7 +757,8 @@ def render(
                 height, width = source.height, source.width
                 in_child = _in_child_processes(height, width) and not source.in_memory
                 renderer = _Renderer(source, engine, batch_size, blend, overlap, threads,
-                                     mask_file=(mask_path, colour_tolerance) if in_child else None, seed=seed)
+                                     mask_file=(mask_path, colour_tolerance) if in_child else None, seed=seed,
+                                     outset=outset)
                 mpp = mpp if mpp is not None else source.mpp
                 header = {
                     "format": 1,
@@ -704,6 +769,7 @@ def render(
                     "blend": blend,
                     "batch_size": renderer.batch_size,
                     **_seed_entry(seed),
+                    **_outset_entry(outset),
                 }
                 # Plain numbers (not numpy's, which the checks accept): the journal records these as JSON.
                 output_options = dict(compression=compression, quality=int(quality),
@@ -726,6 +792,12 @@ def _seed_entry(seed: int) -> dict:
     renders from before the seed existed (all of them the default's) still match, and a resume under another seed,
     which would mix two textures, is refused."""
     return {} if seed == DEFAULT_SEED else {"noise_seed": int(seed)}
+
+
+def _outset_entry(outset: int) -> dict:
+    """The outset's entry in a journal's or band store's header: always there, so that a resume of a render from before
+    the outset existed (whose header lacks it, and whose pixels near the borders differ) is refused."""
+    return {"outset": int(outset)}
 
 
 def _mask_identity(mask_path: Path) -> dict:
@@ -778,7 +850,7 @@ def _render_in_bands(mask_path: Path, out_path: Path, client, chunk: int, band_r
         header = {"format": 1, **_mask_identity(mask_path), "size": [height, width],
                   "model_sha256": _model_sha256(Path(band_options["model"])),
                   **{key: band_options[key] for key in ("backend", "batch_size", "blend", "overlap")},
-                  **_seed_entry(band_options["seed"])}
+                  **_seed_entry(band_options["seed"]), **_outset_entry(band_options["outset"])}
         # Level 0 uncompressed and, for a TIFF, the writer's scratch files too: a bound, since chunks are compressed.
         check_free_space(out_path, height * width * 3 * (1 if is_zarr_path(out_path) else 2),
                          "the Zarr store and the writer's temporary files")
@@ -819,7 +891,7 @@ def _render_to_files(renderer: _Renderer, out_path: Path, header: dict, resume: 
     from .pyramid_tiff import PyramidTiffWriter
 
     canvas_path, journal_path = side_paths(out_path)
-    height, width = renderer.plan.height, renderer.plan.width
+    height, width = renderer.height, renderer.width
     encoder = PyramidTiffProcess if _in_child_processes(height, width) else PyramidTiffWriter
     journal = canvas = writer = recorder = reader = None
     try:

@@ -93,6 +93,7 @@ class Report:
     model_sha256: str
     blend: str
     overlap: int
+    outset: int
     whole: SetScores
     crops: SetScores
     profile_model: list[float]
@@ -286,18 +287,20 @@ def _patch_edges(origins: np.ndarray, patch: int, size: int) -> np.ndarray:
     return np.array(sorted(edges), np.int64)
 
 
-def seam_score(image: np.ndarray, plan) -> float:
+def seam_score(image: np.ndarray, plan, outset: int = 0) -> float:
     """Mean |step| across the lines where the plan's patches begin or end, over the mean across all other lines,
-    both directions and the three channels pooled. 1: seams are as smooth as the texture around them."""
+    both directions and the three channels pooled. 1: seams are as smooth as the texture around them. `plan`: the
+    render's grid, over the image grown by `outset` on every side (`engine.render_array(outset=)`)."""
     pixels = np.asarray(image, np.float32)
-    if pixels.shape[:2] != (plan.height, plan.width):
-        raise ValueError(f"image {pixels.shape[:2]} does not match the plan's {plan.height} x {plan.width}")
+    height, width = plan.height - 2 * outset, plan.width - 2 * outset
+    if pixels.shape[:2] != (height, width):
+        raise ValueError(f"image {pixels.shape[:2]} does not match the plan's {height} x {width} (outset {outset})")
     # Per channel, not on grey levels: the three mask colours, say, all have the same grey level.
     steps_y = np.abs(np.diff(pixels, axis=0)).mean(axis=(1, 2))  # step b: between rows b and b + 1
     steps_x = np.abs(np.diff(pixels, axis=1)).mean(axis=(0, 2))
     seam_sum = seam_count = other_sum = other_count = 0.0
-    for steps, origins, size in ((steps_y, np.asarray(plan.ys), plan.height), (steps_x, np.asarray(plan.xs),
-                                                                                 plan.width)):
+    for steps, origins, size in ((steps_y, np.asarray(plan.ys) - outset, height),
+                                 (steps_x, np.asarray(plan.xs) - outset, width)):
         on_edge = np.zeros(len(steps), bool)
         on_edge[_patch_edges(origins, plan.patch, size)] = True
         seam_sum, seam_count = seam_sum + steps[on_edge].sum(), seam_count + on_edge.sum()
@@ -377,6 +380,7 @@ def evaluate(
     *,
     blend: str | None = None,
     overlap: int | None = None,
+    outset: int | None = None,
     threads: int | None = None,
     resamples: int = DEFAULT_RESAMPLES,
     seam_side: int = SEAM_SIDE,
@@ -399,6 +403,7 @@ def evaluate(
                                f"got {seam_side}")
     blend = blend or engine.DEFAULT_BLEND
     overlap = engine.DEFAULT_OVERLAP if overlap is None else overlap
+    outset = engine.DEFAULT_OUTSET if outset is None else outset
     model_path = Path(model) if model is not None else engine.default_model_path()
     out_dir = Path(out_dir)
     cases = load_testa(glas)
@@ -414,15 +419,17 @@ def evaluate(
     started = time.perf_counter()
     backend = create_backend("auto", model_path, threads=threads)
     try:
-        rendered = [engine.render_array(c.labels, backend=backend, blend=blend, overlap=overlap)
+        rendered = [engine.render_array(c.labels, backend=backend, blend=blend, overlap=overlap, outset=outset)
                     for c in tqdm(cases, desc="render testA", unit="image", disable=not progress, leave=False)]
         seconds["render testA"] = time.perf_counter() - started
         seam = None
         if seam_side:
             started = time.perf_counter()
             labels = masks.synthesize(seam_side, seam_side, seed=SEAM_MASK_SEED)
-            seam_image = engine.render_array(labels, backend=backend, blend=blend, overlap=overlap, progress=progress)
-            seam = seam_score(seam_image, geometry.plan(seam_side, seam_side, overlap=overlap))
+            seam_image = engine.render_array(labels, backend=backend, blend=blend, overlap=overlap, outset=outset,
+                                             progress=progress)
+            grid = geometry.plan(seam_side + 2 * outset, seam_side + 2 * outset, overlap=overlap)
+            seam = seam_score(seam_image, grid, outset)
             _save(out_dir / "seam_detail.png", _centre(seam_image, 1024))
             seconds["seam render"] = time.perf_counter() - started
     finally:
@@ -458,7 +465,7 @@ def evaluate(
 
     report = Report(
         model=str(model_path), model_sha256=file_sha256(model_path) if model_path.is_file() else "", blend=blend,
-        overlap=overlap, whole=scores["whole"], crops=scores["crops"],
+        overlap=overlap, outset=outset, whole=scores["whole"], crops=scores["crops"],
         profile_model=border_profile(rendered).tolist(), profile_real=border_profile(real_images).tolist(),
         seam=seam, seam_side=seam_side, dice_synthetic=dice_synthetic, dice_real=dice_real, segmenter=segmenter,
         reference_whole=scores.get("reference_whole"), reference_crops=scores.get("reference_crops"),
@@ -579,8 +586,8 @@ def write_report(report: Report, out_dir: str | os.PathLike) -> Path:
         "",
         f"- model: `{report.model}` (sha256 `{report.model_sha256[:16]}...`)" if report.model_sha256 else
         f"- model: `{report.model}`",
-        f"- rendering: blend {report.blend}, overlap {report.overlap}; masks from the testA gland masks, background "
-        "vs stroma from the real images",
+        f"- rendering: blend {report.blend}, overlap {report.overlap}, outset {report.outset}; masks from the testA "
+        "gland masks, background vs stroma from the real images",
         "- features: Inception-v3 pool (2048-d), used for scoring only, never in training",
         f"- pretrained networks in the model's training losses (its metadata): {report.loss_networks or 'none'}",
         f"- intervals: 95 % bootstrap over the {report.whole.images} test images ({report.whole.resamples} "

@@ -60,11 +60,12 @@ def _shared_file(size: int):
 class WindowReaderProcess:
     """The label windows of a render's batches (`windows.batch_indices(plan, batch_size, first_batch,
     patches_end)`), each as `windows.label_windows` gives them, read by a child process from the mask file at
-    `mask_path`. With `fixed_batch` (a model exported for batches of exactly `batch_size`), every batch has
-    `batch_size` rows, background past its patches."""
+    `mask_path`. `plan` covers the mask grown by `outset` on every side (the engine's grid coordinates), so a patch
+    at grid origin (y, x) reads the window around mask pixel (y - outset, x - outset). With `fixed_batch` (a model
+    exported for batches of exactly `batch_size`), every batch has `batch_size` rows, background past its patches."""
 
-    def __init__(self, mask_path, colour_tolerance: float, plan, batch_size: int, fixed_batch: bool, first_batch: int,
-                 patches_end: int):
+    def __init__(self, mask_path, colour_tolerance: float, plan, outset: int, batch_size: int, fixed_batch: bool,
+                 first_batch: int, patches_end: int):
         window = plan.window
         self._fixed = fixed_batch
         self._shape = (SLOTS, batch_size, window, window)
@@ -75,8 +76,8 @@ class WindowReaderProcess:
         self._counts = deque(len(indices) for indices in windows.batch_indices(plan, batch_size, first_batch,
                                                                                patches_end))
         try:
-            self._child = self._start_child(mask_path, colour_tolerance, plan, batch_size, fixed_batch, first_batch,
-                                            patches_end)
+            self._child = self._start_child(mask_path, colour_tolerance, plan, outset, batch_size, fixed_batch,
+                                            first_batch, patches_end)
         except BaseException:
             del self._slots
             self._map.close()
@@ -84,11 +85,13 @@ class WindowReaderProcess:
             raise
         self._closed = self._ready = False
 
-    def _start_child(self, mask_path, colour_tolerance, plan, batch_size, fixed_batch, first_batch, patches_end):
+    def _start_child(self, mask_path, colour_tolerance, plan, outset, batch_size, fixed_batch, first_batch,
+                     patches_end):
         return child_process.Child(
             __name__, "_serve",
             dict(mask=os.fspath(mask_path), colour_tolerance=colour_tolerance, size=[plan.height, plan.width],
-                 geometry=[plan.patch, plan.margin, plan.overlap], batch_size=batch_size, fixed=fixed_batch,
+                 geometry=[plan.patch, plan.margin, plan.overlap], outset=outset, batch_size=batch_size,
+                 fixed=fixed_batch,
                  first_batch=first_batch, patches_end=patches_end, fd=self._file.fileno(), slots=SLOTS),
             pass_fds=(self._file.fileno(),),
         )
@@ -141,7 +144,8 @@ def _serve() -> None:
     try:
         mask = masks.open_mask(arguments["mask"], colour_tolerance=arguments["colour_tolerance"])
         patch, margin, overlap = arguments["geometry"]
-        plan = geometry.plan(mask.height, mask.width, patch, margin, overlap)
+        outset = arguments["outset"]
+        plan = geometry.plan(mask.height + 2 * outset, mask.width + 2 * outset, patch, margin, overlap)
         if [plan.height, plan.width] != arguments["size"]:
             mask.close()
             raise errors.MaskError(f"{arguments['mask']}: the mask changed while it was being rendered")
@@ -165,7 +169,7 @@ def _serve() -> None:
             slot = free.popleft()
             target = shared[slot] if arguments["fixed"] else shared[slot, :len(indices)]
             try:
-                windows.label_windows(mask, plan, ys[indices], xs[indices], target)
+                windows.label_windows(mask, plan, ys[indices] - outset, xs[indices] - outset, target)
             except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
                 reply(child_process.failure(exc))
                 return

@@ -52,6 +52,9 @@ def eval_parser() -> argparse.ArgumentParser:
                         "directory or training checkpoint works with PyTorch installed")
     report.add_argument("--blend", choices=BLENDS, help="default: the engine's")
     report.add_argument("--overlap", type=non_negative_int, metavar="PX", help="least patch overlap (default: the engine's)")
+    report.add_argument("--outset", type=non_negative_int, metavar="PX",
+                        help="how far the patch grid reaches beyond the image borders (default: the engine's, as "
+                             "safron-render)")
     report.add_argument("--bootstrap", type=positive_int, default=200, metavar="N",
                         help="bootstrap resamples of the test images for the intervals (default: %(default)s)")
     report.add_argument("--seam-size", type=non_negative_int, default=4096, metavar="PX",
@@ -110,9 +113,9 @@ def _write_report(args) -> None:
     if not (Path(args.glas) / "testA" / "images").is_dir():
         raise SafronInputError(f"{args.glas}: no testA/images folder (the GlaS layout: testA/images, testA/masks)")
     _feature_extractor()
-    report = evaluate(args.glas, args.report, args.model, blend=args.blend, overlap=args.overlap, threads=args.threads,
-                      resamples=args.bootstrap, seam_side=args.seam_size, reference=args.reference,
-                      baseline=args.baseline, progress=not args.quiet)
+    report = evaluate(args.glas, args.report, args.model, blend=args.blend, overlap=args.overlap, outset=args.outset,
+                      threads=args.threads, resamples=args.bootstrap, seam_side=args.seam_size,
+                      reference=args.reference, baseline=args.baseline, progress=not args.quiet)
     print(f"FID {report.whole.fid.value:.1f} / KID {report.whole.kid.value:.4f} (whole images), "
           f"FID {report.crops.fid.value:.1f} / KID {report.crops.kid.value:.4f} ({report.crops.samples_per_set} crops)"
           + (f", seam {report.seam:.3f}" if report.seam is not None else "")

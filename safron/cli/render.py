@@ -15,7 +15,7 @@ from .common import (
 
 def render_parser() -> argparse.ArgumentParser:
     from ..backends import BACKEND_NAMES
-    from ..engine import BLENDS, DEFAULT_BLEND
+    from ..engine import BLENDS, DEFAULT_BLEND, DEFAULT_OUTSET
     from ..masks import COLOUR_TOLERANCE, SMEAR_RADIUS
     from ..noise import DEFAULT_SEED
     from ..bands import DEFAULT_BAND_ROWS
@@ -73,6 +73,11 @@ def render_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, metavar="N", help="patches per inference call (default: backend's choice)")
     p.add_argument("--blend", choices=BLENDS, default=DEFAULT_BLEND,
                    help="weights for overlapping patches: uniform = the paper's average; linear/cosine ramp across the overlap, which hides patch seams (default: %(default)s)")
+    p.add_argument("--outset", type=non_negative_int, default=DEFAULT_OUTSET, metavar="PX",
+                   help="how far the patch grid reaches beyond each border of the mask, rendered from the mirrored "
+                        "mask and cropped, so that border pixels are blended like any seam instead of being a "
+                        "patch's outermost rows (a light frame); 0 renders as safron did before, with fewer patches "
+                        "on some small sizes (default: %(default)s)")
     p.add_argument("--compression", choices=COMPRESSIONS, default="jpeg", help="tile compression (default: %(default)s)")
     p.add_argument("--quality", type=quality, default=90, metavar="Q", help="JPEG quality 1..100 (default: %(default)s)")
     p.add_argument("--mpp", type=positive_float, metavar="UM", help="microns per pixel to record (default: taken from the mask)")
@@ -98,7 +103,7 @@ def _render_options(args) -> dict:
     """The `engine.render` options both forms of the command pass on, for one mask or for each of many."""
     return dict(model=args.model, backend=args.backend, batch_size=args.batch_size, blend=args.blend,
                 compression=args.compression, quality=args.quality, mpp=args.mpp, threads=args.threads,
-                colour_tolerance=args.colour_tolerance, seed=args.seed)
+                colour_tolerance=args.colour_tolerance, seed=args.seed, outset=args.outset)
 
 
 @contextlib.contextmanager
