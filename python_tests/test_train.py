@@ -434,6 +434,20 @@ def test_texture_loss_is_logged_and_adds_to_the_generators_loss_with_its_weight(
                    torch.device("cpu")).texture_features is None
 
 
+def test_colour_loss_is_logged_after_the_texture_loss_and_adds_to_the_generators_loss(big_tile_dir):
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the texture loss needs efficientnet-lite-pytorch")
+    config = TrainConfig(data=str(big_tile_dir), tile=256, lambda_texture=2.0, lambda_colour=5.0, **TINY)
+    assert config.loss_names == (*LOSS_NAMES, "texture", "colour")
+    dataset = TileDataset(big_tile_dir, 256, seed=0)
+    losses = Trainer(config, dataset, torch.device("cpu")).train_step(dataset.tile_at(0))
+    assert losses["colour"] > 0
+    assert losses["loss_g"] == pytest.approx(config.lambda_l1 * losses["l1"] + config.lambda_adv * losses["adv"]
+                                             + config.lambda_texture * losses["texture"]
+                                             + config.lambda_colour * losses["colour"], rel=1e-5)
+    # A run without it logs no colour column.
+    assert "colour" not in dataclasses.replace(config, lambda_colour=0.0).loss_names
+
+
 def test_a_texture_trained_generator_says_which_network_its_loss_read_through_to_the_onnx(tmp_path, big_tile_dir):
     pytest.importorskip("efficientnet_lite_pytorch", reason="the texture loss needs efficientnet-lite-pytorch")
     import onnx
@@ -746,6 +760,7 @@ BAD_OPTIONS = [
     (["--grid-period", "24"], "grid_period must be one of 2, 4, 8, 16, 32, 64"),
     (["--grid-fold", "tile"], "--grid-fold: invalid choice"),
     (["--lambda-texture", "-1"], "--lambda-texture: expected a number >= 0"),
+    (["--lambda-colour", "-0.5"], "--lambda-colour/--lambda-color: expected a number >= 0"),
     (["--tiles-per-step", "0"], "--tiles-per-step: expected a positive integer"),
     (["--init", "nowhere"], "nowhere: not a run directory or a training checkpoint"),
     (["--diffaugment", "color,flip"], "--diffaugment: unknown augmentation 'flip'"),

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import SafronInputError
+from .losses import class_sliced_wasserstein, random_directions
 
 __all__ = ["TEXTURE_NETWORK", "TextureFeatures", "texture_features", "texture_loss"]
 
@@ -96,25 +97,7 @@ def texture_loss(features: TextureFeatures, fake: torch.Tensor, real: torch.Tens
     step seeds. Gradients flow to `fake` only."""
     with torch.no_grad():
         targets = features(real)
-    classes = classes.float()
-    layers = []
-    for mine, target in zip(features(fake), targets):
-        count, channels = mine.shape[:2]
-        directions = torch.randn(channels, channels, device=mine.device)
-        directions = directions / directions.norm(dim=0, keepdim=True)
-        share = nn.functional.interpolate(classes, size=mine.shape[-2:], mode="area")
-        # Sorting needs fp32: under bf16 autocast the projections would tie and round.
-        projected = torch.einsum("nchw,cd->ndhw", mine.float(), directions)
-        projected_target = torch.einsum("nchw,cd->ndhw", target.float(), directions)
-        total = mine.new_zeros((), dtype=torch.float32)
-        for n in range(count):
-            for k in range(classes.shape[1]):
-                chosen = share[n, k] > 0.5
-                pixels = int(chosen.sum())
-                if pixels == 0:
-                    continue
-                ours = projected[n][:, chosen].sort(dim=-1).values
-                theirs = projected_target[n][:, chosen].sort(dim=-1).values
-                total = total + (ours - theirs).abs().mean() * (pixels / chosen.numel())
-        layers.append(total / count)
+    layers = [class_sliced_wasserstein(mine, target, classes, random_directions(mine.shape[1], mine.shape[1],
+                                                                                mine.device))
+              for mine, target in zip(features(fake), targets)]
     return torch.stack(layers).mean()

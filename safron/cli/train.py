@@ -22,7 +22,7 @@ def _augmentation_policy(text):
 _RUN_OPTIONS = ("data", "tile", "stride", "ngf", "ndf", "lr", "beta1", "lambda_l1", "lambda_adv", "lambda_shift",
                 "ema_decay", "blend", "seed", "tiles_per_step", "lambda_fm", "gan_loss", "diffaugment", "lr_d",
                 "small_images", "upsample", "context", "shift_scale", "levels", "lambda_grid", "grid_period",
-                "grid_fold", "noise_channels", "lambda_texture")
+                "grid_fold", "noise_channels", "lambda_texture", "lambda_colour")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -124,6 +124,11 @@ def train_parser() -> argparse.ArgumentParser:
                         "tile's (sliced Wasserstein), which asks for real texture without asking for it in the same "
                         "place; not the Inception network safron-eval scores with. About 0.2 s more per 728 px "
                         f"step on one CPU core (default: {defaults.lambda_texture:g}, off)")
+    p.add_argument("--lambda-colour", "--lambda-color", dest="lambda_colour", type=non_negative_float, metavar="W",
+                   help="weight of the colour loss: within each mask class, the distribution of the generated tile's "
+                        "RGB colours must match the real tile's (sliced Wasserstein), which asks for the darkest "
+                        "nuclei and the whitest goblet cells as often as the real tile has them, anywhere "
+                        f"(default: {defaults.lambda_colour:g}, off)")
     p.add_argument("--ema-decay", type=non_negative_float, metavar="D",
                    help="also keep an exponential moving average of the generator's weights (e.g. 0.999) and publish "
                         "it: samples, RUN_DIR/generator.safetensors and safron-export use it (default: 0, off)")

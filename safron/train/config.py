@@ -24,6 +24,7 @@ SHIFT_LOSS = "shift"  # logged after LOSS_NAMES by runs with lambda_shift > 0
 FM_LOSS = "fm"  # logged after them by runs with lambda_fm > 0
 GRID_LOSS = "grid"  # logged after them by runs with lambda_grid > 0
 TEXTURE_LOSS = "texture"  # logged after them by runs with lambda_texture > 0
+COLOUR_LOSS = "colour"  # logged after them by runs with lambda_colour > 0
 GRID_PERIODS = grid_periods(geometry.PATCH, geometry.PATCH)  # what --grid-period may be
 _DISCRIMINATOR_PREFIX = "discriminator."
 _OPTIMISER_PREFIXES = {"generator": "optimiser.generator.", "discriminator": "optimiser.discriminator."}
@@ -82,11 +83,15 @@ class TrainConfig:
     # Texture loss (safron.texture_loss): per mask class, the distributions of EfficientNet-Lite0 features of the
     # generated and the real tile must match (sliced Wasserstein); 0: off.
     lambda_texture: float = 0.0
+    # Colour loss (losses.colour_loss): per mask class, the distributions of the generated and the real tile's RGB
+    # colours must match (sliced Wasserstein); 0: off.
+    lambda_colour: float = 0.0
 
     @property
     def loss_names(self) -> tuple[str, ...]:
         return (LOSS_NAMES + ((SHIFT_LOSS,) if self.lambda_shift else ()) + ((FM_LOSS,) if self.lambda_fm else ())
-                + ((GRID_LOSS,) if self.lambda_grid else ()) + ((TEXTURE_LOSS,) if self.lambda_texture else ()))
+                + ((GRID_LOSS,) if self.lambda_grid else ()) + ((TEXTURE_LOSS,) if self.lambda_texture else ())
+                + ((COLOUR_LOSS,) if self.lambda_colour else ()))
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,8 @@ def check_config(config: TrainConfig) -> None:
         raise SafronInputError(f"shift_scale must be an integer in [1, {geometry.PATCH}], got {config.shift_scale!r}")
     if not config.lambda_texture >= 0:
         raise SafronInputError(f"lambda_texture must be >= 0, got {config.lambda_texture}")
+    if not config.lambda_colour >= 0:
+        raise SafronInputError(f"lambda_colour must be >= 0, got {config.lambda_colour}")
     if not config.lambda_grid >= 0:
         raise SafronInputError(f"lambda_grid must be >= 0, got {config.lambda_grid}")
     if config.grid_period not in GRID_PERIODS:

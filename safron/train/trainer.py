@@ -19,7 +19,7 @@ from ..data import TileDataset, TrainingTile
 from ..errors import ModelError, SafronInputError, first_line
 from ..files import written_atomically
 from ..losses import (
-    augment_pair, discriminator_loss, feature_matching_loss, generator_adversarial_loss, grid_lock_loss,
+    augment_pair, colour_loss, discriminator_loss, feature_matching_loss, generator_adversarial_loss, grid_lock_loss,
     parse_policy, sample_augmentation,
 )
 from ..checkpoints import (
@@ -288,6 +288,11 @@ class Trainer:
                     texture = texture_loss(self.texture_features, fake, real, mask_tile > 0)
                 loss_g = loss_g + config.lambda_texture * texture
                 extra_losses.append(texture)
+            if config.lambda_colour:
+                # On the stitched tiles too, per mask class: how often each colour occurs, not where.
+                colour = colour_loss(fake, real, mask_tile > 0)
+                loss_g = loss_g + config.lambda_colour * colour
+                extra_losses.append(colour)
             self.optimiser_g.zero_grad(set_to_none=True)
             self.scaler.scale(loss_g).backward()
             self.scaler.step(self.optimiser_g)
