@@ -429,25 +429,34 @@ class _Renderer:
 
     def _finalise_kept(self, sink, y0: int, y1: int, x0: int, x1: int) -> None:
         """Finalise grid rows [y0, y1) x columns [x0, x1), all of them image rows, into `sink`, dropping the columns
-        beyond the image. The accumulator finalises whole blocks only: a block straddling the image's left or right
-        border goes through a scratch buffer, every other straight into the sink (a canvas's memory map)."""
+        beyond the image. The accumulator finalises whole blocks only: the blocks straddling the image's left or
+        right border go through a scratch buffer, the others straight into the sink (a canvas's memory map)."""
         accumulator, outset = self.accumulator, self.outset
-        left, right = max(x0, outset), min(x1, outset + self.width)
+        image_end = outset + self.width
         if isinstance(accumulator, StagingBandAccumulator):
             # A GPU accumulator's pixels arrive in a host buffer of its own: written from there, not copied into
             # a memory map (page faults made that most of the main thread's time on the GPU).
             pixels, uncovered = accumulator.finalise_staged(y0, y1, x0, x1)
             _check_covered(uncovered, y0, y1)
+            left, right = max(x0, outset), min(x1, image_end)
             if left < right:
                 sink.write(y0 - outset, left - outset, pixels[:, left - x0:right - x0])
-        elif (left, right) == (x0, x1):
-            with sink.block(y0 - outset, y1 - outset, x0 - outset, x1 - outset) as out:
-                _check_covered(accumulator.finalise(y0, y1, out, x0, x1), y0, y1)
-        else:
-            pixels = self._scratch(y1 - y0, x1 - x0)
-            _check_covered(accumulator.finalise(y0, y1, pixels, x0, x1), y0, y1)
+            return
+        block = accumulator.block_cols
+        inside_from, inside_to = -(-outset // block) * block, image_end // block * block  # whole blocks inside
+        for a, b in ((x0, min(x1, inside_from)), (max(x0, inside_from), min(x1, inside_to)),
+                     (max(x0, inside_from, inside_to), x1)):
+            if a >= b:
+                continue
+            if outset <= a and b <= image_end:
+                with sink.block(y0 - outset, y1 - outset, a - outset, b - outset) as out:
+                    _check_covered(accumulator.finalise(y0, y1, out, a, b), y0, y1)
+                continue
+            pixels = self._scratch(y1 - y0, b - a)
+            _check_covered(accumulator.finalise(y0, y1, pixels, a, b), y0, y1)
+            left, right = max(a, outset), min(b, image_end)
             if left < right:
-                sink.write(y0 - outset, left - outset, pixels[:, left - x0:right - x0])
+                sink.write(y0 - outset, left - outset, pixels[:, left - a:right - a])
 
     def _scratch(self, rows: int, cols: int) -> np.ndarray:
         """A (rows, cols, 3) uint8 buffer for finalised pixels, reused from call to call (a sink copies them out
