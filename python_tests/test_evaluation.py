@@ -156,6 +156,40 @@ def test_seam_score_is_one_without_seams_and_grows_with_a_step_at_patch_edges():
         evaluation.seam_score(texture[:600], plan)
 
 
+def _stepped(canvas: np.ndarray, grid, outset: int, seed: int) -> np.ndarray:
+    """`canvas` (the grown image) with each of the grid's patches a little brighter or darker, cropped to the image."""
+    stepped = canvas.astype(np.int16)
+    rng = np.random.default_rng(seed)
+    for y, x in zip(*grid.origins()):
+        stepped[y:y + grid.patch, x:x + grid.patch] += int(rng.choice([-12, 12]))
+    stepped = np.clip(stepped, 0, 255).astype(np.uint8)
+    return stepped[outset:stepped.shape[0] - outset, outset:stepped.shape[1] - outset]
+
+
+def test_paired_seam_score_sees_seams_and_not_the_edges_they_fall_on():
+    height, width, outset, shifted = 700, 900, 20, 138
+    grid = geometry.plan(height + 2 * outset, width + 2 * outset)
+    control_grid = geometry.plan(height + 2 * shifted, width + 2 * shifted)
+    texture = _seamless_texture(height, width).astype(np.int16)
+    # Mask edges that happen to lie on the first grid's seam lines: strong steps there in both renders.
+    edged = texture.copy()
+    edge_rows = np.asarray(grid.ys)[1:] - outset
+    for row in edge_rows:
+        edged[row:] += 40
+    edged = np.clip(edged, 0, 255).astype(np.uint8)
+    # Seamless renders of it: the one-render score blames the seams for the edges, the paired one does not.
+    assert evaluation.seam_score(edged, grid, outset) > 1.2
+    assert evaluation.paired_seam_score(edged, grid, outset, edged, control_grid, shifted) == pytest.approx(1.0)
+    # Renders whose patches really differ a little: found whatever edges lie under them.
+    pad = shifted - outset
+    canvas = np.pad(edged, ((shifted, shifted), (shifted, shifted), (0, 0)), mode="reflect")
+    first = _stepped(canvas[pad:canvas.shape[0] - pad, pad:canvas.shape[1] - pad], grid, outset, seed=3)
+    control = _stepped(canvas, control_grid, shifted, seed=4)
+    assert evaluation.paired_seam_score(first, grid, outset, control, control_grid, shifted) > 1.1
+    with pytest.raises(ValueError, match="does not match"):
+        evaluation.paired_seam_score(edged, grid, outset, edged[:600], control_grid, shifted)
+
+
 def test_seam_score_finds_the_seams_of_a_grid_reaching_beyond_the_image():
     outset = 20
     grid = geometry.plan(700 + 2 * outset, 900 + 2 * outset)
@@ -234,11 +268,9 @@ def test_report_of_the_centre_crop_model_finds_its_images_are_the_masks(tmp_path
         assert (out / name).is_file(), name
     # The centre-crop model paints the mask's class colours: far from the H&E-coloured "real" images.
     assert report.whole.fid.value > 1 and report.crops.samples_per_set == 3
-    # Its patches agree exactly where they overlap, so stitching leaves no trace of its own: the seam render is the
-    # seam mask's colours, and scores as they do on the same lines.
-    colours = masks.labels_to_colour(masks.synthesize(600, 600, seed=evaluation.SEAM_MASK_SEED))
-    grid = geometry.plan(600 + 2 * engine.DEFAULT_OUTSET, 600 + 2 * engine.DEFAULT_OUTSET)
-    assert report.seam == pytest.approx(evaluation.seam_score(colours, grid, engine.DEFAULT_OUTSET), rel=1e-6)
+    # Its patches agree exactly where they overlap, so stitching leaves no trace of its own: both seam renders are
+    # the seam mask's colours, whose steps on either grid's seam lines are the same in the two.
+    assert report.seam == pytest.approx(1.0, rel=1e-9)
     assert report.outset == engine.DEFAULT_OUTSET
     stored = json.loads((out / "report.json").read_text())
     assert stored["whole"]["fid"]["value"] == pytest.approx(report.whole.fid.value)

@@ -13,12 +13,19 @@ and side-by-side sheets (mask | real | synthetic) of a fixed set of testA images
   (`safron.gland_segmentation`) segments the real and the synthetic images; Dice(seg(synthetic), the gland mask it
   was rendered from) beside Dice(seg(real), its mask). Synthetic glands the segmenter cannot find do not read as
   glands.
-* **Seam score**: a synthetic mask of at least 4096 x 4096 is rendered, and the mean absolute step (per channel)
-  across the lines where patches begin or end is divided by the same across every other line. 1 means the stitching
-  leaves no trace; a visible seam raises it.
+* **Seam score**: a synthetic mask of at least 4096 x 4096 is rendered twice, the second time with the patch grid
+  shifted by half a stride, so that the first render's seams lie inside the second's patches and the other way
+  round. The mean absolute step (per channel) across the lines where a render's patches begin or end, over the same
+  lines in the other render, both renders pooled: the mask's own edges and texture on those lines cancel, and 1
+  means the stitching leaves no trace; a visible seam raises it. (Before the fourteenth session the denominator was
+  the steps across all other lines of one render, so mask edges that happened to lie on seam lines counted as seams.
+  Either way the score of one model moves with where the grid falls: the default of 2026-12 scored 0.73 to 1.03
+  paired (renders of 4096 and 4200 px, outsets 0 and 20) and 0.74 to 1.16 unpaired (4000 to 4200 px, outsets 0 to
+  40); one render pair cannot tell apart models closer than about 0.2.)
 * **Patch-grid lock**: the mean grey level at each distance from the image border. The first patch row and column
-  start at the border, so texture locked to the generator's patch grid makes this profile swing with the distance,
-  where real images give a flat one (its standard deviation over distances 2..39), and the outermost row's excess.
+  start at the same place in every image (the render's outset beyond the border), so texture locked to the
+  generator's patch grid makes this profile swing with the distance, where real images give a flat one (its
+  standard deviation over distances 2..39); and the outermost row's excess, a frame along the border.
 
 The masks are `masks.labels_from_gland_mask(real testA image, gland mask)`: background versus stroma outside the
 glands comes from the real image (bright unstained pixels), so the label maps carry a little of the real images.
@@ -41,7 +48,8 @@ from .errors import SafronInputError
 
 __all__ = [
     "SHEET_IMAGES", "CROP", "SEAM_SIDE", "FEATURES_FILE", "TestCase", "Interval", "SetScores", "Difference", "Report",
-    "load_testa", "crops", "bootstrap_scores", "paired_difference", "compare_reports", "save_features", "load_features", "border_profile", "grid_lock", "seam_score", "side_by_side", "evaluate", "write_report",
+    "load_testa", "crops", "bootstrap_scores", "paired_difference", "compare_reports", "save_features", "load_features",
+    "border_profile", "grid_lock", "seam_score", "paired_seam_score", "side_by_side", "evaluate", "write_report",
 ]
 
 # Fixed, so that sheets of different models compare image for image: glands of several sizes and grades.
@@ -287,22 +295,50 @@ def _patch_edges(origins: np.ndarray, patch: int, size: int) -> np.ndarray:
     return np.array(sorted(edges), np.int64)
 
 
-def seam_score(image: np.ndarray, plan, outset: int = 0) -> float:
-    """Mean |step| across the lines where the plan's patches begin or end, over the mean across all other lines,
-    both directions and the three channels pooled. 1: seams are as smooth as the texture around them. `plan`: the
-    render's grid, over the image grown by `outset` on every side (`engine.render_array(outset=)`)."""
+def _seam_steps(image: np.ndarray, plan, outset: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(mean |step| across each row line, the same across each column line, per direction whether the line is where
+    one of the plan's patches begins or ends); step b lies between pixels b and b + 1."""
     pixels = np.asarray(image, np.float32)
     height, width = plan.height - 2 * outset, plan.width - 2 * outset
     if pixels.shape[:2] != (height, width):
         raise ValueError(f"image {pixels.shape[:2]} does not match the plan's {height} x {width} (outset {outset})")
     # Per channel, not on grey levels: the three mask colours, say, all have the same grey level.
-    steps_y = np.abs(np.diff(pixels, axis=0)).mean(axis=(1, 2))  # step b: between rows b and b + 1
+    steps_y = np.abs(np.diff(pixels, axis=0)).mean(axis=(1, 2))
     steps_x = np.abs(np.diff(pixels, axis=1)).mean(axis=(0, 2))
-    seam_sum = seam_count = other_sum = other_count = 0.0
+    edges = []
     for steps, origins, size in ((steps_y, np.asarray(plan.ys) - outset, height),
                                  (steps_x, np.asarray(plan.xs) - outset, width)):
         on_edge = np.zeros(len(steps), bool)
         on_edge[_patch_edges(origins, plan.patch, size)] = True
+        edges.append(on_edge)
+    return steps_y, steps_x, edges
+
+
+def paired_seam_score(image: np.ndarray, plan, outset: int, control: np.ndarray, control_plan, control_outset: int
+                      ) -> float:
+    """The seam score of two renders of one mask whose grids are offset (`image` on `plan` grown by `outset`,
+    `control` on `control_plan` grown by `control_outset`): the mean |step| across each render's seam lines over the
+    mean |step| across the same lines in the other render, both pooled. 1: seams leave no trace."""
+    first, second = _seam_steps(image, plan, outset), _seam_steps(control, control_plan, control_outset)
+    seams = others = 0.0
+    for mine, theirs in ((first, second), (second, first)):
+        for direction in range(2):
+            on_edge = mine[2][direction]
+            seams += mine[direction][on_edge].sum()
+            others += theirs[direction][on_edge].sum()
+    if not others:
+        raise ValueError("the plans have a single patch, or the control has no steps: there is no seam to score")
+    return float(seams / others)
+
+
+def seam_score(image: np.ndarray, plan, outset: int = 0) -> float:
+    """Mean |step| across the lines where the plan's patches begin or end, over the mean across all other lines,
+    both directions and the three channels pooled: 1 when seams are as smooth as the texture around them, but which
+    mask edges the seams fall on moves it too (`paired_seam_score` cancels that). `plan`: the render's grid, over
+    the image grown by `outset` on every side (`engine.render_array(outset=)`)."""
+    steps_y, steps_x, edges = _seam_steps(image, plan, outset)
+    seam_sum = seam_count = other_sum = other_count = 0.0
+    for steps, on_edge in zip((steps_y, steps_x), edges):
         seam_sum, seam_count = seam_sum + steps[on_edge].sum(), seam_count + on_edge.sum()
         other_sum, other_count = other_sum + steps[~on_edge].sum(), other_count + (~on_edge).sum()
     if not seam_count:
@@ -428,8 +464,13 @@ def evaluate(
             labels = masks.synthesize(seam_side, seam_side, seed=SEAM_MASK_SEED)
             seam_image = engine.render_array(labels, backend=backend, blend=blend, overlap=overlap, outset=outset,
                                              progress=progress)
-            grid = geometry.plan(seam_side + 2 * outset, seam_side + 2 * outset, overlap=overlap)
-            seam = seam_score(seam_image, grid, outset)
+            # The control: the grid shifted by half a stride, its seams inside the first render's patches.
+            shifted = outset + (geometry.PATCH - overlap) // 2
+            control = engine.render_array(labels, backend=backend, blend=blend, overlap=overlap, outset=shifted,
+                                          progress=progress)
+            seam = paired_seam_score(
+                seam_image, geometry.plan(seam_side + 2 * outset, seam_side + 2 * outset, overlap=overlap), outset,
+                control, geometry.plan(seam_side + 2 * shifted, seam_side + 2 * shifted, overlap=overlap), shifted)
             _save(out_dir / "seam_detail.png", _centre(seam_image, 1024))
             seconds["seam render"] = time.perf_counter() - started
     finally:
