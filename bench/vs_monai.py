@@ -168,8 +168,9 @@ def _child(argv: list[str]) -> None:
         import monai.inferers  # noqa: F401
     start = time.perf_counter()
     if side == "safron":
+        # outset=0: MONAI's grid starts at the image's corner too, so both sides render the same patches.
         result = engine.render(mask, out, model=model, threads=threads, batch_size=batch, blend=SAFRON_BLEND[mode],
-                               progress=False)
+                               progress=False, outset=0)
         # Busy time per stage; the stages run in parallel threads, so these overlap.
         phases = {name: seconds for name, seconds in result.stage_seconds.items() if seconds >= 0.05}
     else:
@@ -312,7 +313,7 @@ def check(args, work: Path) -> None:
         for mode in ("constant", "gaussian"):
             out = work / "check.tif"
             engine.render(mask, out, model=model, threads=args.threads, batch_size=args.batch,
-                          blend=SAFRON_BLEND[mode], compression="none", progress=False)
+                          blend=SAFRON_BLEND[mode], compression="none", progress=False, outset=0)
             ours = tifffile.imread(out)
             theirs = monai_render_array(labels, model, args.threads, args.batch, mode)
             diff = int(np.abs(ours.astype(np.int16) - theirs).max())
