@@ -223,8 +223,8 @@ class _Renderer:
             raise SafronInputError(f"overlap must be in [0, {sig.patch}) for this model (got {overlap})")
         if outset > sig.patch:
             raise SafronInputError(f"outset must be in [0, {sig.patch}] for this model (got {outset})")
-        self.plan = geometry.plan(mask.height + 2 * outset, mask.width + 2 * outset, patch=sig.patch,
-                                  margin=sig.margin, overlap=overlap)
+        self.plan = geometry.render_plan(mask.height, mask.width, outset, patch=sig.patch, margin=sig.margin,
+                                         overlap=overlap)
         self.accumulator = backend.band_accumulator(self.plan, blend)
         if not isinstance(self.accumulator, BandAccumulator):
             raise TypeError(f"{type(backend).__name__}.band_accumulator returned a {type(self.accumulator).__name__}, "
@@ -343,7 +343,7 @@ class _Renderer:
 
         plan = self.plan
         stop, first_row, last_row, first_patch, patches_end, first_batch = self._span(rows_done, rows_end)
-        rows_done = rows_done + self.outset  # from here on, rows are the grid's
+        rows_done, _ = self._grid_rows(rows_done, rows_end)  # from here on, rows are the grid's
         # Rows are finalised (or, below rows_done, discarded) contiguously from the first row the replayed
         # patches touch, so no band slot is left holding partial sums. Within a patch row, column blocks are
         # finalised as soon as the patches to their right no longer touch them.
@@ -438,9 +438,7 @@ class _Renderer:
             # a memory map (page faults made that most of the main thread's time on the GPU).
             pixels, uncovered = accumulator.finalise_staged(y0, y1, x0, x1)
             _check_covered(uncovered, y0, y1)
-            left, right = max(x0, outset), min(x1, image_end)
-            if left < right:
-                sink.write(y0 - outset, left - outset, pixels[:, left - x0:right - x0])
+            self._write_inside(sink, y0, x0, pixels)
             return
         block = accumulator.block_cols
         inside_from, inside_to = -(-outset // block) * block, image_end // block * block  # whole blocks inside
@@ -454,9 +452,15 @@ class _Renderer:
                 continue
             pixels = self._scratch(y1 - y0, b - a)
             _check_covered(accumulator.finalise(y0, y1, pixels, a, b), y0, y1)
-            left, right = max(a, outset), min(b, image_end)
-            if left < right:
-                sink.write(y0 - outset, left - outset, pixels[:, left - a:right - a])
+            self._write_inside(sink, y0, a, pixels)
+
+    def _write_inside(self, sink, y0: int, x0: int, pixels: np.ndarray) -> None:
+        """Hand `sink` the image's columns of finalised `pixels` whose top-left is grid (y0, x0); the columns beyond
+        the image's side borders are dropped."""
+        left = max(x0, self.outset)
+        right = min(x0 + pixels.shape[1], self.outset + self.width)
+        if left < right:
+            sink.write(y0 - self.outset, left - self.outset, pixels[:, left - x0:right - x0])
 
     def _scratch(self, rows: int, cols: int) -> np.ndarray:
         """A (rows, cols, 3) uint8 buffer for finalised pixels, reused from call to call (a sink copies them out

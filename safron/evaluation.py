@@ -469,8 +469,8 @@ def evaluate(
             control = engine.render_array(labels, backend=backend, blend=blend, overlap=overlap, outset=shifted,
                                           progress=progress)
             seam = paired_seam_score(
-                seam_image, geometry.plan(seam_side + 2 * outset, seam_side + 2 * outset, overlap=overlap), outset,
-                control, geometry.plan(seam_side + 2 * shifted, seam_side + 2 * shifted, overlap=overlap), shifted)
+                seam_image, geometry.render_plan(seam_side, seam_side, outset, overlap=overlap), outset,
+                control, geometry.render_plan(seam_side, seam_side, shifted, overlap=overlap), shifted)
             _save(out_dir / "seam_detail.png", _centre(seam_image, 1024))
             seconds["seam render"] = time.perf_counter() - started
     finally:

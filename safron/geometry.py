@@ -32,6 +32,13 @@ def plan(height: int, width: int, patch: int = PATCH, margin: int = MARGIN, over
     return PatchPlan(height, width, patch, margin, overlap)
 
 
+def render_plan(height: int, width: int, outset: int = OUTSET, patch: int = PATCH, margin: int = MARGIN,
+                overlap: int = OVERLAP) -> PatchPlan:
+    """The grid a render lays over a height x width image: `plan` of the image grown by `outset` on every side, so
+    its row y is image row y - outset (`OUTSET`)."""
+    return plan(height + 2 * outset, width + 2 * outset, patch, margin, overlap)
+
+
 def band_accumulator(p: PatchPlan, blend: str) -> BandAccumulator:
     """A CPU accumulator whose rolling band holds exactly the rows one patch row can touch.
 

@@ -145,7 +145,7 @@ def _serve() -> None:
         mask = masks.open_mask(arguments["mask"], colour_tolerance=arguments["colour_tolerance"])
         patch, margin, overlap = arguments["geometry"]
         outset = arguments["outset"]
-        plan = geometry.plan(mask.height + 2 * outset, mask.width + 2 * outset, patch, margin, overlap)
+        plan = geometry.render_plan(mask.height, mask.width, outset, patch, margin, overlap)
         if [plan.height, plan.width] != arguments["size"]:
             mask.close()
             raise errors.MaskError(f"{arguments['mask']}: the mask changed while it was being rendered")
