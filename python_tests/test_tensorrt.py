@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from safron import backends
 from safron.backends import create_backend
 from safron.backends import tensorrt_backend as trt_backend
-from safron.errors import SafronInputError
+from safron.errors import ModelError, SafronInputError
 from safron.export import random_masks
 from safron.synthesis import write_mask
 
@@ -85,6 +85,40 @@ def test_auto_runs_onnx_models_on_onnxruntime_without_tensorrt(tmp_path):
         assert backend.name == "onnxruntime"
     finally:
         backend.close()
+
+
+# --- CPU: the model contract on TensorRT's I/O tensors ------------------------------------------------------
+
+_F32, _F16 = "float32", "float16"  # stand for TensorRT's dtypes: the contract only compares them
+_IMAGE = [("image", (-1, 3, 256, 256), _F32)]
+
+
+def _signature(inputs, outputs=_IMAGE):
+    return trt_backend._contract_signature(Path("model.onnx"), inputs, outputs, _F32)
+
+
+@pytest.mark.parametrize("order", ["mask_first", "noise_first"])
+def test_a_model_with_noise_channels_meets_the_contract_in_either_input_order(order):
+    inputs = [("mask", (-1, 3, 296, 296), _F32), ("noise", (-1, 2, 296, 296), _F32)]
+    signature = _signature(inputs if order == "mask_first" else inputs[::-1])
+    assert (signature.window, signature.patch, signature.noise_channels, signature.fixed_batch) == (296, 256, 2, None)
+    plain = _signature(inputs[:1])
+    assert plain.noise_channels == 0 and plain.margin == 20
+    assert _signature([("mask", (4, 3, 296, 296), _F32), ("noise", (4, 1, 296, 296), _F32)]).fixed_batch == 4
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ([("mask", (-1, 3, 296, 296), _F32), ("noise", (-1, 2, 280, 280), _F32)], "expected noise"),
+    ([("mask", (4, 3, 296, 296), _F32), ("noise", (-1, 2, 296, 296), _F32)], "expected noise"),
+    ([("mask", (-1, 3, 296, 296), _F32), ("noise", (-1, 0, 296, 296), _F32)], "expected noise"),
+    ([("mask", (-1, 3, 296, 296), _F32), ("noise", (-1, 2, 296, 296), _F16)], "'noise' must be float32"),
+    ([("mask", (-1, 3, 296, 296), _F32), ("seed", (-1, 2, 296, 296), _F32)], "named 'noise'"),
+    ([("noise", (-1, 2, 296, 296), _F32)], "named 'mask'"),
+    ([("mask", (-1, 3, 296, 296), _F32)] * 2, "named 'mask'"),
+])
+def test_inputs_outside_the_contract_are_refused_by_name(inputs, message):
+    with pytest.raises(ModelError, match=message):
+        _signature(inputs)
 
 
 # --- CPU: cache key, cache directory, batch rule, build lock -----------------------------------------------
@@ -270,6 +304,27 @@ def test_fp32_engine_matches_onnxruntime(tmp_path):
 
 
 @pytest.mark.needs_tensorrt
+def test_a_model_with_noise_channels_matches_onnxruntime_across_chunks(tmp_path):
+    model = onnx_models.noise_mix(tmp_path / "noise.onnx")
+    masks = random_masks(6, 296, seed=11)  # more than max_batch: run() splits masks and noise alike
+    noise = np.random.default_rng(12).uniform(-1, 1, (6, 3, 296, 296)).astype(np.float32)
+    backend = _tensorrt(model, tmp_path / "cache", precision="fp32", max_batch=4)
+    try:
+        assert backend.signature.noise_channels == 3
+        images = backend.run(masks, noise)
+        with pytest.raises(ValueError, match="reads noise"):
+            backend.run(masks)
+    finally:
+        backend.close()
+    reference = create_backend("onnxruntime", model)
+    try:
+        expected = reference.run(masks, noise)
+    finally:
+        reference.close()
+    np.testing.assert_allclose(images, expected, rtol=0, atol=FP32_TOLERANCE)
+
+
+@pytest.mark.needs_tensorrt
 def test_normalisation_layers_and_only_those_are_pinned_to_fp32(tmp_path):
     import tensorrt as trt
 
@@ -330,3 +385,19 @@ def test_device_resident_render_matches_the_host_path_of_the_same_engine(tmp_pat
     resident = _tensorrt(model, tmp_path / "cache", max_batch=8)
     host = _tensorrt(model, tmp_path / "cache", max_batch=8, device_resident=False)
     assert assert_resident_render_matches_host_path(resident, host, labels).std() > 5
+
+
+@pytest.mark.needs_tensorrt
+@pytest.mark.needs_cuda
+@pytest.mark.skipif(not _torch_cuda(), reason="the device-resident TensorRT path needs a CUDA build of PyTorch")
+def test_device_resident_noise_render_matches_the_host_path_and_onnxruntime(tmp_path):
+    from safron import engine
+
+    model = onnx_models.noise_mix(tmp_path / "noise.onnx")
+    labels = np.random.default_rng(13).integers(0, 3, (600, 1000), dtype=np.uint8)
+    resident = _tensorrt(model, tmp_path / "cache", precision="fp32", max_batch=8)
+    host = _tensorrt(model, tmp_path / "cache", precision="fp32", max_batch=8, device_resident=False)
+    # The noise is drawn on the GPU on one path and on the CPU on the other, from the same canvas coordinates.
+    on_device = assert_resident_render_matches_host_path(resident, host, labels)
+    on_cpu = engine.render_array(labels, model=model, backend="onnxruntime")
+    assert np.abs(on_device.astype(int) - on_cpu.astype(int)).max() <= 1

@@ -125,7 +125,8 @@ def test_auto_prefers_tensorrt_on_a_gpu_for_models_without_noise(monkeypatch, tm
     monkeypatch.setattr(backends, "_missing_modules", lambda name: [])
     noise_free = centre_crop(tmp_path / "centre_crop.onnx")
     assert backends._auto_backend(noise_free) == "tensorrt"
-    # The TensorRT backend feeds the mask only: a noise-reading model (the default) goes to PyTorch.
+    # A noise-reading model (the default) goes to PyTorch, whose noise input has run on a GPU; TensorRT's only
+    # when asked for.
     assert backends._auto_backend(DEFAULT_MODEL) == "torch"
 
 

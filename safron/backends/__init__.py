@@ -69,7 +69,8 @@ def _auto_backend(model_path: str | os.PathLike) -> str:
         return "torch"  # only PyTorch reads checkpoints; it picks the GPU itself when there is one
     gpu_backends = [name for name in ("tensorrt", "torch") if not _missing_modules(name)]
     if gpu_backends and _cuda_device_present():
-        # The TensorRT backend feeds the mask only: a model that reads noise goes to PyTorch (or ONNX Runtime).
+        # A model that reads noise (the default) goes to PyTorch (or ONNX Runtime) unless TensorRT is asked for:
+        # TensorRT's noise input has not yet run on a machine with TensorRT, PyTorch's has (bench/RESULTS.md).
         if gpu_backends[0] == "tensorrt" and not _onnx_inputs(model_path) - {"mask"}:
             return "tensorrt"
         # PyTorch rebuilds only safron-exported models; any other ONNX model stays with ONNX Runtime.

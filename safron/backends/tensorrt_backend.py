@@ -25,21 +25,24 @@ Concurrent renders of a new model build it once: the builder holds an exclusive 
 file, the others wait and then read its result, and the engine appears under its name only complete (written to a
 temporary file, then `os.replace`).
 
+Inputs. The mask, and for a generator with noise channels (the embedded default) its noise windows, a second
+float32 input `noise` with the same dynamic batch (the model contract, `backends.base.ModelSignature`).
+
 Execution, host path. CUDA is driven through cuda-python (`cuda.bindings.runtime`), not PyTorch, so that
 TensorRT rendering needs neither torch nor its multi-GB CUDA wheels. The backend owns one CUDA stream, device
-buffers for the engine's input and output at the maximum batch, and pinned host buffers; `run` copies a batch
-in, enqueues the engine and copies the result out on that stream, then waits for it; the engine accumulates the
-float patches on the CPU.
+buffers for the engine's inputs and output at the maximum batch, and pinned host buffers; `run` copies a batch
+(and its noise, drawn on the CPU) in, enqueues the engine and copies the result out on that stream, then waits
+for it; the engine accumulates the float patches on the CPU.
 
 Execution, device-resident (the default when PyTorch with CUDA is installed beside TensorRT and safron was built
 with its CUDA kernels): the engine's hooks go through `safron.cuda_band`, exactly as the torch backend's do --
-uint8 label windows up through pinned memory, one-hot encoding on the GPU, then `execute_async_v3` on a torch
-stream with its input and output bound to stream-ordered torch allocations, and the float32 patches straight into
-the CUDA band accumulator on its own stream; only finished uint8 rows come back. Each batch gets fresh buffers
-from torch's caching allocator, and the accumulator marks the ones it reads (`record_stream`), so the engine can
-run batch k+1 while batch k is accumulated without either overwriting what the other reads: that is the double
-buffering, with as many buffers in flight as the pipeline holds. PyTorch serves here as a well-kept stream-ordered
-allocator; writing one on cuda-python would duplicate it.
+uint8 label windows up through pinned memory, one-hot encoding (and the noise: `noise.NoiseBatch.draw_on_device`)
+on the GPU, then `execute_async_v3` on a torch stream with its inputs and output bound to stream-ordered torch
+allocations, and the float32 patches straight into the CUDA band accumulator on its own stream; only finished uint8
+rows come back. Each batch gets fresh buffers from torch's caching allocator, and the accumulator marks the ones it
+reads (`record_stream`), so the engine can run batch k+1 while batch k is accumulated without either overwriting
+what the other reads: that is the double buffering, with as many buffers in flight as the pipeline holds. PyTorch
+serves here as a well-kept stream-ordered allocator; writing one on cuda-python would duplicate it.
 
 TensorRT has not been run on any machine this project is developed on (none has it): the `needs_tensorrt` tests
 check both paths against ONNX Runtime wherever it is installed.
@@ -205,18 +208,18 @@ def activation_bytes_per_patch(network, bytes_per_value: int) -> int:
 
 
 def _contract_signature(model_path: Path, inputs, outputs, float32) -> ModelSignature:
-    """The model contract checked on TensorRT I/O tensors, given as (name, shape, dtype) triples."""
+    """The model contract checked on TensorRT I/O tensors, given as (name, shape, dtype) triples: `mask` (and
+    `noise`, for a generator with noise channels) in, `image` out."""
     name = model_path.name
-    if [i[0] for i in inputs] == ["mask", "noise"]:
-        raise ModelError(f"{name}: a model with noise channels renders with --backend onnxruntime or torch (this "
-                         "TensorRT backend feeds the mask only)")
-    if len(inputs) != 1 or inputs[0][0] != "mask":
-        found = ", ".join(i[0] for i in inputs)
-        raise ModelError(f"{name}: the model must have one input named 'mask' (found: {found})")
+    names = [i[0] for i in inputs]
+    if sorted(names) not in (["mask"], ["mask", "noise"]):
+        raise ModelError(f"{name}: the model must have an input named 'mask' and at most a second one named 'noise' "
+                         f"(found: {', '.join(names)})")
     if len(outputs) != 1 or outputs[0][0] != "image":
         found = ", ".join(o[0] for o in outputs)
         raise ModelError(f"{name}: the model must have one output named 'image' (found: {found})")
-    (_, in_shape, in_type), (_, out_shape, out_type) = inputs[0], outputs[0]
+    by_name = {i[0]: i for i in inputs}
+    (_, in_shape, in_type), (_, out_shape, out_type) = by_name["mask"], outputs[0]
     if (
         len(in_shape) != 4 or len(out_shape) != 4 or in_shape[1] != 3 or out_shape[1] != 3
         or min(in_shape[2:]) < 1 or min(out_shape[2:]) < 1
@@ -231,7 +234,18 @@ def _contract_signature(model_path: Path, inputs, outputs, float32) -> ModelSign
         raise ModelError(f"{name}: the mask window ({window}) must exceed the patch ({patch}) by an even margin")
     if in_type != float32 or out_type != float32:
         raise ModelError(f"{name}: 'mask' and 'image' must be float32 (found {in_type} and {out_type})")
-    return ModelSignature(window=window, patch=patch, fixed_batch=in_shape[0] if in_shape[0] > 0 else None)
+    noise_channels = 0
+    if "noise" in by_name:
+        _, noise_shape, noise_type = by_name["noise"]
+        if len(noise_shape) != 4 or noise_shape[1] < 1 or tuple(noise_shape[2:]) != (window, window) \
+                or noise_shape[0] != in_shape[0]:
+            raise ModelError(f"{name}: expected noise [N,C,{window},{window}] beside mask {list(in_shape)} "
+                             f"(found {list(noise_shape)})")
+        if noise_type != float32:
+            raise ModelError(f"{name}: 'noise' must be float32 (found {noise_type})")
+        noise_channels = noise_shape[1]
+    return ModelSignature(window=window, patch=patch, fixed_batch=in_shape[0] if in_shape[0] > 0 else None,
+                          noise_channels=noise_channels)
 
 
 def _io(tensor) -> tuple[str, tuple[int, ...], object]:
@@ -313,7 +327,8 @@ class TensorRTBackend(Backend):
                 f"{self.model_path}: not enough GPU memory for a TensorRT engine at batch {self._capacity} "
                 f"(free {free_bytes / 2**30:.1f} GiB); pass a smaller max_batch"
             )
-        self._stream = self._device_in = self._device_out = self._host_in = self._host_out = None
+        self._stream = self._device_out = self._host_out = None
+        self._device_in, self._host_in = {}, {}  # per input name
         self._torch_stream = None
         try:
             self._allocate()
@@ -381,24 +396,33 @@ class TensorRTBackend(Backend):
         if model.signature.fixed_batch is None:
             window = model.signature.window
             profile = model.builder.create_optimization_profile()
-            profile.set_shape("mask", (1, 3, window, window), (max_batch, 3, window, window),
-                              (max_batch, 3, window, window))
+            for name, channels in self._input_channels(model.signature).items():
+                profile.set_shape(name, (1, channels, window, window), (max_batch, channels, window, window),
+                                  (max_batch, channels, window, window))
             config.add_optimization_profile(profile)
         serialized = model.builder.build_serialized_network(model.network, config)
         if serialized is None:
             raise ModelError(f"{self.model_path}: TensorRT could not build an engine (see its messages above)")
         return bytes(memoryview(serialized))
 
+    @staticmethod
+    def _input_channels(signature: ModelSignature) -> dict[str, int]:
+        """The engine's inputs and their channels: the mask, and the noise of a generator with noise channels."""
+        return {"mask": 3, **({"noise": signature.noise_channels} if signature.noise_channels else {})}
+
     def _allocate(self) -> None:
+        """Device buffers for every input and the output at the engine's capacity, with pinned host twins (the
+        copies then run at full bus speed and truly asynchronously on the stream)."""
         cudart, sig, n = self._cudart, self.signature, self._capacity
-        self._in_shape, self._out_shape = (3, sig.window, sig.window), (3, sig.patch, sig.patch)
-        self._in_bytes = 4 * int(np.prod(self._in_shape))  # per patch, float32
-        self._out_bytes = 4 * int(np.prod(self._out_shape))
+        self._in_shapes = {name: (channels, sig.window, sig.window)
+                           for name, channels in self._input_channels(sig).items()}
+        self._in_shape, self._out_shape = self._in_shapes["mask"], (3, sig.patch, sig.patch)
+        self._out_bytes = 4 * int(np.prod(self._out_shape))  # per patch, float32
         self._stream = _cuda_call(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
-        self._device_in = _cuda_call(cudart, cudart.cudaMalloc(n * self._in_bytes), "cudaMalloc")
+        for name, shape in self._in_shapes.items():
+            self._device_in[name] = _cuda_call(cudart, cudart.cudaMalloc(n * 4 * int(np.prod(shape))), "cudaMalloc")
+            self._host_in[name] = self._pinned(n, shape)
         self._device_out = _cuda_call(cudart, cudart.cudaMalloc(n * self._out_bytes), "cudaMalloc")
-        # Pinned host memory: the copies run at full bus speed and truly asynchronously on the stream.
-        self._host_in = self._pinned(n, self._in_shape)
         self._host_out = self._pinned(n, self._out_shape)
 
     def _pinned(self, count: int, shape: tuple[int, ...]) -> tuple[int, np.ndarray]:
@@ -418,29 +442,35 @@ class TensorRTBackend(Backend):
         images = np.empty((len(masks), *self._out_shape), np.float32)
         for start in range(0, len(masks), self._capacity):
             stop = min(start + self._capacity, len(masks))
-            images[start:stop] = self._run_chunk(masks[start:stop])
+            inputs = {"mask": masks[start:stop], **({} if noise is None else {"noise": noise[start:stop]})}
+            images[start:stop] = self._run_chunk(inputs)
         return images
 
-    def _enqueue(self, count: int, input_pointer: int, output_pointer: int, stream: int) -> None:
-        """Enqueue the engine on `stream` for `count` windows between two device buffers. (TensorRT reads the
-        addresses at enqueue time, so the next call may bind others while this one runs.)"""
+    def _enqueue(self, count: int, inputs: dict[str, int], output_pointer: int, stream: int) -> None:
+        """Enqueue the engine on `stream` for `count` windows between device buffers (`inputs`: name -> address).
+        (TensorRT reads the addresses at enqueue time, so the next call may bind others while this one runs.)"""
         context = self._context
-        bound = context.set_tensor_address("mask", input_pointer) and context.set_tensor_address("image", output_pointer)
-        if not bound:
-            raise RuntimeError("TensorRT refused the device buffers for 'mask' and 'image'")
-        if self.signature.fixed_batch is None and not context.set_input_shape("mask", (count, *self._in_shape)):
-            raise RuntimeError(f"TensorRT refused a batch of {count} (the engine's profile is 1..{self._capacity})")
+        for name, pointer in (*inputs.items(), ("image", output_pointer)):
+            if not context.set_tensor_address(name, pointer):
+                raise RuntimeError(f"TensorRT refused the device buffer for {name!r}")
+        if self.signature.fixed_batch is None:
+            for name in inputs:
+                if not context.set_input_shape(name, (count, *self._in_shapes[name])):
+                    raise RuntimeError(f"TensorRT refused a batch of {count} (the engine's profile is "
+                                       f"1..{self._capacity})")
         if not context.execute_async_v3(stream):
             raise RuntimeError("TensorRT inference failed (see its messages above)")
 
-    def _run_chunk(self, masks: np.ndarray) -> np.ndarray:
-        cudart, n = self._cudart, len(masks)
-        (host_in_pointer, host_in), (host_out_pointer, host_out) = self._host_in, self._host_out
-        np.copyto(host_in[:n], masks, casting="same_kind")
+    def _run_chunk(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        cudart, n = self._cudart, len(inputs["mask"])
+        host_out_pointer, host_out = self._host_out
         to_device, to_host = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        _cuda_call(cudart, cudart.cudaMemcpyAsync(self._device_in, host_in_pointer, n * self._in_bytes, to_device,
-                                                  self._stream), "cudaMemcpyAsync")
-        self._enqueue(n, self._device_in, self._device_out, int(self._stream))
+        for name, values in inputs.items():
+            host_pointer, host = self._host_in[name]
+            np.copyto(host[:n], values, casting="same_kind")
+            _cuda_call(cudart, cudart.cudaMemcpyAsync(self._device_in[name], host_pointer, host[:n].nbytes, to_device,
+                                                      self._stream), "cudaMemcpyAsync")
+        self._enqueue(n, {name: self._device_in[name] for name in inputs}, self._device_out, int(self._stream))
         _cuda_call(cudart, cudart.cudaMemcpyAsync(host_out_pointer, self._device_out, n * self._out_bytes, to_host,
                                                   self._stream), "cudaMemcpyAsync")
         _cuda_call(cudart, cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
@@ -453,7 +483,8 @@ class TensorRTBackend(Backend):
             return super().prepare(labels, noise)
         from ..cuda_band import pin_labels
 
-        return pin_labels(labels)
+        # The noise stays a request: infer draws it on the GPU.
+        return pin_labels(labels) if noise is None else (pin_labels(labels), noise)
 
     def infer(self, prepared):
         if not self.device_resident:
@@ -462,19 +493,24 @@ class TensorRTBackend(Backend):
 
         from ..cuda_band import infer_on_device
 
-        if len(prepared) > self._capacity or (self.signature.fixed_batch not in (None, len(prepared))):
-            raise ValueError(f"a batch of {len(prepared)} windows does not fit this engine (batch "
+        labels, noise = prepared if isinstance(prepared, tuple) else (prepared, None)
+        if len(labels) > self._capacity or (self.signature.fixed_batch not in (None, len(labels))):
+            raise ValueError(f"a batch of {len(labels)} windows does not fit this engine (batch "
                              f"{self.signature.fixed_batch or f'1..{self._capacity}'})")
 
-        def forward(windows):
+        def forward(windows, noise_windows=None):
             # Allocated on the stream the engine runs on: the caching allocator hands it out again only after
-            # the accumulator's stream, which records its use, is done with it.
+            # the accumulator's stream, which records its use, is done with it. The noise windows (float32, drawn
+            # on this stream) live until the engine's work on it is queued, which is all TensorRT needs.
             images = torch.empty((len(windows), *self._out_shape), dtype=torch.float32, device=windows.device)
-            self._enqueue(len(windows), windows.data_ptr(), images.data_ptr(), self._torch_stream.cuda_stream)
+            inputs = {"mask": windows.data_ptr()}
+            if noise_windows is not None:
+                inputs["noise"] = noise_windows.data_ptr()
+            self._enqueue(len(windows), inputs, images.data_ptr(), self._torch_stream.cuda_stream)
             return images
 
-        # The contract's input is float32 (the engine casts inside where it runs fp16).
-        return infer_on_device(self._torch_stream, prepared, forward, torch.float32)
+        # The contract's inputs are float32 (the engine casts inside where it runs fp16).
+        return infer_on_device(self._torch_stream, labels, forward, torch.float32, noise)
 
     def band_accumulator(self, plan, blend: str):
         if not self.device_resident:
@@ -490,13 +526,14 @@ class TensorRTBackend(Backend):
         cudart = self._cudart
         if self._stream is not None:
             cudart.cudaStreamSynchronize(self._stream)
-        for pinned in (self._host_in, self._host_out):
+        for pinned in (*self._host_in.values(), self._host_out):
             if pinned is not None:
                 cudart.cudaFreeHost(pinned[0])
-        for pointer in (self._device_in, self._device_out):
+        for pointer in (*self._device_in.values(), self._device_out):
             if pointer is not None:
                 cudart.cudaFree(pointer)
         if self._stream is not None:
             cudart.cudaStreamDestroy(self._stream)
-        self._stream = self._device_in = self._device_out = self._host_in = self._host_out = None
+        self._stream = self._device_out = self._host_out = None
+        self._device_in, self._host_in = {}, {}
         self._context = self._engine = self._runtime = None
