@@ -8,6 +8,7 @@ import contextlib
 import functools
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +261,64 @@ def test_a_bad_colour_in_one_band_is_one_line_and_leaves_nothing(tmp_path, scene
         engine.render(mask, tmp_path / "out.ome.zarr", model=scene["model"], client=cluster, **LAYOUT, **OPTIONS)
     assert "\n" not in str(error.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["yellow.png"]
+
+
+def _fails_or_waits_for_stop(index, folder, *, stop):
+    """Task 0 reports a failure after the others have started; the others run until `stop` is set (up to 30 s) and
+    note how they ended in `folder`."""
+    if index == 0:
+        time.sleep(0.5)
+        return "bad"
+    for _ in range(600):
+        if stop.is_set():
+            time.sleep(0.3)  # a chunk row still being written when the signal comes
+            (Path(folder) / f"stopped-{index}").touch()
+            return None
+        time.sleep(0.05)
+    (Path(folder) / f"ran-out-{index}").touch()
+
+
+def test_a_failure_returns_only_after_the_running_tasks_saw_the_stop(cluster, tmp_path):
+    def refuse(index, result):
+        if result == "bad":
+            raise SafronInputError("task 0 failed")
+
+    started = time.perf_counter()
+    with pytest.raises(SafronInputError, match="task 0 failed"):
+        bands._Tasks(cluster, progress=False).run(_fails_or_waits_for_stop, [(0, str(tmp_path)), (1, str(tmp_path))],
+                                                  desc="test", weights=[1, 1], unit="task", on_result=refuse,
+                                                  stoppable=True)
+    # Task 1 had finished by the time run raised: what the caller removes next stays removed.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stopped-1"]
+    assert time.perf_counter() - started < 20
+
+
+class _SetAfter:
+    """An event that reads as set from its `calls`-th look on."""
+
+    def __init__(self, calls: int):
+        self.calls, self.looks = calls, 0
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        return self.looks >= self.calls
+
+
+@pytest.mark.parametrize("calls", [1, 3])
+def test_a_stopped_band_returns_none_and_writes_no_more_chunk_rows(scene, tmp_path, calls):
+    from safron import zarr_output
+
+    store = tmp_path / "band.zarr"
+    zarr_output.create(store, HEIGHT, WIDTH, chunk=64, mpp=None, levels=False)
+    stop = _SetAfter(calls)  # 1: set before the band starts; 3: after it wrote one chunk row (its first look: start)
+    outcome = engine.render_band(str(scene["mask"]), str(store), 192, 384, model=str(scene["model"]),
+                                 backend="onnxruntime", batch_size=None, blend="cosine", overlap=20, threads=1,
+                                 colour_tolerance=195.0, stop=stop)
+    assert outcome is None
+    band = zarr_output.read_rows(store, 192, 384)
+    written = 64 if calls == 3 else 0
+    np.testing.assert_array_equal(band[:written], scene["image"][192:192 + written])
+    assert not band[written:].any() and scene["image"][192 + written:384].any()
 
 
 @pytest.mark.parametrize("out,options,needle", [

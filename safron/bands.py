@@ -16,12 +16,17 @@ Resumable like a render in one process, with the store in the journal's place: i
 and which bands are done, so after an interruption (Ctrl-C, a worker that died once too often, a full disk)
 `resume=True` renders only the bands still missing.
 
+When one band fails for a reason a rerun would meet again (a bad colour), the render stops and its store is removed.
+Dask cannot stop a running task, so the bands already running are told instead: a Dask `Event` they look at before
+each chunk row they write (`render_band(stop=)`), and the store is removed only after they have returned.
+
 Nothing here imports the engine (which calls in): the band task comes in as `render_band`.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +41,9 @@ DEFAULT_BAND_ROWS = 4096
 # How often Dask reruns a band or level task that raised (an I/O hiccup on a shared disk). A worker that dies is
 # Dask's business: its task is rescheduled anyway (up to distributed.scheduler.allowed-failures).
 RETRIES = 2
+# How long a failed render waits for the bands already running to see its stop signal (each looks once per chunk row,
+# seconds to a minute of rendering) before it gives up on them.
+STOP_WAIT_SECONDS = 600
 
 
 @dataclass(frozen=True)
@@ -70,13 +78,15 @@ def scratch_store(out: Path) -> Path:
 class _Tasks:
     """Calls run as Dask tasks on `client`, or here, one after another, without one; either way one progress bar, each
     result handed to `on_result` as it comes (which may raise to stop), and the first failure raised after the tasks
-    not yet started are cancelled."""
+    not yet started are cancelled. With `stoppable`, each call also gets `stop=`, an event that it should look at
+    while it writes and return early once set: on a failure (Ctrl-C aside) it is set, and `run` raises only after the
+    tasks already running have returned, so that nothing writes after it (module docstring)."""
 
     def __init__(self, client, progress: bool):
         self.client, self.progress = client, progress
 
     def run(self, function: Callable, calls: list[tuple], *, desc: str, weights: list[int], unit: str,
-            on_result: Callable = lambda index, result: None, **options) -> list:
+            on_result: Callable = lambda index, result: None, stoppable: bool = False, **options) -> list:
         from tqdm import tqdm
 
         results = [None] * len(calls)
@@ -87,8 +97,11 @@ class _Tasks:
                     on_result(index, results[index])
                     bar.update(weights[index])
                 return results
-            from distributed import KilledWorker, as_completed
+            from distributed import Event, KilledWorker, as_completed, wait
 
+            stop = Event(f"safron-stop-{uuid.uuid4().hex}", client=self.client) if stoppable else None
+            if stop is not None:
+                options = dict(options, stop=stop)
             futures = [self.client.submit(function, *args, **options, retries=RETRIES, pure=False,
                                           key=f"safron-{desc.replace(' ', '')}-{index}-{time.time_ns()}")
                        for index, args in enumerate(calls)]
@@ -106,6 +119,12 @@ class _Tasks:
                         ) from None
                     on_result(index, results[index])
                     bar.update(weights[index])
+            except Exception:
+                if stop is not None:
+                    # Tasks not yet started return at once; running ones at their next look.
+                    stop.set()
+                    wait([f for f in futures if not f.done()], timeout=STOP_WAIT_SECONDS)
+                raise
             finally:
                 # Running tasks finish (Dask cannot stop them), but nothing new starts.
                 self.client.cancel([f for f in futures if not f.done()])
@@ -159,7 +178,7 @@ def render_in_bands(
 
     try:
         outcomes = tasks.run(render_band, [(mask, str(store), y0, y1) for y0, y1 in todo], desc="bands",
-                             weights=[y1 - y0 for y0, y1 in todo], unit="row", on_result=band_finished,
+                             weights=[y1 - y0 for y0, y1 in todo], unit="row", on_result=band_finished, stoppable=True,
                              progress=progress and client is None, **band_options)
         for level in range(1, len(shapes)):
             level_bounds = band_bounds(shapes[level][0], chunk)

@@ -499,13 +499,17 @@ class _ArraySink:
         pass
 
 
+class _BandStopped(Exception):
+    """The render a band belongs to was stopped (`bands` module docstring): the band writes no more."""
+
+
 class _ChunkRowSink:
     """A band's rows [y0, y1), gathered into whole chunk rows of its Zarr store and written as each one completes, so
     that a band writes only whole chunks (y0 is a chunk boundary) and never another band's. The buffer holds one chunk
     row plus the most rows one patch row can finalise beyond it."""
 
-    def __init__(self, store, y0: int, y1: int, width: int, chunk: int, patch: int):
-        self.store, self.start, self.end, self.chunk = store, y0, y1, chunk
+    def __init__(self, store, y0: int, y1: int, width: int, chunk: int, patch: int, stop=None):
+        self.store, self.start, self.end, self.chunk, self.stop = store, y0, y1, chunk, stop
         self.buffer = np.empty((chunk + patch, width, 3), dtype=np.uint8)
 
     def block(self, y0, y1, x0, x1):
@@ -518,6 +522,8 @@ class _ChunkRowSink:
         from . import zarr_output
 
         while y1 - self.start >= self.chunk or self.start < y1 == self.end:
+            if self.stop is not None and self.stop.is_set():
+                raise _BandStopped
             rows = min(self.chunk, y1 - self.start)
             zarr_output.write_rows(self.store, self.start, self.buffer[:rows])
             # Rows past this chunk row (finalised with it, as part of the same patch row) move to the front.
@@ -624,23 +630,29 @@ def render_array(
 
 def render_band(mask_path: str, store: str, y0: int, y1: int, *, model: str, backend: str, batch_size, blend: str,
                 overlap: int, threads, colour_tolerance: float, progress: bool = False, seed: int = DEFAULT_SEED,
-                outset: int = DEFAULT_OUTSET):
+                outset: int = DEFAULT_OUTSET, stop=None):
     """One band's task, on a Dask worker or in this process: rows [y0, y1) of the render of the mask at `mask_path`,
     written to level 0 of the Zarr `store` in whole chunk rows. A `bands.BandOutcome`; an input error (a bad colour,
     a model that breaks the contract) or a full disk is returned rather than raised, as one line, so that Dask does
-    not retry what would fail the same way again."""
+    not retry what would fail the same way again. `stop`: an event (anything with `is_set()`) looked at before each
+    chunk row is written; once it is set the band returns None, whatever it has not written unwritten."""
     from .bands import BandOutcome
     from .zarr_output import chunk_rows
 
+    if stop is not None and stop.is_set():
+        return None
     try:
         with masks.open_mask(Path(mask_path), colour_tolerance=colour_tolerance) as source:
             engine = create_backend(backend, Path(model), threads=threads)
             try:
                 renderer = _Renderer(source, engine, batch_size, blend, overlap, threads, seed=seed, outset=outset)
-                sink = _ChunkRowSink(Path(store), y0, y1, source.width, chunk_rows(Path(store)), renderer.plan.patch)
+                sink = _ChunkRowSink(Path(store), y0, y1, source.width, chunk_rows(Path(store)), renderer.plan.patch,
+                                     stop)
                 patches = renderer.run(sink, rows_done=y0, rows_end=y1, progress=progress, desc=Path(mask_path).name)
             finally:
                 engine.close()
+    except _BandStopped:
+        return None
     except SafronInputError as exc:
         return exc
     except OSError as exc:
