@@ -215,6 +215,27 @@ def test_border_profile_sees_a_bright_rim_and_a_flat_image_has_no_lock():
     assert std == pytest.approx(0) and rim == pytest.approx(30)
 
 
+def test_colour_by_class_pools_each_class_over_all_images():
+    labels = np.full((4, 10), masks.STROMA, np.uint8)
+    labels[:, :4] = masks.GLAND
+    image = np.zeros((4, 10, 3), np.uint8)
+    image[:, 4:] = (200, 100, 150)  # stroma: grey 150
+    image[:2, :4] = (30, 30, 30)  # gland: half grey 30 ...
+    image[2:, :4] = (240, 210, 180)  # ... half grey 210
+    second = np.full((2, 2, 3), 90, np.uint8)  # 4 more stroma pixels, grey 90
+    found = evaluation.colour_by_class([image, second], [labels, np.full((2, 2), masks.STROMA, np.uint8)])
+    assert sorted(found) == ["gland", "stroma"]  # no background pixel anywhere
+    gland, stroma = found["gland"], found["stroma"]
+    assert gland["share"] == pytest.approx(16 / 44) and stroma["share"] == pytest.approx(28 / 44)
+    np.testing.assert_allclose(gland["mean_rgb"], [135, 120, 105])
+    np.testing.assert_allclose(stroma["mean_rgb"], [(24 * 200 + 4 * 90) / 28, (24 * 100 + 4 * 90) / 28,
+                                                    (24 * 150 + 4 * 90) / 28])
+    assert [gland["grey_percentiles"][q] for q in ("5", "50", "95")] == [30, 30, 210]
+    assert [stroma["grey_percentiles"][q] for q in ("5", "50", "95")] == [90, 150, 150]
+    with pytest.raises(ValueError, match="labels of"):
+        evaluation.colour_by_class([image], [labels[:2]])
+
+
 def test_side_by_side_lays_rows_of_panels_on_white():
     a, b = np.zeros((10, 20, 3), np.uint8), np.full((12, 8, 3), 7, np.uint8)
     sheet = evaluation.side_by_side([(a, b, a), (b, b, b)], gap=2)
@@ -276,6 +297,11 @@ def test_report_of_the_centre_crop_model_finds_its_images_are_the_masks(tmp_path
     assert stored["whole"]["fid"]["value"] == pytest.approx(report.whole.fid.value)
     text = (out / "report.md").read_text()
     assert "FID" in text and "seam score" in text and "centre_crop.onnx" in text
+    # The centre-crop model paints each class its mask colour: glands exactly masks.GLAND's colour.
+    gland_colour = masks.labels_to_colour(np.array([[masks.GLAND]], np.uint8))[0, 0]
+    np.testing.assert_allclose(report.colour_model["gland"]["mean_rgb"], gland_colour, atol=0.5)
+    np.testing.assert_allclose(report.colour_real["gland"]["mean_rgb"], [120, 60, 150], atol=0.5)
+    assert "| gland |" in text and stored["colour_real"]["gland"]["share"] > 0
     assert "pretrained networks in the model's training losses (its metadata): none" in text
     # Of these names only testA_1 is in SHEET_IMAGES: one row of three half-scale panels.
     assert np.asarray(Image.open(out / "sheet.png")).shape == (150, 3 * 170 + 2 * 8, 3)

@@ -22,6 +22,10 @@ and side-by-side sheets (mask | real | synthetic) of a fixed set of testA images
   Either way the score of one model moves with where the grid falls: the default of 2026-12 scored 0.73 to 1.03
   paired (renders of 4096 and 4200 px, outsets 0 and 20) and 0.74 to 1.16 unpaired (4000 to 4200 px, outsets 0 to
   40); one render pair cannot tell apart models closer than about 0.2.)
+* **Colour by class**: per mask class (background, stroma, gland), over all testA pixels of that class, the mean
+  RGB and the 5th, 50th and 95th percentiles of the grey level, synthetic beside real: a generator that paints
+  glands too dark or with too little contrast (no white goblet cells, no black nuclei) shows it here by class, where
+  the colour histograms of whole images mix the classes.
 * **Patch-grid lock**: the mean grey level at each distance from the image border. The first patch row and column
   start at the same place in every image (the render's outset beyond the border), so texture locked to the
   generator's patch grid makes this profile swing with the distance, where real images give a flat one (its
@@ -49,7 +53,8 @@ from .errors import SafronInputError
 __all__ = [
     "SHEET_IMAGES", "CROP", "SEAM_SIDE", "FEATURES_FILE", "TestCase", "Interval", "SetScores", "Difference", "Report",
     "load_testa", "crops", "bootstrap_scores", "paired_difference", "compare_reports", "save_features", "load_features",
-    "border_profile", "grid_lock", "seam_score", "paired_seam_score", "side_by_side", "evaluate", "write_report",
+    "border_profile", "grid_lock", "colour_by_class", "seam_score", "paired_seam_score", "side_by_side", "evaluate",
+    "write_report",
 ]
 
 # Fixed, so that sheets of different models compare image for image: glands of several sizes and grades.
@@ -59,6 +64,9 @@ SEAM_SIDE = 4096
 SEAM_MASK_SEED = 2026
 DEFAULT_RESAMPLES = 200
 PROFILE_DEPTH = 40
+# Mask classes by label (masks.BACKGROUND, STROMA, GLAND), as the report names them.
+CLASS_NAMES = ("background", "stroma", "gland")
+GREY_PERCENTILES = (5, 50, 95)
 # The relative half-width under which a bootstrap interval is called tight enough to rank models by.
 TIGHT_INTERVAL = 0.15
 
@@ -119,6 +127,9 @@ class Report:
     versus_whole: Difference | None = None
     versus_crops: Difference | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    # colour_by_class of the synthetic and the real images (empty in reports written before it existed).
+    colour_model: dict = field(default_factory=dict)
+    colour_real: dict = field(default_factory=dict)
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
@@ -282,6 +293,37 @@ def border_profile(images: Sequence[np.ndarray], depth: int = PROFILE_DEPTH) -> 
             sides = (grey[d, inner[1]], grey[-1 - d, inner[1]], grey[inner[0], d], grey[inner[0], -1 - d])
             total[d] += np.concatenate(sides).mean()
     return total / len(images)
+
+
+def colour_by_class(images: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> dict[str, dict]:
+    """Per mask class present (CLASS_NAMES), over its pixels in all `images` (uint8 HxWx3, with label maps HxW): the
+    share of all pixels, the mean RGB and the grey level's GREY_PERCENTILES (grey = the mean of R, G and B, in 1/3
+    levels). Histograms, so that the 60 testA images need no copy of their pixels."""
+    rgb = np.zeros((len(CLASS_NAMES), 3, 256), np.int64)
+    grey = np.zeros((len(CLASS_NAMES), 766), np.int64)  # R + G + B
+    for image, label in zip(images, labels):
+        if image.shape[:2] != label.shape:
+            raise ValueError(f"an image of {image.shape[:2]} with labels of {label.shape}")
+        for k in range(len(CLASS_NAMES)):
+            pixels = image[label == k]
+            if len(pixels):
+                for channel in range(3):
+                    rgb[k, channel] += np.bincount(pixels[:, channel], minlength=256)
+                grey[k] += np.bincount(pixels.astype(np.int32).sum(axis=1), minlength=766)
+    total, levels = grey.sum(), np.arange(256)
+    found = {}
+    for k, name in enumerate(CLASS_NAMES):
+        count = grey[k].sum()
+        if not count:
+            continue
+        cumulative = np.cumsum(grey[k])
+        found[name] = {
+            "share": float(count / total),
+            "mean_rgb": [float(levels @ rgb[k, channel] / count) for channel in range(3)],
+            "grey_percentiles": {str(q): float(np.searchsorted(cumulative, q / 100 * count) / 3)
+                                 for q in GREY_PERCENTILES},
+        }
+    return found
 
 
 def grid_lock(profile: np.ndarray) -> tuple[float, float]:
@@ -512,6 +554,8 @@ def evaluate(
         reference_whole=scores.get("reference_whole"), reference_crops=scores.get("reference_crops"),
         baseline=str(baseline) if baseline is not None else None, versus_whole=differences.get("whole"),
         versus_crops=differences.get("crops"), seconds=seconds, loss_networks=loss_networks(model_path),
+        colour_model=colour_by_class(rendered, [c.labels for c in cases]),
+        colour_real=colour_by_class(real_images, [c.labels for c in cases]),
     )
     by_name = {c.name: (c, image) for c, image in zip(cases, rendered)}
     sheet_rows = [(masks.labels_to_colour(c.labels), c.image, image)
@@ -616,6 +660,28 @@ def _interval(interval: Interval, digits: int) -> str:
             f"(half-width {100 * interval.relative_half_width:.0f} %)")
 
 
+def _colour_lines(report: Report) -> list[str]:
+    if not report.colour_model:
+        return []
+    percentiles = " / ".join(f"p{q}" for q in GREY_PERCENTILES)
+    lines = ["", f"Colour by class (mean RGB; grey level {percentiles}), synthetic vs real:", "",
+             "| class | share of pixels | mean RGB, synthetic | mean RGB, real | grey, synthetic | grey, real |",
+             "|---|---|---|---|---|---|"]
+
+    def rgb(stats):
+        return "(" + ", ".join(f"{v:.0f}" for v in stats["mean_rgb"]) + ")"
+
+    def grey(stats):
+        return " / ".join(f"{stats['grey_percentiles'][str(q)]:.0f}" for q in GREY_PERCENTILES)
+
+    for name in CLASS_NAMES:
+        model, real = report.colour_model.get(name), report.colour_real.get(name)
+        if model and real:
+            lines.append(f"| {name} | {100 * real['share']:.0f} % | {rgb(model)} | {rgb(real)} | {grey(model)} | "
+                         f"{grey(real)} |")
+    return lines
+
+
 def write_report(report: Report, out_dir: str | os.PathLike) -> Path:
     """report.md and report.json in `out_dir`; returns the path of report.md."""
     out_dir = Path(out_dir)
@@ -662,6 +728,7 @@ def write_report(report: Report, out_dir: str | os.PathLike) -> Path:
     lines += [
         f"| border profile std (levels; flat = no grid lock) | {std_model:.2f} | {std_real:.2f} |",
         f"| rim excess (levels) | {rim_model:+.1f} | {rim_real:+.1f} |",
+        *_colour_lines(report),
         "",
         "![side by side](sheet.png)",
         "",
