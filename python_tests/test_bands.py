@@ -293,6 +293,24 @@ def test_a_failure_returns_only_after_the_running_tasks_saw_the_stop(cluster, tm
     assert time.perf_counter() - started < 20
 
 
+def _fails_or_ignores_stop(index, *, stop):
+    if index == 0:
+        time.sleep(0.5)
+        return "bad"
+    time.sleep(3)
+
+
+def test_a_task_deaf_to_the_stop_does_not_hide_the_failure(cluster, monkeypatch):
+    def refuse(index, result):
+        if result == "bad":
+            raise SafronInputError("task 0 failed")
+
+    monkeypatch.setattr(bands, "STOP_WAIT_SECONDS", 0.2)
+    with pytest.raises(SafronInputError, match="task 0 failed"):
+        bands._Tasks(cluster, progress=False).run(_fails_or_ignores_stop, [(0,), (1,)], desc="test", weights=[1, 1],
+                                                  unit="task", on_result=refuse, stoppable=True)
+
+
 class _SetAfter:
     """An event that reads as set from its `calls`-th look on."""
 

@@ -25,6 +25,7 @@ Nothing here imports the engine (which calls in): the band task comes in as `ren
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -123,7 +124,9 @@ class _Tasks:
                 if stop is not None:
                     # Tasks not yet started return at once; running ones at their next look.
                     stop.set()
-                    wait([f for f in futures if not f.done()], timeout=STOP_WAIT_SECONDS)
+                    # Past the wait, the failure is still what to report (`wait` raises TimeoutError then).
+                    with contextlib.suppress(TimeoutError):
+                        wait([f for f in futures if not f.done()], timeout=STOP_WAIT_SECONDS)
                 raise
             finally:
                 # Running tasks finish (Dask cannot stop them), but nothing new starts.
