@@ -358,9 +358,17 @@ def _torch_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-@pytest.mark.needs_tensorrt
-@pytest.mark.needs_cuda
-@pytest.mark.skipif(not _torch_cuda(), reason="the device-resident TensorRT path needs a CUDA build of PyTorch")
+def _device_resident(test):
+    """Marks a test of the device-resident TensorRT path: TensorRT, a CUDA device, and a CUDA build of PyTorch."""
+    marks = (pytest.mark.needs_tensorrt, pytest.mark.needs_cuda,
+             pytest.mark.skipif(not _torch_cuda(),
+                                reason="the device-resident TensorRT path needs a CUDA build of PyTorch"))
+    for mark in marks:
+        test = mark(test)
+    return test
+
+
+@_device_resident
 def test_device_resident_render_reproduces_the_mask_with_a_centre_crop_model(tmp_path):
     from safron import engine, masks
 
@@ -376,9 +384,7 @@ def test_device_resident_render_reproduces_the_mask_with_a_centre_crop_model(tmp
     np.testing.assert_array_equal(image, masks.labels_to_colour(labels))
 
 
-@pytest.mark.needs_tensorrt
-@pytest.mark.needs_cuda
-@pytest.mark.skipif(not _torch_cuda(), reason="the device-resident TensorRT path needs a CUDA build of PyTorch")
+@_device_resident
 def test_device_resident_render_matches_the_host_path_of_the_same_engine(tmp_path):
     model = _instance_norm_model(tmp_path / "model.onnx")
     labels = np.random.default_rng(9).integers(0, 3, (600, 1000), dtype=np.uint8)
@@ -387,9 +393,7 @@ def test_device_resident_render_matches_the_host_path_of_the_same_engine(tmp_pat
     assert assert_resident_render_matches_host_path(resident, host, labels).std() > 5
 
 
-@pytest.mark.needs_tensorrt
-@pytest.mark.needs_cuda
-@pytest.mark.skipif(not _torch_cuda(), reason="the device-resident TensorRT path needs a CUDA build of PyTorch")
+@_device_resident
 def test_device_resident_noise_render_matches_the_host_path_and_onnxruntime(tmp_path):
     from safron import engine
 

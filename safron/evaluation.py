@@ -299,18 +299,16 @@ def colour_by_class(images: Sequence[np.ndarray], labels: Sequence[np.ndarray]) 
     """Per mask class present (CLASS_NAMES), over its pixels in all `images` (uint8 HxWx3, with label maps HxW): the
     share of all pixels, the mean RGB and the grey level's GREY_PERCENTILES (grey = the mean of R, G and B, in 1/3
     levels). Histograms, so that the 60 testA images need no copy of their pixels."""
-    rgb = np.zeros((len(CLASS_NAMES), 3, 256), np.int64)
-    grey = np.zeros((len(CLASS_NAMES), 766), np.int64)  # R + G + B
+    rgb_sums = np.zeros((len(CLASS_NAMES), 3), np.int64)
+    grey = np.zeros((len(CLASS_NAMES), 766), np.int64)  # histograms of R + G + B
     for image, label in zip(images, labels):
         if image.shape[:2] != label.shape:
             raise ValueError(f"an image of {image.shape[:2]} with labels of {label.shape}")
         for k in range(len(CLASS_NAMES)):
-            pixels = image[label == k]
-            if len(pixels):
-                for channel in range(3):
-                    rgb[k, channel] += np.bincount(pixels[:, channel], minlength=256)
-                grey[k] += np.bincount(pixels.astype(np.int32).sum(axis=1), minlength=766)
-    total, levels = grey.sum(), np.arange(256)
+            pixels = image[label == k].astype(np.int64)
+            rgb_sums[k] += pixels.sum(axis=0)
+            grey[k] += np.bincount(pixels.sum(axis=1), minlength=766)
+    total = grey.sum()
     found = {}
     for k, name in enumerate(CLASS_NAMES):
         count = grey[k].sum()
@@ -319,7 +317,7 @@ def colour_by_class(images: Sequence[np.ndarray], labels: Sequence[np.ndarray]) 
         cumulative = np.cumsum(grey[k])
         found[name] = {
             "share": float(count / total),
-            "mean_rgb": [float(levels @ rgb[k, channel] / count) for channel in range(3)],
+            "mean_rgb": (rgb_sums[k] / count).tolist(),
             "grey_percentiles": {str(q): float(np.searchsorted(cumulative, q / 100 * count) / 3)
                                  for q in GREY_PERCENTILES},
         }
@@ -546,6 +544,7 @@ def evaluate(
     if segmenter:
         seconds["gland segmentation"] = time.perf_counter() - started
 
+    labels = [c.labels for c in cases]
     report = Report(
         model=str(model_path), model_sha256=file_sha256(model_path) if model_path.is_file() else "", blend=blend,
         overlap=overlap, outset=outset, whole=scores["whole"], crops=scores["crops"],
@@ -554,8 +553,7 @@ def evaluate(
         reference_whole=scores.get("reference_whole"), reference_crops=scores.get("reference_crops"),
         baseline=str(baseline) if baseline is not None else None, versus_whole=differences.get("whole"),
         versus_crops=differences.get("crops"), seconds=seconds, loss_networks=loss_networks(model_path),
-        colour_model=colour_by_class(rendered, [c.labels for c in cases]),
-        colour_real=colour_by_class(real_images, [c.labels for c in cases]),
+        colour_model=colour_by_class(rendered, labels), colour_real=colour_by_class(real_images, labels),
     )
     by_name = {c.name: (c, image) for c, image in zip(cases, rendered)}
     sheet_rows = [(masks.labels_to_colour(c.labels), c.image, image)

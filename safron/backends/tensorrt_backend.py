@@ -416,7 +416,7 @@ class TensorRTBackend(Backend):
         cudart, sig, n = self._cudart, self.signature, self._capacity
         self._in_shapes = {name: (channels, sig.window, sig.window)
                            for name, channels in self._input_channels(sig).items()}
-        self._in_shape, self._out_shape = self._in_shapes["mask"], (3, sig.patch, sig.patch)
+        self._out_shape = (3, sig.patch, sig.patch)
         self._out_bytes = 4 * int(np.prod(self._out_shape))  # per patch, float32
         self._stream = _cuda_call(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
         for name, shape in self._in_shapes.items():
@@ -433,8 +433,9 @@ class TensorRTBackend(Backend):
 
     def run(self, masks: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
         self._check_noise(masks, noise)
-        if masks.ndim != 4 or masks.shape[1:] != self._in_shape:
-            raise ValueError(f"expected masks [N, {', '.join(map(str, self._in_shape))}], got {list(masks.shape)}")
+        if masks.ndim != 4 or masks.shape[1:] != self._in_shapes["mask"]:
+            raise ValueError(f"expected masks [N, {', '.join(map(str, self._in_shapes['mask']))}], got "
+                             f"{list(masks.shape)}")
         if self.signature.fixed_batch is not None and len(masks) != self.signature.fixed_batch:
             raise ValueError(f"this engine runs batches of exactly {self.signature.fixed_batch}, got {len(masks)}")
         # The engine's thread may not be the one that created the backend, and CUDA's current device is per thread.
