@@ -91,11 +91,18 @@ def test_features_survive_the_file_and_a_damaged_file_is_one_line(tmp_path):
         evaluation.load_features(tmp_path / "bad.npz")
 
 
-def _report_folder(folder: Path, real: dict, synthetic: dict) -> Path:
+def _report_folder(folder: Path, real: dict, synthetic: dict, seams: np.ndarray | None = None,
+                   seam_render: dict | None = None) -> Path:
+    """A report folder as `evaluate` leaves it, as far as `compare_reports` reads it: the features, and with `seams`
+    (seam_blocks) the seam render's settings in report.json."""
     folder.mkdir(parents=True)
-    evaluation.save_features(folder / evaluation.FEATURES_FILE,
-                             {f"{kind}_{name}": group for kind, groups in (("real", real), ("synthetic", synthetic))
-                              for name, group in groups.items()})
+    groups = {f"{kind}_{name}": group for kind, groups in (("real", real), ("synthetic", synthetic))
+              for name, group in groups.items()}
+    if seams is not None:
+        groups[evaluation.SEAM_FEATURES] = [seams]
+        render = {"blend": "cosine", "overlap": 40, "outset": 20, "seam_side": 700} | (seam_render or {})
+        (folder / "report.json").write_text(json.dumps(render))
+    evaluation.save_features(folder / evaluation.FEATURES_FILE, groups)
     return folder
 
 
@@ -188,6 +195,101 @@ def test_paired_seam_score_sees_seams_and_not_the_edges_they_fall_on():
     assert evaluation.paired_seam_score(first, grid, outset, control, control_grid, shifted) > 1.1
     with pytest.raises(ValueError, match="does not match"):
         evaluation.paired_seam_score(edged, grid, outset, edged[:600], control_grid, shifted)
+
+
+def _seam_renders(seed: int = 3, control_seed: int = 4, step: int = 12):
+    """Two renders of one mask (a texture with edges on the first grid's seam lines) on grids half a stride apart,
+    each patch `step` levels brighter or darker (0: seamless), with what paired_seam_score takes after each."""
+    height, width, outset, shifted = 700, 900, 20, 138
+    grid = geometry.plan(height + 2 * outset, width + 2 * outset)
+    control_grid = geometry.plan(height + 2 * shifted, width + 2 * shifted)
+    edged = _seamless_texture(height, width).astype(np.int16)
+    for row in np.asarray(grid.ys)[1:] - outset:
+        edged[row:] += 40
+    canvas = np.pad(np.clip(edged, 0, 255).astype(np.uint8), ((shifted, shifted), (shifted, shifted), (0, 0)),
+                    mode="reflect")
+    pad = shifted - outset
+    first = canvas[pad:canvas.shape[0] - pad, pad:canvas.shape[1] - pad]
+    if step:
+        first = _stepped(first, grid, outset, seed=seed)
+        control = _stepped(canvas, control_grid, shifted, seed=control_seed)
+    else:
+        first, control = first[outset:-outset, outset:-outset], canvas[shifted:-shifted, shifted:-shifted]
+    return first, grid, outset, control, control_grid, shifted
+
+
+def _line_mean_score(image, grid, outset, control, control_grid, control_outset) -> float:
+    """paired_seam_score as the fourteenth session wrote it, from whole lines: the reference its squares must sum to."""
+    def lines(picture, plan, shift):
+        pixels = picture.astype(np.float64)
+        steps = (np.abs(np.diff(pixels, axis=0)).mean(axis=(1, 2)), np.abs(np.diff(pixels, axis=1)).mean(axis=(0, 2)))
+        edges = []
+        for origins, size in ((np.asarray(plan.ys) - shift, picture.shape[0]),
+                              (np.asarray(plan.xs) - shift, picture.shape[1])):
+            on = [o - 1 for o in origins if o > 0] + [o + plan.patch - 1 for o in origins if o + plan.patch < size]
+            edges.append(np.unique(on))
+        return steps, edges
+    (mine_steps, mine_edges), (their_steps, their_edges) = lines(image, grid, outset), lines(control, control_grid,
+                                                                                          control_outset)
+    seams = sum(mine_steps[d][mine_edges[d]].sum() + their_steps[d][their_edges[d]].sum() for d in range(2))
+    others = sum(their_steps[d][mine_edges[d]].sum() + mine_steps[d][their_edges[d]].sum() for d in range(2))
+    return seams / others
+
+
+def test_seam_blocks_split_the_paired_score_and_their_interval_holds_it():
+    renders = _seam_renders()
+    blocks = evaluation.seam_blocks(*renders, block=128)
+    assert blocks.shape == (6 * 8, 2)  # 700 x 900 px in squares of 128
+    assert (blocks >= 0).all() and (blocks[:, 1] > 0).all()  # every square is crossed by some seam line
+    assert blocks[:, 0].sum() / blocks[:, 1].sum() == pytest.approx(_line_mean_score(*renders), rel=1e-9)
+    # The default squares split the same score: the score does not depend on how it is resampled.
+    assert evaluation.paired_seam_score(*renders) == pytest.approx(_line_mean_score(*renders), rel=1e-9)
+    interval = evaluation.seam_interval(blocks, resamples=50)
+    assert interval.value == pytest.approx(_line_mean_score(*renders), rel=1e-9)
+    assert interval.low < interval.value < interval.high and interval.low > 1  # seams, beyond what squares vary
+    # Seamless renders (the same pixels in both): every square scores 1, so the interval is 1 too.
+    seamless = evaluation.seam_interval(evaluation.seam_blocks(*_seam_renders(step=0), block=128), resamples=50)
+    assert (seamless.value, seamless.low, seamless.high) == pytest.approx((1, 1, 1), rel=1e-12)
+    first, grid, outset, control, control_grid, shifted = renders
+    with pytest.raises(ValueError, match="differ in size|does not match"):
+        evaluation.seam_blocks(first, grid, outset, control[:600], control_grid, shifted)
+
+
+def test_the_paired_seam_difference_is_zero_between_the_same_renders_and_tells_a_faint_seam():
+    seamless = evaluation.seam_blocks(*_seam_renders(step=0), block=128)
+    faint = evaluation.seam_blocks(*_seam_renders(step=2), block=128)
+    same = evaluation.seam_difference(seamless, seamless, resamples=50)
+    assert (same.score.value, same.score.low, same.score.high) == (0, 0, 0) and same.verdict == "not told apart"
+    worse = evaluation.seam_difference(faint, seamless, resamples=50)
+    assert worse.verdict == "worse" and worse.score.value == pytest.approx(
+        evaluation.seam_interval(faint).value - evaluation.seam_interval(seamless).value)
+    assert evaluation.seam_difference(seamless, faint, resamples=50).verdict == "better"
+    with pytest.raises(SafronInputError, match="not the same seam renders"):
+        evaluation.seam_difference(faint, seamless[:10], resamples=5)
+
+
+def test_comparing_reports_pairs_their_seam_scores_only_over_the_same_seam_renders(tmp_path, capsys):
+    real = {"whole": _features(0, 12, 1), "crops": _features(1, 12, 3)}
+    synthetic = {"whole": _features(2, 12, 1), "crops": _features(3, 12, 3)}
+    seamless = evaluation.seam_blocks(*_seam_renders(step=0), block=128)
+    faint = evaluation.seam_blocks(*_seam_renders(step=2), block=128)
+    candidate = _report_folder(tmp_path / "faint", real, synthetic, faint)
+    baseline = _report_folder(tmp_path / "seamless", real, synthetic, seamless)
+    seams = evaluation.compare_reports(candidate, baseline, resamples=20)["seam"]
+    direct = evaluation.seam_difference(faint, seamless, resamples=20)
+    assert (seams.score.value, seams.score.low, seams.score.high) == pytest.approx(
+        (direct.score.value, direct.score.low, direct.score.high), rel=1e-5)  # the saved squares are float32
+    assert seams.verdict == "worse"
+    assert eval_main(["--compare", str(candidate), str(baseline), "--bootstrap", "20"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and out[2].startswith(f"versus {baseline} (seam score, same seam renders): +")
+    assert out[2].endswith(": worse")
+    # Another grid (outset), another seam mask, or a baseline without squares: no seam difference, FID and KID still.
+    for name, render in (("outset", {"outset": 0}), ("side", {"seam_side": 4096})):
+        other = _report_folder(tmp_path / name, real, synthetic, seamless, render)
+        assert set(evaluation.compare_reports(candidate, other, resamples=5)) == {"whole", "crops"}
+    old = _report_folder(tmp_path / "old", real, synthetic)
+    assert set(evaluation.compare_reports(candidate, old, resamples=5)) == {"whole", "crops"}
 
 
 def test_seam_score_finds_the_seams_of_a_grid_reaching_beyond_the_image():
@@ -292,6 +394,8 @@ def test_report_of_the_centre_crop_model_finds_its_images_are_the_masks(tmp_path
     # Its patches agree exactly where they overlap, so stitching leaves no trace of its own: both seam renders are
     # the seam mask's colours, whose steps on either grid's seam lines are the same in the two.
     assert report.seam == pytest.approx(1.0, rel=1e-9)
+    assert report.seam_interval.low == pytest.approx(1.0, rel=1e-9) == report.seam_interval.high
+    assert evaluation.load_features(out / evaluation.FEATURES_FILE)[evaluation.SEAM_FEATURES][0].shape == (4, 2)
     assert report.outset == engine.DEFAULT_OUTSET
     stored = json.loads((out / "report.json").read_text())
     assert stored["whole"]["fid"]["value"] == pytest.approx(report.whole.fid.value)
@@ -307,10 +411,12 @@ def test_report_of_the_centre_crop_model_finds_its_images_are_the_masks(tmp_path
     assert np.asarray(Image.open(out / "sheet.png")).shape == (150, 3 * 170 + 2 * 8, 3)
 
     # The same model against its own report: no difference, and the report says so.
-    again = evaluation.evaluate(glas, tmp_path / "again", CENTRE_CROP, threads=1, resamples=5, seam_side=0,
+    again = evaluation.evaluate(glas, tmp_path / "again", CENTRE_CROP, threads=1, resamples=5, seam_side=600,
                                 baseline=out, progress=False)
     assert again.versus_whole.fid.value == pytest.approx(0, abs=1e-3) and again.versus_crops.verdict == "not told apart"
-    assert "Against the baseline report" in (tmp_path / "again" / "report.md").read_text()
+    assert again.versus_seam.score.value == pytest.approx(0, abs=1e-9) and again.versus_seam.verdict == "not told apart"
+    text = (tmp_path / "again" / "report.md").read_text()
+    assert "Against the baseline report" in text and "Seam score minus the baseline's" in text
     other_glas = write_glas(tmp_path / "other", count=2)
     with pytest.raises(SafronInputError, match="scored other test images"):
         evaluation.evaluate(other_glas, tmp_path / "x", CENTRE_CROP, threads=1, resamples=2, seam_side=0,

@@ -53,7 +53,8 @@ from .errors import SafronInputError
 __all__ = [
     "SHEET_IMAGES", "CROP", "SEAM_SIDE", "FEATURES_FILE", "TestCase", "Interval", "SetScores", "Difference", "Report",
     "load_testa", "crops", "bootstrap_scores", "paired_difference", "compare_reports", "save_features", "load_features",
-    "border_profile", "grid_lock", "colour_by_class", "seam_score", "paired_seam_score", "side_by_side", "evaluate",
+    "border_profile", "grid_lock", "colour_by_class", "seam_score", "paired_seam_score", "seam_blocks",
+    "seam_interval", "SeamDifference", "seam_difference", "side_by_side", "evaluate",
     "write_report",
 ]
 
@@ -62,6 +63,8 @@ SHEET_IMAGES = ("testA_1", "testA_10", "testA_25", "testA_40", "testA_55")
 CROP = 256
 SEAM_SIDE = 4096
 SEAM_MASK_SEED = 2026
+# The seam score's resampling unit: squares of the seam render, each crossed by a few seam lines of either grid.
+SEAM_BLOCK = 512
 DEFAULT_RESAMPLES = 200
 PROFILE_DEPTH = 40
 # Mask classes by label (masks.BACKGROUND, STROMA, GLAND), as the report names them.
@@ -130,6 +133,10 @@ class Report:
     # colour_by_class of the synthetic and the real images (empty in reports written before it existed).
     colour_model: dict = field(default_factory=dict)
     colour_real: dict = field(default_factory=dict)
+    # The seam score with its interval over squares of the render, and minus the baseline's (None in reports written
+    # before they existed, or without a seam render).
+    seam_interval: Interval | None = None
+    versus_seam: SeamDifference | None = None
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
@@ -254,6 +261,7 @@ def paired_difference(real: Sequence[np.ndarray], candidate: Sequence[np.ndarray
 
 
 FEATURES_FILE = "features.npz"
+SEAM_FEATURES = "seam_blocks"  # its record of `seam_blocks`, for paired seam differences
 
 
 def save_features(path: Path, groups: dict[str, Sequence[np.ndarray]]) -> None:
@@ -335,16 +343,19 @@ def _patch_edges(origins: np.ndarray, patch: int, size: int) -> np.ndarray:
     return np.array(sorted(edges), np.int64)
 
 
-def _seam_steps(image: np.ndarray, plan, outset: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """(mean |step| across each row line, the same across each column line, per direction whether the line is where
-    one of the plan's patches begins or ends); step b lies between pixels b and b + 1."""
+def _seam_steps(image: np.ndarray, plan, outset: int, block: int
+                ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(|step| across each row line, the same across each column line, per direction whether the line is where one
+    of the plan's patches begins or ends); step b lies between pixels b and b + 1. A line's steps come summed over
+    its segments of `block` px, each sum over the line's length: [lines, segments], whose rows sum to the line's
+    mean |step|."""
     pixels = np.asarray(image, np.float32)
     height, width = plan.height - 2 * outset, plan.width - 2 * outset
     if pixels.shape[:2] != (height, width):
         raise ValueError(f"image {pixels.shape[:2]} does not match the plan's {height} x {width} (outset {outset})")
     # Per channel, not on grey levels: the three mask colours, say, all have the same grey level.
-    steps_y = np.abs(np.diff(pixels, axis=0)).mean(axis=(1, 2))
-    steps_x = np.abs(np.diff(pixels, axis=1)).mean(axis=(0, 2))
+    steps_y = _segment_sums(np.abs(np.diff(pixels, axis=0)).mean(axis=2), block) / width
+    steps_x = _segment_sums(np.abs(np.diff(pixels, axis=1)).mean(axis=2).T, block) / height
     edges = []
     for steps, origins, size in ((steps_y, np.asarray(plan.ys) - outset, height),
                                  (steps_x, np.asarray(plan.xs) - outset, width)):
@@ -354,21 +365,89 @@ def _seam_steps(image: np.ndarray, plan, outset: int) -> tuple[np.ndarray, np.nd
     return steps_y, steps_x, edges
 
 
+def _segment_sums(steps: np.ndarray, block: int) -> np.ndarray:
+    """[lines, length] -> [lines, ceil(length / block)]: sums over consecutive runs of `block` along each line."""
+    return np.add.reduceat(steps.astype(np.float64), np.arange(0, steps.shape[1], block), axis=1)
+
+
+def seam_blocks(image: np.ndarray, plan, outset: int, control: np.ndarray, control_plan, control_outset: int,
+                block: int = SEAM_BLOCK) -> np.ndarray:
+    """The paired seam score (`paired_seam_score`) split over the squares of `block` x `block` px of the renders
+    (raster order): [blocks, 2], column 0 the steps across each render's seam lines inside the square, column 1 the
+    steps across the same lines in the other render, both in units of line means. Column 0's sum over column 1's is
+    the score; resampling the squares gives its interval (`seam_interval`) and, for two models scored on the same
+    renders, the paired interval of their difference (`seam_difference`)."""
+    first = _seam_steps(image, plan, outset, block)
+    second = _seam_steps(control, control_plan, control_outset, block)
+    if first[0].shape != second[0].shape or first[1].shape != second[1].shape:
+        raise ValueError(f"the two renders differ in size: {image.shape[:2]} and {control.shape[:2]}")
+    rows, cols = first[1].shape[1], first[0].shape[1]  # squares down (column lines' segments) and across
+    sums = np.zeros((2, rows, cols))
+    for mine, theirs in ((first, second), (second, first)):
+        for direction in range(2):
+            lines = np.flatnonzero(mine[2][direction])
+            for column, steps in enumerate((mine[direction], theirs[direction])):
+                # Row lines (direction 0) run across the squares of row line // block; column lines down those of
+                # column line // block.
+                if direction == 0:
+                    np.add.at(sums[column], lines // block, steps[lines])
+                else:
+                    np.add.at(sums[column].T, lines // block, steps[lines])
+    if not sums[1].sum():
+        raise ValueError("the plans have a single patch, or the control has no steps: there is no seam to score")
+    return sums.reshape(2, -1).T
+
+
 def paired_seam_score(image: np.ndarray, plan, outset: int, control: np.ndarray, control_plan, control_outset: int
                       ) -> float:
     """The seam score of two renders of one mask whose grids are offset (`image` on `plan` grown by `outset`,
     `control` on `control_plan` grown by `control_outset`): the mean |step| across each render's seam lines over the
     mean |step| across the same lines in the other render, both pooled. 1: seams leave no trace."""
-    first, second = _seam_steps(image, plan, outset), _seam_steps(control, control_plan, control_outset)
-    seams = others = 0.0
-    for mine, theirs in ((first, second), (second, first)):
-        for direction in range(2):
-            on_edge = mine[2][direction]
-            seams += mine[direction][on_edge].sum()
-            others += theirs[direction][on_edge].sum()
-    if not others:
-        raise ValueError("the plans have a single patch, or the control has no steps: there is no seam to score")
-    return float(seams / others)
+    blocks = seam_blocks(image, plan, outset, control, control_plan, control_outset)
+    return float(blocks[:, 0].sum() / blocks[:, 1].sum())
+
+
+def _seam_ratio(blocks: np.ndarray, chosen: np.ndarray) -> float:
+    picked = blocks[chosen]
+    return picked[:, 0].sum() / picked[:, 1].sum()
+
+
+def seam_interval(blocks: np.ndarray, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Interval:
+    """The seam score of `seam_blocks` with a 95 % interval from resampling its squares: how much the score would
+    move had the seam lines fallen on other parts of the mask."""
+    blocks = np.asarray(blocks, np.float64)
+    value, spread = _bootstrap(lambda chosen, _: _seam_ratio(blocks, chosen), (len(blocks), len(blocks)), True,
+                               resamples, seed)
+    return _intervals(value[None], spread[None])[0]
+
+
+@dataclass(frozen=True)
+class SeamDifference:
+    """A candidate's seam score minus a baseline's on the same seam renders (the same mask and grids), with the
+    paired 95 % interval over squares: negative, fewer traces of the stitching than the baseline."""
+
+    score: Interval
+
+    @property
+    def verdict(self) -> str:
+        if self.score.high < 0:
+            return "better"
+        if self.score.low > 0:
+            return "worse"
+        return "not told apart"
+
+
+def seam_difference(candidate: np.ndarray, baseline: np.ndarray, resamples: int = DEFAULT_RESAMPLES,
+                    seed: int = 0) -> SeamDifference:
+    """`candidate`'s seam score minus `baseline`'s (both `seam_blocks` of renders of the same mask on the same grids),
+    each resample drawing the same squares for both: what the mask under the seams does to both cancels."""
+    candidate, baseline = np.asarray(candidate, np.float64), np.asarray(baseline, np.float64)
+    if candidate.shape != baseline.shape:
+        raise SafronInputError(f"seam blocks of {candidate.shape[0]} and {baseline.shape[0]} squares: not the same "
+                               "seam renders")
+    value, spread = _bootstrap(lambda chosen, _: _seam_ratio(candidate, chosen) - _seam_ratio(baseline, chosen),
+                               (len(candidate), len(candidate)), True, resamples, seed)
+    return SeamDifference(_intervals(value[None], spread[None])[0])
 
 
 def seam_score(image: np.ndarray, plan, outset: int = 0) -> float:
@@ -376,9 +455,9 @@ def seam_score(image: np.ndarray, plan, outset: int = 0) -> float:
     both directions and the three channels pooled: 1 when seams are as smooth as the texture around them, but which
     mask edges the seams fall on moves it too (`paired_seam_score` cancels that). `plan`: the render's grid, over
     the image grown by `outset` on every side (`engine.render_array(outset=)`)."""
-    steps_y, steps_x, edges = _seam_steps(image, plan, outset)
+    steps_y, steps_x, edges = _seam_steps(image, plan, outset, max(image.shape[:2]))
     seam_sum = seam_count = other_sum = other_count = 0.0
-    for steps, on_edge in zip((steps_y, steps_x), edges):
+    for steps, on_edge in zip((steps_y[:, 0], steps_x[:, 0]), edges):
         seam_sum, seam_count = seam_sum + steps[on_edge].sum(), seam_count + on_edge.sum()
         other_sum, other_count = other_sum + steps[~on_edge].sum(), other_count + (~on_edge).sum()
     if not seam_count:
@@ -498,7 +577,7 @@ def evaluate(
         rendered = [engine.render_array(c.labels, backend=backend, blend=blend, overlap=overlap, outset=outset)
                     for c in tqdm(cases, desc="render testA", unit="image", disable=not progress, leave=False)]
         seconds["render testA"] = time.perf_counter() - started
-        seam = None
+        seam_squares = None
         if seam_side:
             started = time.perf_counter()
             labels = masks.synthesize(seam_side, seam_side, seed=SEAM_MASK_SEED)
@@ -508,7 +587,7 @@ def evaluate(
             shifted = outset + (geometry.PATCH - overlap) // 2
             control = engine.render_array(labels, backend=backend, blend=blend, overlap=overlap, outset=shifted,
                                           progress=progress)
-            seam = paired_seam_score(
+            seam_squares = seam_blocks(
                 seam_image, geometry.render_plan(seam_side, seam_side, outset, overlap=overlap), outset,
                 control, geometry.render_plan(seam_side, seam_side, shifted, overlap=overlap), shifted)
             _save(out_dir / "seam_detail.png", _centre(seam_image, 1024))
@@ -536,6 +615,13 @@ def evaluate(
             differences[name] = paired_difference(
                 real_features, synthetic_features, _baseline_group(baseline_features, name, real_features, baseline),
                 resamples)
+    seam = seam_interval(seam_squares, resamples) if seam_squares is not None else None
+    versus_seam = None
+    if seam_squares is not None:
+        features[SEAM_FEATURES] = [seam_squares]
+        if baseline_features is not None:
+            versus_seam = _seam_versus(seam_squares, _seam_render(blend, overlap, outset, seam_side),
+                                       baseline_features, _stored_seam_render(baseline), resamples)
     save_features(out_dir / FEATURES_FILE, features)
     seconds["features and scores"] = time.perf_counter() - started
 
@@ -549,11 +635,13 @@ def evaluate(
         model=str(model_path), model_sha256=file_sha256(model_path) if model_path.is_file() else "", blend=blend,
         overlap=overlap, outset=outset, whole=scores["whole"], crops=scores["crops"],
         profile_model=border_profile(rendered).tolist(), profile_real=border_profile(real_images).tolist(),
-        seam=seam, seam_side=seam_side, dice_synthetic=dice_synthetic, dice_real=dice_real, segmenter=segmenter,
+        seam=seam.value if seam else None, seam_side=seam_side, dice_synthetic=dice_synthetic,
+        dice_real=dice_real, segmenter=segmenter,
         reference_whole=scores.get("reference_whole"), reference_crops=scores.get("reference_crops"),
         baseline=str(baseline) if baseline is not None else None, versus_whole=differences.get("whole"),
         versus_crops=differences.get("crops"), seconds=seconds, loss_networks=loss_networks(model_path),
         colour_model=colour_by_class(rendered, labels), colour_real=colour_by_class(real_images, labels),
+        seam_interval=seam, versus_seam=versus_seam,
     )
     by_name = {c.name: (c, image) for c, image in zip(cases, rendered)}
     sheet_rows = [(masks.labels_to_colour(c.labels), c.image, image)
@@ -579,11 +667,36 @@ def _baseline_group(stored: dict[str, list[np.ndarray]], name: str, real: list[n
     return stored[f"synthetic_{name}"]
 
 
+def _seam_render(blend: str, overlap: int, outset: int, seam_side: int) -> tuple:
+    """What makes two reports' seam renders the same renders: the mask's side, the grids and the blend."""
+    return seam_side, overlap, outset, blend
+
+
+def _stored_seam_render(folder: str | os.PathLike) -> tuple | None:
+    """`_seam_render` of a report folder, from its report.json (None when unreadable)."""
+    try:
+        stored = json.loads((Path(folder) / "report.json").read_text(encoding="utf-8"))
+        return _seam_render(stored["blend"], stored["overlap"], stored["outset"], stored["seam_side"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _seam_versus(squares: np.ndarray, render: tuple, baseline_features: dict, baseline_render: tuple | None,
+                 resamples: int) -> SeamDifference | None:
+    """The paired seam difference against a baseline's stored squares, or None when the baseline has none (a report
+    from before the seam interval, or without a seam render) or rendered other seams (side, grids or blend)."""
+    theirs = baseline_features.get(SEAM_FEATURES)
+    if theirs is None or baseline_render != render or theirs[0].shape != np.shape(squares):
+        return None
+    return seam_difference(squares, theirs[0], resamples)
+
+
 def compare_reports(candidate: str | os.PathLike, baseline: str | os.PathLike,
-                    resamples: int = DEFAULT_RESAMPLES) -> dict[str, Difference]:
-    """{"whole": ..., "crops": ...}: the paired differences between the models of two report folders, from the
-    features each saved, without rendering or the feature network again (what `--baseline` adds to a report, for
-    reports already written: seconds instead of minutes). Both must have scored the same test images."""
+                    resamples: int = DEFAULT_RESAMPLES) -> dict[str, Difference | SeamDifference]:
+    """{"whole": ..., "crops": ...[, "seam": ...]}: the paired differences between the models of two report folders,
+    from the features each saved, without rendering or the feature network again (what `--baseline` adds to a
+    report, for reports already written: seconds instead of minutes). Both must have scored the same test images;
+    "seam" is there when both rendered the same seam renders and saved their squares."""
     stored = {}
     for name, folder in (("candidate", candidate), ("baseline", baseline)):
         path = Path(folder) / FEATURES_FILE
@@ -597,6 +710,12 @@ def compare_reports(candidate: str | os.PathLike, baseline: str | os.PathLike,
             raise SafronInputError(f"{candidate}: its {FEATURES_FILE} lacks the {name} protocol's features")
         theirs = _baseline_group(stored["baseline"], name, real, baseline)
         differences[name] = paired_difference(real, stored["candidate"][f"synthetic_{name}"], theirs, resamples)
+    ours = stored["candidate"].get(SEAM_FEATURES)
+    render = _stored_seam_render(candidate)
+    if ours is not None and render is not None:
+        seams = _seam_versus(ours[0], render, stored["baseline"], _stored_seam_render(baseline), resamples)
+        if seams is not None:
+            differences["seam"] = seams
     return differences
 
 
@@ -658,6 +777,10 @@ def _interval(interval: Interval, digits: int) -> str:
             f"(half-width {100 * interval.relative_half_width:.0f} %)")
 
 
+def _signed(interval: Interval, digits: int) -> str:
+    return f"{interval.value:+.{digits}f} [{interval.low:+.{digits}f}, {interval.high:+.{digits}f}]"
+
+
 def _colour_lines(report: Report) -> list[str]:
     if not report.colour_model:
         return []
@@ -712,15 +835,20 @@ def write_report(report: Report, out_dir: str | os.PathLike) -> Path:
                   "test images, paired intervals; negative = closer to the real images):", "",
                   "| protocol | FID difference [95 %] | KID difference [95 %] | verdict |", "|---|---|---|---|"]
         for name, difference in (("whole images", report.versus_whole), (f"{CROP} px crops", report.versus_crops)):
-            lines.append(f"| {name} | {difference.fid.value:+.1f} [{difference.fid.low:+.1f}, {difference.fid.high:+.1f}]"
-                         f" | {difference.kid.value:+.4f} [{difference.kid.low:+.4f}, {difference.kid.high:+.4f}] | "
+            lines.append(f"| {name} | {_signed(difference.fid, 1)} | {_signed(difference.kid, 4)} | "
                          f"{difference.verdict} |")
+        if report.versus_seam is not None:
+            lines += ["", f"Seam score minus the baseline's on the same seam renders (paired over {SEAM_BLOCK} px "
+                      f"squares): {_signed(report.versus_seam.score, 3)}, {report.versus_seam.verdict}."]
     lines += ["", "| figure | synthetic | real |", "|---|---|---|"]
     if report.dice_synthetic is not None:
         lines.append(f"| gland Dice (segmenter vs gland mask) | {report.dice_synthetic:.3f} | {report.dice_real:.3f} |")
     else:
         lines.append("| gland Dice | not computed: no gland segmenter in this installation | |")
-    if report.seam is not None:
+    if report.seam_interval is not None:
+        lines.append(f"| seam score ({report.seam_side} x {report.seam_side} render; 1 = no trace) | "
+                     f"{_interval(report.seam_interval, 3)} | |")
+    elif report.seam is not None:
         lines.append(f"| seam score ({report.seam_side} x {report.seam_side} render; 1 = no trace) | "
                      f"{report.seam:.3f} | |")
     lines += [

