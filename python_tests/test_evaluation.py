@@ -356,7 +356,8 @@ def write_glas(root: Path, count: int = 3) -> Path:
         image = np.select([gland[..., None], (labels == masks.BACKGROUND)[..., None]],
                           [np.array([120, 60, 150]), np.array([245, 245, 245])], np.array([230, 140, 180]))
         Image.fromarray(image.astype(np.uint8)).save(root / "testA" / "images" / f"testA_{index + 1}.png")
-        Image.fromarray(np.where(gland, 255, 0).astype(np.uint8)).save(root / "testA" / "masks" / f"testA_{index + 1}.png")
+        Image.fromarray(np.where(gland, 255, 0).astype(np.uint8)).save(
+            root / "testA" / "masks" / f"testA_{index + 1}.png")
     return root
 
 

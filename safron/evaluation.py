@@ -21,7 +21,10 @@ and side-by-side sheets (mask | real | synthetic) of a fixed set of testA images
   the steps across all other lines of one render, so mask edges that happened to lie on seam lines counted as seams.
   Either way the score of one model moves with where the grid falls: the default of 2026-12 scored 0.73 to 1.03
   paired (renders of 4096 and 4200 px, outsets 0 and 20) and 0.74 to 1.16 unpaired (4000 to 4200 px, outsets 0 to
-  40); one render pair cannot tell apart models closer than about 0.2.)
+  40).) Its 95 % interval resamples 512 px squares of the renders (`seam_blocks`): what the score owes to the parts
+  of the mask the seams cross, not to where the grid falls. So two models are compared on the same renders, paired
+  over the same squares (`seam_difference`, in `--baseline` and `--compare`), never by their scores in reports of
+  other renders.
 * **Colour by class**: per mask class (background, stroma, gland), over all testA pixels of that class, the mean
   RGB and the 5th, 50th and 95th percentiles of the grey level, synthetic beside real: a generator that paints
   glands too dark or with too little contrast (no white goblet cells, no black nuclei) shows it here by class, where
