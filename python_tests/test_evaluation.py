@@ -292,6 +292,24 @@ def test_comparing_reports_pairs_their_seam_scores_only_over_the_same_seam_rende
     assert set(evaluation.compare_reports(candidate, old, resamples=5)) == {"whole", "crops"}
 
 
+def test_dice_gap_is_the_paired_mean_difference_and_its_interval_sees_a_consistent_gap():
+    rng = np.random.default_rng(0)
+    real = rng.uniform(0.7, 1.0, 40)
+    same = evaluation.dice_gap(real, real, resamples=50)
+    assert (same.value, same.low, same.high) == (0, 0, 0)
+    # Each synthetic image 0.05 easier than its real one, give or take 0.02: paired, a gap the images can tell, though
+    # the images' own Dice spreads over 0.3.
+    synthetic = real + 0.05 + rng.normal(0, 0.02, 40)
+    gap = evaluation.dice_gap(synthetic, real, resamples=100)
+    assert gap.value == pytest.approx(synthetic.mean() - real.mean())
+    assert 0 < gap.low < gap.value < gap.high < 0.1
+    # The same synthetic Dice in another image order: no longer paired with its own image, the gap is not told.
+    shuffled = evaluation.dice_gap(rng.permutation(synthetic), real, resamples=100)
+    assert shuffled.value == pytest.approx(gap.value) and shuffled.high - shuffled.low > 3 * (gap.high - gap.low)
+    with pytest.raises(SafronInputError, match="same >= 2 images"):
+        evaluation.dice_gap(synthetic, real[:10])
+
+
 def test_seam_score_finds_the_seams_of_a_grid_reaching_beyond_the_image():
     outset = 20
     grid = geometry.plan(700 + 2 * outset, 900 + 2 * outset)
@@ -402,6 +420,10 @@ def test_report_of_the_centre_crop_model_finds_its_images_are_the_masks(tmp_path
     assert stored["whole"]["fid"]["value"] == pytest.approx(report.whole.fid.value)
     text = (out / "report.md").read_text()
     assert "FID" in text and "seam score" in text and "centre_crop.onnx" in text
+    # The shipped gland segmenter scored both sets; the gap is the difference of the two means, paired over images.
+    assert report.dice_gap.value == pytest.approx(report.dice_synthetic - report.dice_real)
+    assert report.dice_gap.low <= report.dice_gap.value <= report.dice_gap.high
+    assert "| gland Dice, synthetic minus real (paired over images) |" in text
     # The centre-crop model paints each class its mask colour: glands exactly masks.GLAND's colour.
     gland_colour = masks.labels_to_colour(np.array([[masks.GLAND]], np.uint8))[0, 0]
     np.testing.assert_allclose(report.colour_model["gland"]["mean_rgb"], gland_colour, atol=0.5)

@@ -125,7 +125,8 @@ def _write_report(args) -> None:
           f"FID {report.crops.fid.value:.1f} / KID {report.crops.kid.value:.4f} ({report.crops.samples_per_set} crops)"
           + (f", seam {report.seam_interval.value:.3f} [{report.seam_interval.low:.3f}, "
              f"{report.seam_interval.high:.3f}]" if report.seam_interval is not None else "")
-          + (f", gland Dice {report.dice_synthetic:.3f} (real {report.dice_real:.3f})"
+          + (f", gland Dice {report.dice_synthetic:.3f} (real {report.dice_real:.3f}, synthetic minus real "
+             f"{report.dice_gap.value:+.3f} [{report.dice_gap.low:+.3f}, {report.dice_gap.high:+.3f}])"
              if report.dice_synthetic is not None else ""))
     _print_differences({"whole": report.versus_whole, "crops": report.versus_crops, "seam": report.versus_seam},
                        args.baseline)
