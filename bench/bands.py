@@ -67,8 +67,8 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     bands = -(-args.height // args.band_rows)
-    print(f"one mask of {args.height} x {args.width} px ({megapixels:.1f} MP) in {bands} bands of {args.band_rows} rows, "
-          f"{os.cpu_count()} cores, medians of {args.rounds} alternating rounds")
+    print(f"one mask of {args.height} x {args.width} px ({megapixels:.1f} MP) in {bands} bands of "
+          f"{args.band_rows} rows, {os.cpu_count()} cores, medians of {args.rounds} alternating rounds")
     base = statistics.median(seconds[next(iter(runs))])
     for name, times in seconds.items():
         median = statistics.median(times)

@@ -104,7 +104,8 @@ def main() -> None:
     pixels = args.size**2 / 1e6
     print(f"{args.size} x {args.size} label mask, centre-crop model, batch 32, {args.threads} threads, "
           f"{args.rounds} rounds (medians; busy seconds of some stages in brackets)")
-    print("| variant | alone | MP/s | beside a busy Python thread | slowdown | vs threads, alone | vs threads, beside |")
+    print("| variant | alone | MP/s | beside a busy Python thread | slowdown | vs threads, alone "
+          "| vs threads, beside |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     base = {busy: statistics.median(times["threads", busy]) for busy in (False, True)}
     for name in VARIANTS:

@@ -42,7 +42,8 @@ def write_label_mask(path: Path, size: int, tile: int = 512) -> None:
                 yy, xx = np.mgrid[ty:ty + tile, tx:tx + tile]
                 yield (((yy // 97) * 7 + (xx // 131) * 3 + (yy * xx // 50021)) % 3).astype(np.uint8)
 
-    tifffile.imwrite(path, tiles(), shape=(size, size), dtype=np.uint8, tile=(tile, tile), compression="zstd", bigtiff=True)
+    tifffile.imwrite(path, tiles(), shape=(size, size), dtype=np.uint8, tile=(tile, tile), compression="zstd",
+                     bigtiff=True)
 
 
 def throughput(model: Path, work: Path, batch: int, threads: int, patches: int) -> None:
@@ -128,11 +129,13 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     args = parser.parse_args()
-    print(f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, python {platform.python_version()}")
+    print(f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+          f"python {platform.python_version()}")
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
         if not args.skip_throughput:
-            throughput(onnx_models.conv_generator(work / "conv_generator.onnx"), work, args.batch, args.threads, args.patches)
+            throughput(onnx_models.conv_generator(work / "conv_generator.onnx"), work, args.batch, args.threads,
+                       args.patches)
         if not args.skip_memory:
             peak_rss(onnx_models.centre_crop(work / "centre_crop.onnx"), work, args.sizes, args.threads)
 

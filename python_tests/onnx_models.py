@@ -107,14 +107,16 @@ def conv_generator(path: Path, width: int = 16, depth: int = 3, seed: int = 0) -
         return numpy_helper.from_array((rng.standard_normal((out_ch, in_ch, k, k)) * scale).astype(np.float32), name)
 
     consts = [weight("w_front", width, 3, 41), weight("w_out", 3, width, 1)]
-    nodes = [helper.make_node("Conv", ["mask", "w_front"], ["h0"]), helper.make_node("LeakyRelu", ["h0"], ["a0"], alpha=0.2)]
+    nodes = [helper.make_node("Conv", ["mask", "w_front"], ["h0"]),
+             helper.make_node("LeakyRelu", ["h0"], ["a0"], alpha=0.2)]
     for i in range(depth):
         consts.append(weight(f"w{i}", width, width, 3))
         nodes += [
             helper.make_node("Conv", [f"a{i}", f"w{i}"], [f"h{i + 1}"], pads=[1, 1, 1, 1]),
             helper.make_node("Relu", [f"h{i + 1}"], [f"a{i + 1}"]),
         ]
-    nodes += [helper.make_node("Conv", [f"a{depth}", "w_out"], ["logits"]), helper.make_node("Tanh", ["logits"], ["image"])]
+    nodes += [helper.make_node("Conv", [f"a{depth}", "w_out"], ["logits"]),
+              helper.make_node("Tanh", ["logits"], ["image"])]
     mask, image = _io(296, 256)
     return _save(helper.make_graph(nodes, "conv_generator", [mask], [image], initializer=consts), path)
 

@@ -124,8 +124,8 @@ def test_cli_renders_a_set_reports_the_failure_and_exits_2(tmp_path, capsys, mod
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["a.png", "b.tif", "--scheduler", "tcp://127.0.0.1:1", "--workers", "2"], "give --workers (a local cluster) or "
-                                                                                "--scheduler (a running one), not both"),
+    (["a.png", "b.tif", "--scheduler", "tcp://127.0.0.1:1", "--workers", "2"],
+     "give --workers (a local cluster) or --scheduler (a running one), not both"),
     (["a.png", "--out-dir", "out", "--band-rows", "1024"], "--band-rows and --chunk split one mask into bands"),
     (["a.png", "b.png", "c.tif"], "give MASK OUT, or masks with --out-dir DIR"),
     (["a.png", "--out-dir", "out", "--resume"], "--resume is automatic with --out-dir"),

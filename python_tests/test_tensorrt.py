@@ -278,7 +278,8 @@ def test_centre_crop_matches_onnxruntime_exactly_across_chunks(tmp_path):
 
 
 @pytest.mark.needs_tensorrt
-@pytest.mark.parametrize("make_model", [onnx_models.conv_generator, _instance_norm_model], ids=["conv", "instance_norm"])
+@pytest.mark.parametrize("make_model", [onnx_models.conv_generator, _instance_norm_model],
+                         ids=["conv", "instance_norm"])
 def test_fp16_engine_matches_onnxruntime_within_colour_levels(tmp_path, make_model):
     model = make_model(tmp_path / "model.onnx")
     masks = random_masks(3, 296, seed=5)

@@ -97,7 +97,8 @@ def test_onnx_models_pytorch_cannot_rebuild_are_refused_in_one_line(tmp_path, ma
 
 def test_missing_onnx_package_is_a_clean_usage_error(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnx" else real_find_spec(name, *a))
     with pytest.raises(SafronInputError, match="Python package 'onnx'"):
         backends.create_backend("torch", DEFAULT_MODEL)
 

@@ -804,7 +804,8 @@ def test_cli_init_takes_the_runs_settings_unless_given_and_refuses_other_widths(
     assert (stored["ngf"], stored["lr"], stored["lambda_shift"], stored["tile"]) == (4, 2e-4, 5.0, 256)
     assert stored["data"] == str(data_dir.resolve()) and stored["init"] == str(latest_checkpoint(base).resolve())
     code, err = run_main(capsys, "--init", base, "--out", tmp_path / "wider", "--steps", 1, "--ngf", 8, "--quiet")
-    assert code == 2 and err.count("\n") == 1 and "does not fit the models of this run (generator ngf 4 there, 8 here)" in err, err
+    assert code == 2 and err.count("\n") == 1 and (
+        "does not fit the models of this run (generator ngf 4 there, 8 here)" in err), err
     code, err = run_main(capsys, "--init", tmp_path / "nowhere", "--out", tmp_path / "x", "--quiet")
     assert code == 2 and err.count("\n") == 1 and "not a run directory or a training checkpoint" in err, err
     code, err = run_main(capsys, "--init", base, "--out", tuned, "--resume", "--steps", 2, "--quiet")
@@ -814,7 +815,8 @@ def test_cli_init_takes_the_runs_settings_unless_given_and_refuses_other_widths(
 def test_ctrl_c_finishes_the_step_saves_and_exits_130(tmp_path, data_dir):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "safron.train", "--data", str(data_dir), "--out", str(run_dir),
-               "--steps", "100000", "--tile", "256", "--ngf", "4", "--ndf", "4", "--save-every", "0", "--sample-every", "0", "--quiet"]
+               "--steps", "100000", "--tile", "256", "--ngf", "4", "--ndf", "4", "--save-every", "0",
+               "--sample-every", "0", "--quiet"]
     proc = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120

@@ -7,7 +7,8 @@ gets its noise windows drawn by a kernel on the same stream (`noise.NoiseBatch.d
 origins alone. The torch backend and the TensorRT backend differ only in that generator call.
 
 `CudaBand` gives `_core.CudaBandAccumulator` (raw device pointers and a cudaStream_t) the interface the engine
-uses for the CPU `BandAccumulator` (safron.accumulator's, with the staging capability): `add(patches, ys, xs, image_height)`, `finalise(y0, y1, out, x0, x1)`,
+uses for the CPU `BandAccumulator` (safron.accumulator's, with the staging capability):
+`add(patches, ys, xs, image_height)`, `finalise(y0, y1, out, x0, x1)`,
 `discard(...)`, `block_cols`. Patches arrive as `DevicePatches`: a CUDA tensor plus the event recorded on the
 inference stream after the generator wrote it, so the accumulate kernel waits for exactly that work and no
 more, and inference of the next batch runs on its own stream meanwhile.

@@ -296,7 +296,8 @@ class TileDataset:
         image, mask = self._pixels(pair.image, pair.mask)
         tile, margin = self.tile, self.margin
         height, width = image.shape[:2]
-        if not (min(0, height - tile) <= y <= max(0, height - tile) and min(0, width - tile) <= x <= max(0, width - tile)):
+        if not (min(0, height - tile) <= y <= max(0, height - tile)
+                and min(0, width - tile) <= x <= max(0, width - tile)):
             raise ValueError(f"a {tile} px tile at (y={y}, x={x}) does not fit in {pair.image}")
         if y >= 0 and x >= 0 and y + tile <= height and x + tile <= width:
             pixels = image[y:y + tile, x:x + tile]

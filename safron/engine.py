@@ -215,7 +215,8 @@ class _Renderer:
         sig = backend.signature
         if sig.fixed_batch is not None:
             if batch_size not in (None, sig.fixed_batch):
-                raise SafronInputError(f"the model was exported with a fixed batch of {sig.fixed_batch}; got --batch-size {batch_size}")
+                raise SafronInputError(f"the model was exported with a fixed batch of {sig.fixed_batch}; "
+                                       f"got --batch-size {batch_size}")
             batch_size = sig.fixed_batch
         self.mask, self.backend, self.mask_file = mask, backend, mask_file
         self.batch_size = batch_size or backend.default_batch_size
@@ -617,7 +618,8 @@ def render_array(
     """
     _check_render_options(batch_size, blend, overlap, threads, seed, outset)
     source = masks.from_array(np.asarray(mask), colour_tolerance=_check_colour_tolerance(colour_tolerance))
-    engine = backend if isinstance(backend, Backend) else create_backend(backend, _resolve_model(model), threads=threads)
+    engine = (backend if isinstance(backend, Backend)
+              else create_backend(backend, _resolve_model(model), threads=threads))
     try:
         renderer = _Renderer(source, engine, batch_size, blend, overlap, threads, seed=seed, outset=outset)
         sink = _ArraySink(source.height, source.width)

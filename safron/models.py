@@ -402,7 +402,8 @@ def fold_one_hot(generator: Generator) -> Generator:
     output for every one-hot input, up to rounding. For inference only (`export_onnx` applies it by default)."""
     if isinstance(generator.context, FoldedContext) or generator.context_kind != "dense":
         return generator  # folded already, or a dilated context, whose first layer is cheap anyway
-    _require(generator.in_channels == 3, f"only a 3-class one-hot input folds (this generator reads {generator.in_channels})")
+    _require(generator.in_channels == 3,
+             f"only a 3-class one-hot input folds (this generator reads {generator.in_channels})")
     weight = generator.context.weight.detach().double()
     folded = FoldedContext(2, generator.ngf, generator.kernel, stride=1, padding=0, bias=True)
     folded.to(generator.context.weight.device)

@@ -14,9 +14,9 @@ Layout:
   (an existing OUT without it is never replaced) and records what decided its pixels (mask, model, options).
 
 Complete or absent, like the TIFF: the store is built under `OUT.partial` and renamed onto OUT only once every
-level is written (`files.replace_folder`), so a reader that finds OUT finds all of it. Chunk writes are whole chunks at fixed
-places (every writer owns whole chunk rows), so writing the same rows again, as a retried band does, gives the same
-store.
+level is written (`files.replace_folder`), so a reader that finds OUT finds all of it. Chunk writes are whole
+chunks at fixed places (every writer owns whole chunk rows), so writing the same rows again, as a retried band
+does, gives the same store.
 """
 
 from __future__ import annotations

@@ -112,7 +112,8 @@ def load_onnx_generator(path: str | os.PathLike, as_trained: bool = False) -> Ge
     try:
         import onnx
     except ImportError:
-        raise ModelError(f"{path}: reading an ONNX model into PyTorch needs the 'onnx' package (pip install onnx)") from None
+        raise ModelError(f"{path}: reading an ONNX model into PyTorch needs the 'onnx' package "
+                         "(pip install onnx)") from None
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError, OSError, ... for unreadable files

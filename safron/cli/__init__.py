@@ -15,6 +15,6 @@ from .render import main as render_main
 from .render import render_parser
 
 __all__ = [
-    "EXIT_OK", "EXIT_INTERNAL", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "EXIT_MEANINGS", "exit_status_help",
-    "run_main", "render_main", "render_parser", "masks_main", "masks_parser",
+    "EXIT_OK", "EXIT_INTERNAL", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "EXIT_MEANINGS",
+    "exit_status_help", "run_main", "render_main", "render_parser", "masks_main", "masks_parser",
 ]

@@ -1,5 +1,6 @@
-"""What every command-line tool shares: run_main, the parser, argument types and the exit codes. Exit codes: 0 success, 1 internal error, 2 bad input or usage, 130 interrupted
-(Ctrl-C), 143 terminated (SIGTERM, where a tool handles it)."""
+"""What every command-line tool shares: run_main, the parser, argument types and the exit codes.
+Exit codes: 0 success, 1 internal error, 2 bad input or usage, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM,
+where a tool handles it)."""
 
 from __future__ import annotations
 

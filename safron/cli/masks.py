@@ -29,23 +29,29 @@ def masks_parser() -> argparse.ArgumentParser:
             + exit_status_help(sigterm=False)
         ),
     )
-    p.add_argument("out", metavar="OUT", help="output mask (.png, .tif or .tiff), written under a temporary name and renamed when complete")
-    p.add_argument("--size", nargs=2, type=positive_int, metavar=("W", "H"), required=True, help="width and height in pixels")
+    p.add_argument("out", metavar="OUT",
+                   help="output mask (.png, .tif or .tiff), written under a temporary name and renamed when complete")
+    p.add_argument("--size", nargs=2, type=positive_int, metavar=("W", "H"), required=True,
+                   help="width and height in pixels")
     p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: %(default)s)")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--colour", "--color", dest="colour", action="store_const", const=True,
                       help="class colours, RGB (default for PNG)")
     kind.add_argument("--labels", dest="colour", action="store_const", const=False,
-                      help="class labels, one byte per pixel: a third of the size, what safron-render reads fastest (default for TIFF)")
+                      help="class labels, one byte per pixel: a third of the size, what safron-render reads fastest "
+                           "(default for TIFF)")
     p.add_argument("--scale", type=positive_float, default=1.0, metavar="F",
                    help="gland and spot sizes times F, e.g. 2 for 40x masks (default: %(default)s, GlaS's 20x)")
     p.add_argument("--background", type=probability, default=GLAS_RECIPE.background_fraction, metavar="P",
-                   help="probability that a stroma pixel is background, drawn as spots (default: %(default)s, the paper's)")
-    p.add_argument("--tile", type=tile_side, default=256, metavar="N", help="TIFF tile side, a multiple of 16 (default: %(default)s)")
-    p.add_argument("--mpp", type=positive_float, metavar="UM", help="microns per pixel to record in the file (default: none)")
+                   help="probability that a stroma pixel is background, drawn as spots "
+                        "(default: %(default)s, the paper's)")
+    p.add_argument("--tile", type=tile_side, default=256, metavar="N",
+                   help="TIFF tile side, a multiple of 16 (default: %(default)s)")
+    p.add_argument("--mpp", type=positive_float, metavar="UM",
+                   help="microns per pixel to record in the file (default: none)")
     p.add_argument("--workers", type=positive_int, metavar="N",
-                   help=f"processes drawing a TIFF mask (default: one per core; masks under {PARALLEL_MIN_PIXELS / 1e6:.0f} "
-                        "MP are drawn in this one); the file is the same whatever N")
+                   help=f"processes drawing a TIFF mask (default: one per core; masks under "
+                        f"{PARALLEL_MIN_PIXELS / 1e6:.0f} MP are drawn in this one); the file is the same whatever N")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p
 

@@ -63,24 +63,32 @@ def render_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=tile_side, metavar="N",
                    help=f"OME-Zarr chunk side (the chunks are 3 x N x N), a multiple of 16; bands start on chunk rows "
                         f"(default: {DEFAULT_CHUNK})")
-    p.add_argument("--model", metavar="ONNX", help="generator: an ONNX file meeting the model contract, or a training run directory or checkpoint (RUN_DIR/checkpoints/step-N.json or .safetensors) for --backend torch (default: the embedded model)")
+    p.add_argument("--model", metavar="ONNX",
+                   help="generator: an ONNX file meeting the model contract, or a training run directory or "
+                        "checkpoint (RUN_DIR/checkpoints/step-N.json or .safetensors) for --backend torch "
+                        "(default: the embedded model)")
     p.add_argument(
         "--backend", choices=BACKEND_NAMES, default="auto",
         help="inference backend (default: %(default)s = tensorrt if installed and a GPU is present; else torch on a "
              "GPU for checkpoints and safron-exported ONNX, rendering on the device; else onnxruntime on the CPU; "
              "torch also runs checkpoints on the CPU)",
     )
-    p.add_argument("--batch-size", type=positive_int, metavar="N", help="patches per inference call (default: backend's choice)")
+    p.add_argument("--batch-size", type=positive_int, metavar="N",
+                   help="patches per inference call (default: backend's choice)")
     p.add_argument("--blend", choices=BLENDS, default=DEFAULT_BLEND,
-                   help="weights for overlapping patches: uniform = the paper's average; linear/cosine ramp across the overlap, which hides patch seams (default: %(default)s)")
+                   help="weights for overlapping patches: uniform = the paper's average; linear/cosine ramp across "
+                        "the overlap, which hides patch seams (default: %(default)s)")
     p.add_argument("--outset", type=non_negative_int, default=DEFAULT_OUTSET, metavar="PX",
                    help="how far the patch grid reaches beyond each border of the mask, rendered from the mirrored "
                         "mask and cropped, so that border pixels are blended like any seam instead of being a "
                         "patch's outermost rows (a light frame); 0 renders as safron did before, with fewer patches "
                         "on some small sizes (default: %(default)s)")
-    p.add_argument("--compression", choices=COMPRESSIONS, default="jpeg", help="tile compression (default: %(default)s)")
-    p.add_argument("--quality", type=quality, default=90, metavar="Q", help="JPEG quality 1..100 (default: %(default)s)")
-    p.add_argument("--mpp", type=positive_float, metavar="UM", help="microns per pixel to record (default: taken from the mask)")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="jpeg",
+                   help="tile compression (default: %(default)s)")
+    p.add_argument("--quality", type=quality, default=90, metavar="Q",
+                   help="JPEG quality 1..100 (default: %(default)s)")
+    p.add_argument("--mpp", type=positive_float, metavar="UM",
+                   help="microns per pixel to record (default: taken from the mask)")
     p.add_argument("--colour-tolerance", "--color-tolerance", dest="colour_tolerance", type=colour_tolerance,
                    default=COLOUR_TOLERANCE, metavar="T",
                    help="RGB distance within which a mask colour snaps to the nearest class colour; other colours "

@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import sys
 
-from .common import EXIT_USAGE, Parser, exit_status_help, non_negative_float, non_negative_int, positive_float, positive_int, run_main
+from .common import (
+    EXIT_USAGE, Parser, exit_status_help, non_negative_float, non_negative_int, positive_float, positive_int, run_main,
+)
 
 
 def _augmentation_policy(text):
@@ -49,7 +51,8 @@ def train_parser() -> argparse.ArgumentParser:
             "130; --resume continues. " + exit_status_help(sigterm=False)
         ),
     )
-    p.add_argument("--data", metavar="DIR", help="training folder with images/ and masks/ (taken from the run on --resume)")
+    p.add_argument("--data", metavar="DIR",
+                   help="training folder with images/ and masks/ (taken from the run on --resume)")
     p.add_argument("--out", metavar="RUN_DIR", required=True, help="run directory for checkpoints, logs and samples")
     p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, metavar="N",
                    help="train until N steps are done in all (default: %(default)s)")
@@ -61,7 +64,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--small-images", choices=SMALL_IMAGES,
                    help="images smaller than the tile: mirror image and mask beyond their border (down to half the "
                         "tile), or skip them (default: mirror; runs from before this option skipped them)")
-    p.add_argument("--ngf", type=positive_int, metavar="C", help=f"generator width (default: {defaults.ngf}, the paper's)")
+    p.add_argument("--ngf", type=positive_int, metavar="C",
+                   help=f"generator width (default: {defaults.ngf}, the paper's)")
     p.add_argument("--upsample", choices=UPSAMPLING,
                    help="how the generator's decoder doubles resolution: transpose (pix2pix's 4x4 stride-2 transposed "
                         "convolution) or resize (nearest-neighbour, then 3x3 convolution: no checkerboard grids) "
@@ -83,7 +87,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--ndf", type=positive_int, metavar="C", help=f"discriminator width (default: {defaults.ndf})")
     p.add_argument("--lr", type=positive_float, metavar="LR", help=f"Adam learning rate (default: {defaults.lr:g})")
     p.add_argument("--beta1", type=non_negative_float, metavar="B", help=f"Adam beta1 (default: {defaults.beta1:g})")
-    p.add_argument("--lambda-l1", type=non_negative_float, metavar="W", help=f"L1 loss weight (default: {defaults.lambda_l1:g})")
+    p.add_argument("--lambda-l1", type=non_negative_float, metavar="W",
+                   help=f"L1 loss weight (default: {defaults.lambda_l1:g})")
     p.add_argument("--lambda-adv", type=non_negative_float, metavar="W",
                    help=f"adversarial loss weight (default: {defaults.lambda_adv:g})")
     p.add_argument("--lambda-fm", type=non_negative_float, metavar="W",
@@ -137,7 +142,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiles-per-step", type=positive_int, metavar="N",
                    help=f"tiles stitched and judged as one batch in each step; more keeps a GPU busy (default: "
                         f"{defaults.tiles_per_step}, the paper's)")
-    p.add_argument("--seed", type=non_negative_int, metavar="S", help=f"seed of initialisation, tiles and dropout (default: {defaults.seed})")
+    p.add_argument("--seed", type=non_negative_int, metavar="S",
+                   help=f"seed of initialisation, tiles and dropout (default: {defaults.seed})")
     p.add_argument("--save-every", type=non_negative_int, default=DEFAULT_SAVE_EVERY, metavar="N",
                    help="checkpoint every N steps, 0 = only at the end (default: %(default)s)")
     p.add_argument("--sample-every", type=non_negative_int, default=DEFAULT_SAMPLE_EVERY, metavar="N",

@@ -27,7 +27,10 @@ __all__ = [
     "MODEL_INPUT_CLASSES", "Mask", "mirror_index", "open_mask", "from_array", "labels_to_model_input",
     "labels_to_colour",
 ]
-__all__ += ["BACKGROUND_MIN_CHANNEL", "BACKGROUND_SMOOTHING_RADIUS", "LOSSY_LUMA_WEIGHT", "labels_from_gland_mask", "synthesize"]
+__all__ += [
+    "BACKGROUND_MIN_CHANNEL", "BACKGROUND_SMOOTHING_RADIUS", "LOSSY_LUMA_WEIGHT", "labels_from_gland_mask",
+    "synthesize",
+]
 
 
 def synthesize(height: int, width: int, seed: int = 0, **options) -> np.ndarray:

@@ -136,7 +136,8 @@ def check_config(config: TrainConfig) -> None:
     if config.context not in CONTEXTS:
         raise SafronInputError(f"context must be one of {', '.join(CONTEXTS)}, got {config.context!r}")
     if not (isinstance(config.levels, int) and MIN_U_NET_LEVELS <= config.levels <= U_NET_LEVELS):
-        raise SafronInputError(f"levels must be an integer in [{MIN_U_NET_LEVELS}, {U_NET_LEVELS}], got {config.levels!r}")
+        raise SafronInputError(f"levels must be an integer in [{MIN_U_NET_LEVELS}, {U_NET_LEVELS}], "
+                               f"got {config.levels!r}")
     if config.upsample not in UPSAMPLING:
         raise SafronInputError(f"upsample must be one of {', '.join(UPSAMPLING)}, got {config.upsample!r}")
     if config.small_images not in SMALL_IMAGES:

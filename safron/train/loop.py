@@ -196,7 +196,8 @@ def train(
         examples = ", ".join(f"{p.image.name} {p.height} x {p.width}" for p in dataset.skipped[:3])
         note(
             f"left out {len(dataset.skipped)} of {len(dataset.all_pairs)} images smaller than "
-            f"{'the' if config.small_images == 'skip' else 'half the'} {dataset.tile} px tile ({examples}{', ...' if len(dataset.skipped) > 3 else ''})"
+            f"{'the' if config.small_images == 'skip' else 'half the'} {dataset.tile} px tile "
+            f"({examples}{', ...' if len(dataset.skipped) > 3 else ''})"
         )
     config = dataclasses.replace(config, tile=dataset.tile)
     trainer = Trainer(config, dataset, torch_device, precision)
