@@ -210,6 +210,12 @@ def _intervals(value: np.ndarray, spread: np.ndarray) -> tuple[Interval, ...]:
     return tuple(Interval(float(v), float(v - d), float(v + d)) for v, d in zip(value, spread))
 
 
+def _one_interval(statistic: Callable[[np.ndarray], float], units: int, resamples: int, seed: int) -> Interval:
+    """The interval of one scalar `statistic` of `units` resampled units (squares, test images)."""
+    value, spread = _bootstrap(lambda chosen, _: statistic(chosen), (units, units), True, resamples, seed)
+    return _intervals(value[None], spread[None])[0]
+
+
 def _gather(groups: Sequence[np.ndarray], indices: np.ndarray) -> np.ndarray:
     return np.concatenate([groups[i] for i in indices])
 
@@ -420,9 +426,7 @@ def seam_interval(blocks: np.ndarray, resamples: int = DEFAULT_RESAMPLES, seed: 
     """The seam score of `seam_blocks` with a 95 % interval from resampling its squares: how much the score would
     move had the seam lines fallen on other parts of the mask."""
     blocks = np.asarray(blocks, np.float64)
-    value, spread = _bootstrap(lambda chosen, _: _seam_ratio(blocks, chosen), (len(blocks), len(blocks)), True,
-                               resamples, seed)
-    return _intervals(value[None], spread[None])[0]
+    return _one_interval(lambda chosen: _seam_ratio(blocks, chosen), len(blocks), resamples, seed)
 
 
 @dataclass(frozen=True)
@@ -449,9 +453,8 @@ def seam_difference(candidate: np.ndarray, baseline: np.ndarray, resamples: int 
     if candidate.shape != baseline.shape:
         raise SafronInputError(f"seam blocks of {candidate.shape[0]} and {baseline.shape[0]} squares: not the same "
                                "seam renders")
-    value, spread = _bootstrap(lambda chosen, _: _seam_ratio(candidate, chosen) - _seam_ratio(baseline, chosen),
-                               (len(candidate), len(candidate)), True, resamples, seed)
-    return SeamDifference(_intervals(value[None], spread[None])[0])
+    return SeamDifference(_one_interval(lambda chosen: _seam_ratio(candidate, chosen) - _seam_ratio(baseline, chosen),
+                                        len(candidate), resamples, seed))
 
 
 def seam_score(image: np.ndarray, plan, outset: int = 0) -> float:
@@ -541,8 +544,7 @@ def dice_gap(synthetic: Sequence[float], real: Sequence[float], resamples: int =
     if synthetic.shape != real.shape or synthetic.ndim != 1 or len(synthetic) < 2:
         raise SafronInputError(f"need per-image Dice of the same >= 2 images, got {synthetic.shape} and {real.shape}")
     gaps = synthetic - real
-    value, spread = _bootstrap(lambda chosen, _: gaps[chosen].mean(), (len(gaps), len(gaps)), True, resamples, seed)
-    return _intervals(value[None], spread[None])[0]
+    return _one_interval(lambda chosen: gaps[chosen].mean(), len(gaps), resamples, seed)
 
 
 def evaluate(
@@ -632,9 +634,9 @@ def evaluate(
             differences[name] = paired_difference(
                 real_features, synthetic_features, _baseline_group(baseline_features, name, real_features, baseline),
                 resamples)
-    seam = seam_interval(seam_squares, resamples) if seam_squares is not None else None
-    versus_seam = None
+    seam = versus_seam = None
     if seam_squares is not None:
+        seam = seam_interval(seam_squares, resamples)
         features[SEAM_FEATURES] = [seam_squares]
         if baseline_features is not None:
             versus_seam = _seam_versus(seam_squares, _seam_render(blend, overlap, outset, seam_side),
@@ -871,9 +873,6 @@ def write_report(report: Report, out_dir: str | os.PathLike) -> Path:
     if report.seam_interval is not None:
         lines.append(f"| seam score ({report.seam_side} x {report.seam_side} render; 1 = no trace) | "
                      f"{_interval(report.seam_interval, 3)} | |")
-    elif report.seam is not None:
-        lines.append(f"| seam score ({report.seam_side} x {report.seam_side} render; 1 = no trace) | "
-                     f"{report.seam:.3f} | |")
     lines += [
         f"| border profile std (levels; flat = no grid lock) | {std_model:.2f} | {std_real:.2f} |",
         f"| rim excess (levels) | {rim_model:+.1f} | {rim_real:+.1f} |",
